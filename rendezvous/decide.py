@@ -57,7 +57,9 @@ def close_decision(view: RoundView, settings: Settings, now: float) -> Wait | Cl
         return Wait(None, f"{count} of at least {settings.min_nodes} nodes joined")
     if count >= settings.max_nodes:
         return Close(closed_round(view, settings), f"max nodes ({settings.max_nodes}) joined")
-    if view.alive <= joined_ids:
+    # On a re-rendezvous everyone alive is known to be coming; at the job's start a node may
+    # not have registered yet, so only max nodes or the last call close the first round.
+    if reason_kind(view.round.reason) != "start" and view.alive <= joined_ids:
         return Close(closed_round(view, settings), f"every live node ({count}) joined")
     deadline = view.last_join_seen + settings.last_call
     if now >= deadline:
@@ -125,3 +127,39 @@ def ring_predecessor(assignment: Assignment, node_id: str) -> str | None:
     if node_id not in ids or len(ids) < 2:
         return None
     return ids[ids.index(node_id) - 1]
+
+
+# Why a round was opened: "<kind>: <detail>". Only failures of the job's own workers
+# consume the restart budget; membership changes never do.
+FAILURE_KINDS = frozenset({"worker_failure", "hang"})
+
+
+def reason_kind(reason: str) -> str:
+    return reason.split(":", 1)[0].strip()
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What closing a round does to the job-wide restart budget."""
+
+    consume: bool
+    exhausted: bool
+    why: str
+
+
+def charge_decision(rnd: RoundState, joined_ids: frozenset[str], used: int,
+                    max_restarts: int | None) -> Charge:
+    """Charge the budget once per failed round, decided by whoever closes the round.
+
+    A worker failure seen while a member node vanished is that node's loss (its peers'
+    collectives failed because it died), so it is charged only when every member of the
+    previous round is back.
+    """
+    if reason_kind(rnd.reason) not in FAILURE_KINDS:
+        return Charge(False, False, f"membership change ({rnd.reason or 'start'})")
+    lost = [n for n in rnd.previous if n not in joined_ids]
+    if lost:
+        return Charge(False, False, f"node lost ({', '.join(lost)}); not a worker failure")
+    if max_restarts is not None and used >= max_restarts:
+        return Charge(True, True, f"restart budget spent ({used} of {max_restarts} used); last failure: {rnd.reason}")
+    return Charge(True, False, f"restart {used + 1} of {max_restarts if max_restarts is not None else 'unlimited'}")

@@ -22,7 +22,7 @@ from etcd3 import etcdrpc
 from etcd3.etcdrpc import kv_pb2
 
 from rendezvous.errors import LeaseLostError, RendezvousError, StoreUnavailableError
-from rendezvous.store import DELETE, KV, PUT, ErrorCallback, Event, EventsCallback, RequestCounter
+from rendezvous.store import DELETE, KV, PUT, ErrorCallback, Event, EventsCallback, RequestCounter, TxnResult
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,6 +80,7 @@ class EtcdStore:
         self._channel: grpc.Channel | None = None
         self._stubs: tuple[Any, Any, Any] | None = None
         self._watches = _WatchStream(self)
+        self._keepalives = _KeepAliveStream(self)
         self._closed = False
 
     # --- plumbing ----------------------------------------------------------------------
@@ -107,8 +108,9 @@ class EtcdStore:
             self._stubs = None
             self._index = (self._index + 1) % len(self.endpoints)
 
-    def _call(self, kind: str, fn: Callable[[Any, Any, Any], T]) -> T:
+    def _call(self, kind: str, fn: Callable[[Any, Any, Any], T], retry_for: float | None = None) -> T:
         """Run one request with bounded retries on unavailability, translating errors."""
+        retry_for = self.retry_for if retry_for is None else retry_for
 
         def attempt() -> T:
             self.requests.add(kind)
@@ -123,14 +125,14 @@ class EtcdStore:
         try:
             return tenacity.Retrying(
                 retry=tenacity.retry_if_exception_type(_Retry),
-                stop=tenacity.stop_after_delay(self.retry_for),
+                stop=tenacity.stop_after_delay(retry_for),
                 wait=tenacity.wait_exponential(multiplier=0.05, max=0.5),
                 reraise=True,
             )(attempt)
         except _Retry as exc:
             raise StoreUnavailableError(
                 f"etcd unreachable at {','.join(f'{h}:{p}' for h, p in self.endpoints)} "
-                f"for {self.retry_for}s ({exc})"
+                f"for {retry_for}s ({exc})"
             ) from exc
 
     # --- KV ------------------------------------------------------------------------------
@@ -169,6 +171,26 @@ class EtcdStore:
         resp = self._call("txn", lambda kv, _l, _w: kv.Txn(req, timeout=self.request_timeout))
         return resp.header.revision if resp.succeeded else None
 
+    def commit(self, compares: list[tuple[str, int]], puts: list[tuple[str, bytes]], lease: int = 0,
+               reads: tuple[str, ...] = ()) -> TxnResult:
+        read_ops = [etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=k.encode())) for k in reads]
+        req = etcdrpc.TxnRequest(
+            compare=[etcdrpc.Compare(key=k.encode(), result=etcdrpc.Compare.EQUAL,
+                                     target=etcdrpc.Compare.MOD, mod_revision=rev) for k, rev in compares],
+            success=[etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=k.encode(), value=v, lease=lease))
+                     for k, v in puts] + read_ops,
+            failure=read_ops,
+        )
+        resp = self._call("txn", lambda kv, _l, _w: kv.Txn(req, timeout=self.request_timeout))
+        ranges = [r.response_range for r in resp.responses[len(resp.responses) - len(reads):]] if reads else []
+        return TxnResult(resp.succeeded, resp.header.revision,
+                         tuple(_kv(r.kvs[0]) if r.kvs else None for r in ranges))
+
+    def count_prefix(self, prefix: str) -> int:
+        raw = prefix.encode()
+        req = etcdrpc.RangeRequest(key=raw, range_end=_range_end(raw), count_only=True)
+        return self._call("range", lambda kv, _l, _w: kv.Range(req, timeout=self.request_timeout)).count
+
     def get_or_create(self, key: str, value: bytes) -> KV:
         raw = key.encode()
         absent = etcdrpc.Compare(key=raw, result=etcdrpc.Compare.EQUAL, target=etcdrpc.Compare.CREATE,
@@ -183,6 +205,11 @@ class EtcdStore:
         req = etcdrpc.DeleteRangeRequest(key=key.encode())
         self._call("delete", lambda kv, _l, _w: kv.DeleteRange(req, timeout=self.request_timeout))
 
+    def delete_prefix(self, prefix: str) -> None:
+        raw = prefix.encode()
+        req = etcdrpc.DeleteRangeRequest(key=raw, range_end=_range_end(raw))
+        self._call("delete", lambda kv, _l, _w: kv.DeleteRange(req, timeout=self.request_timeout))
+
     # --- leases ----------------------------------------------------------------------------
     def grant(self, ttl: float) -> int:
         req = etcdrpc.LeaseGrantRequest(TTL=max(1, round(ttl)))
@@ -192,15 +219,14 @@ class EtcdStore:
         return resp.ID
 
     def keepalive(self, lease: int) -> float:
-        def once(_k: Any, stub: Any, _w: Any) -> Any:
-            responses = stub.LeaseKeepAlive(iter([etcdrpc.LeaseKeepAliveRequest(ID=lease)]),
-                                            timeout=self.request_timeout)
-            return next(iter(responses))
-
-        resp = self._call("lease_keepalive", once)
-        if resp.TTL <= 0:
+        """Refresh over one long-lived keep-alive stream shared by every lease of this store
+        (opening a stream per refresh costs more than the refresh). One attempt: the session
+        owns the lease's retry policy and deadline."""
+        self.requests.add("lease_keepalive")
+        ttl = self._keepalives.refresh(lease, self.request_timeout)
+        if ttl <= 0:
             raise LeaseLostError(f"lease {lease:x} expired or was revoked")
-        return float(resp.TTL)
+        return float(ttl)
 
     def revoke(self, lease: int) -> None:
         req = etcdrpc.LeaseRevokeRequest(ID=lease)
@@ -217,6 +243,7 @@ class EtcdStore:
 
     def close(self) -> None:
         self._watches.close()
+        self._keepalives.close()
         with self._lock:
             self._closed = True
             if self._channel is not None:
@@ -282,7 +309,9 @@ class _WatchStream:
             self._pending.append(watch)
             assert self._requests is not None
             self._requests.put(etcdrpc.WatchRequest(create_request=create))
-        if not watch.created.wait(self.store.request_timeout + 1.0):
+        # Under load (a thousand watches opened at once) confirmations queue up: wait as long
+        # as a retried request would.
+        if not watch.created.wait(max(self.store.retry_for, self.store.request_timeout)):
             self._drop(watch)
             raise StoreUnavailableError(f"etcd did not confirm a watch on {key.decode()!r} in time")
         if watch.create_error is not None:
@@ -384,3 +413,75 @@ class _WatchStream:
                       bytes(ev.kv.value), ev.kv.create_revision, ev.kv.mod_revision)
                 for ev in resp.events
             ])
+
+
+class _KeepAliveStream:
+    """Lease refreshes multiplexed on one LeaseKeepAlive stream; answers match by lease id."""
+
+    def __init__(self, store: EtcdStore) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._requests: queue.Queue[Any] | None = None
+        self._waiting: dict[int, list[tuple[threading.Event, list[int]]]] = {}
+
+    def refresh(self, lease: int, timeout: float) -> int:
+        done = threading.Event()
+        answer: list[int] = []
+        with self._lock:
+            if self._requests is None:
+                try:
+                    self._open_locked()
+                except grpc.RpcError as exc:
+                    raise StoreUnavailableError(f"etcd keep-alive stream: {exc.code().name}") from exc
+                except StoreUnavailableError:
+                    raise
+            self._waiting.setdefault(lease, []).append((done, answer))
+            assert self._requests is not None
+            self._requests.put(etcdrpc.LeaseKeepAliveRequest(ID=lease))
+        if not done.wait(timeout):
+            with self._lock:
+                waiters = self._waiting.get(lease, [])
+                if (done, answer) in waiters:
+                    waiters.remove((done, answer))
+            raise StoreUnavailableError(f"etcd did not answer a keep-alive of lease {lease:x} in {timeout}s")
+        if not answer:
+            raise StoreUnavailableError(f"etcd keep-alive stream lost while refreshing lease {lease:x}")
+        return answer[0]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._requests is not None:
+                self._requests.put(None)
+            self._requests = None
+
+    def _open_locked(self) -> None:
+        requests: queue.Queue[Any] = queue.Queue()
+        _kv, lease_stub, _w = self.store._current()
+        responses = lease_stub.LeaseKeepAlive(iter(requests.get, None))
+        self._requests = requests
+        threading.Thread(target=self._read, args=(requests, responses), daemon=True,
+                         name="etcd-keepalive").start()
+
+    def _read(self, requests: queue.Queue[Any], responses: Iterator[Any]) -> None:
+        failed = False
+        try:
+            for resp in responses:
+                with self._lock:
+                    waiters = self._waiting.pop(resp.ID, [])
+                for done, answer in waiters:
+                    answer.append(resp.TTL)
+                    done.set()
+        except grpc.RpcError:
+            failed = True
+        except Exception:  # noqa: BLE001 - never die silently; waiters get an error below
+            failed = True
+        with self._lock:
+            if self._requests is requests:
+                self._requests = None
+                requests.put(None)
+            waiting, self._waiting = self._waiting, {}
+        if failed:
+            self.store._fail_over()
+        for waiters in waiting.values():
+            for done, _answer in waiters:
+                done.set()  # no answer: the caller reports the stream as lost

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from rendezvous.clock import Clock, SystemClock
 from rendezvous.errors import LeaseLostError, StoreUnavailableError
-from rendezvous.store import DELETE, KV, PUT, ErrorCallback, Event, EventsCallback, RequestCounter
+from rendezvous.store import DELETE, KV, PUT, ErrorCallback, Event, EventsCallback, RequestCounter, TxnResult
 
 
 @dataclass
@@ -83,6 +83,19 @@ class MemoryStore:
                 return None
             return self._write(key, value, lease)
 
+    def commit(self, compares: list[tuple[str, int]], puts: list[tuple[str, bytes]], lease: int = 0,
+               reads: tuple[str, ...] = ()) -> TxnResult:
+        with self._request("txn"):
+            ok = all((self._data[k].mod_revision if k in self._data else 0) == rev for k, rev in compares)
+            if ok:
+                for key, value in puts:
+                    self._write(key, value, lease)
+            return TxnResult(ok, self._revision, tuple(self._data.get(k) for k in reads))
+
+    def count_prefix(self, prefix: str) -> int:
+        with self._request("count"):
+            return sum(1 for k in self._data if k.startswith(prefix))
+
     def get_or_create(self, key: str, value: bytes) -> KV:
         with self._request("txn"):
             if key not in self._data:
@@ -92,6 +105,11 @@ class MemoryStore:
     def delete(self, key: str) -> None:
         with self._request("delete"):
             self._remove(key)
+
+    def delete_prefix(self, prefix: str) -> None:
+        with self._request("delete"):
+            for key in [k for k in self._data if k.startswith(prefix)]:
+                self._remove(key)
 
     # --- leases ------------------------------------------------------------------------
     def grant(self, ttl: float) -> int:

@@ -14,11 +14,14 @@ class Settings:
     min_nodes: int
     max_nodes: int
     # A node's lease: its keys vanish this long after it stops refreshing (silent failure bound).
-    lease_ttl: float = 5.0
+    lease_ttl: float = 10.0
     # After min nodes joined, close once no new node joined for this long.
-    last_call: float = 0.5
+    last_call: float = 1.0
     # A standby waits this long (steadily alive) before it opens a round to raise the world size.
-    scale_up_cooldown: float = 1.0
+    scale_up_cooldown: float = 2.0
+    # Job-wide budget of restarts caused by worker failures (None: unlimited). Membership
+    # changes (a node lost, left or added) never consume it.
+    max_restarts: int | None = None
     prefix: str = "/elastic-agent"
 
     def __post_init__(self) -> None:
@@ -34,6 +37,8 @@ class Settings:
             raise ValueError(f"lease ttl ({self.lease_ttl}) must be >= 2 seconds")
         if self.last_call < 0:
             raise ValueError(f"last call ({self.last_call}) must be >= 0 seconds")
+        if self.max_restarts is not None and self.max_restarts < 0:
+            raise ValueError(f"max restarts ({self.max_restarts}) must be >= 0")
         if self.scale_up_cooldown < 0:
             raise ValueError(f"scale-up cooldown ({self.scale_up_cooldown}) must be >= 0 seconds")
 
@@ -58,6 +63,12 @@ class Settings:
 
     def joined_key(self, number: int, node_id: str) -> str:
         return f"{self.joined_prefix(number)}{node_id}"
+
+    def done_prefix(self, number: int) -> str:
+        return f"{self.root}rounds/{number}/done/"
+
+    def round_prefix(self, number: int) -> str:
+        return f"{self.root}rounds/{number}/"
 
     @property
     def status_key(self) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from rendezvous.errors import CorruptStateError
 
@@ -107,8 +107,7 @@ class JoinRecord:
         )
 
 
-@dataclass(frozen=True)
-class Member:
+class Member(NamedTuple):
     node_id: str
     addr: str
     nproc: int
@@ -190,14 +189,17 @@ class RoundState:
         if state == CLOSED:
             raw_members = _field(key, d, "members", list)
             members = []
+            # A thousand-node assignment is decoded by every node: keep this loop lean.
             for item in raw_members:
-                if not isinstance(item, dict):
-                    raise CorruptStateError(key, "members as objects", repr(item))
-                members.append(Member(
-                    node_id=_field(key, item, "node_id", str),
-                    addr=_field(key, item, "addr", str),
-                    nproc=_field(key, item, "nproc", int),
-                ))
+                try:
+                    node_id, addr, nproc = item["node_id"], item["addr"], item["nproc"]
+                except (TypeError, KeyError):
+                    raise CorruptStateError(key, "members as objects with node_id, addr, nproc",
+                                            repr(item)) from None
+                if type(node_id) is not str or type(addr) is not str or type(nproc) is not int:
+                    raise CorruptStateError(key, "member node_id and addr strings, nproc an integer",
+                                            repr(item))
+                members.append(Member(node_id, addr, nproc))
             assignment = Assignment(
                 round=number,
                 members=tuple(members),

@@ -34,6 +34,13 @@ class Event:
     mod_revision: int
 
 
+@dataclass(frozen=True)
+class TxnResult:
+    succeeded: bool
+    revision: int
+    reads: tuple[KV | None, ...] = ()
+
+
 EventsCallback = Callable[[list[Event]], None]
 ErrorCallback = Callable[[Exception], None]
 
@@ -61,10 +68,20 @@ class Store(Protocol):
         """Compare-and-swap: write only if the key's mod-revision is ``mod_revision``
         (0: only if absent). Returns the new revision, or None when the comparison failed."""
 
+    def commit(self, compares: list[tuple[str, int]], puts: list[tuple[str, bytes]], lease: int = 0,
+               reads: tuple[str, ...] = ()) -> TxnResult:
+        """One transaction: if every key's mod-revision matches (0: absent), write every put
+        (attached to ``lease``). Either way read the keys in ``reads`` after it."""
+
+    def count_prefix(self, prefix: str) -> int:
+        """How many keys are under the prefix (counted by the store, nothing transferred)."""
+
     def get_or_create(self, key: str, value: bytes) -> KV:
         """Create the key if absent; either way return what it holds now (one transaction)."""
 
     def delete(self, key: str) -> None: ...
+
+    def delete_prefix(self, prefix: str) -> None: ...
 
     def grant(self, ttl: float) -> int:
         """A new lease; returns its id."""

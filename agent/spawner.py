@@ -9,6 +9,7 @@ This module only acts; when to stop or restart is decided elsewhere.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -28,6 +29,25 @@ _KILL_WAIT_S = 5.0  # after SIGKILL, how long to wait for the kernel to tear a g
 _READER_JOIN_S = 1.0  # how long to wait for a dead worker's output to drain
 _TAIL_BYTES = 64 * 1024
 _MAX_LINE = 64 * 1024
+
+
+def _load_prctl() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()  # resolved once here: the child after fork must not load libraries
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_agent() -> None:
+    """In the child before exec: get SIGKILL when the agent dies, even by ``kill -9``, so a
+    dead agent never leaves workers holding GPUs (Linux; a no-op elsewhere)."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def worker_log_dir(log_dir: Path, local_rank: int) -> Path:
@@ -137,6 +157,7 @@ class WorkerGroup:
                 stderr=subprocess.PIPE,
                 start_new_session=True,
                 close_fds=True,
+                preexec_fn=_die_with_agent,
             )
         except OSError as exc:
             raise SpawnError(

@@ -48,6 +48,7 @@ class EtcdServer:
                  log_path: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="elastic-agent-etcd-")
+        os.makedirs(self.data_dir, exist_ok=True)
         self.client_port = client_port or free_port()
         self.peer_port = free_port()
         self.log_path = log_path or os.path.join(self.data_dir, "etcd.log")

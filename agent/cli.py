@@ -1,0 +1,133 @@
+"""``elastic-agent``: the command line.
+
+    elastic-agent start [flags] -- COMMAND [ARGS...]
+    elastic-agent status --etcd-endpoints HOST:PORT[,...] --job-id ID [--json]
+
+Exit codes: 0 job succeeded; 1 job failed; 2 bad usage or configuration; 3 left cleanly
+(preempted). User mistakes get one line naming the setting, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from agent.errors import EXIT_FAILED, EXIT_USAGE, AgentError, ConfigError
+
+USAGE = """usage: elastic-agent start [flags] -- COMMAND [ARGS...]
+       elastic-agent status --etcd-endpoints HOST:PORT[,...] --job-id ID [--json]
+
+Run `elastic-agent start --help` or `elastic-agent status --help` for the flags."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else EXIT_USAGE
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "start":
+            return _start(rest)
+        if command == "status":
+            from agent.status import run_status  # noqa: PLC0415
+
+            return run_status(rest)
+        if command in ("--version", "version"):
+            from agent.agent import VERSION  # noqa: PLC0415
+
+            print(f"elastic-agent {VERSION}")
+            return 0
+        raise ConfigError(f"unknown command {command!r}: expected 'start' or 'status'")
+    except ConfigError as exc:
+        print(f"elastic-agent: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+def _start(argv: list[str]) -> int:
+    from agent.config import load_config  # noqa: PLC0415
+
+    config = load_config(argv, os.environ)
+    _setup_logging(config.log_level, config.node_id)
+    log = logging.getLogger("elastic_agent")
+
+    from agent.agent import Agent, Signals  # noqa: PLC0415
+    from agent.http import HealthServer, loop_liveness  # noqa: PLC0415
+    from agent.metrics import AgentMetrics  # noqa: PLC0415
+    from rendezvous.errors import RendezvousError, StoreUnavailableError  # noqa: PLC0415
+    from rendezvous.etcd_store import EtcdStore  # noqa: PLC0415
+
+    signals = Signals()
+    signals.install()  # from here on a SIGTERM is a request to leave, not a crash
+    server = None
+    if config.standalone:
+        from rendezvous.etcd_server import EtcdServer  # noqa: PLC0415
+
+        try:
+            server = EtcdServer().start()
+        except RendezvousError as exc:
+            raise ConfigError(f"--standalone: could not start the embedded etcd: {exc}") from exc
+        log.info("standalone: embedded etcd on %s (data in %s, removed at exit)", server.endpoint, server.data_dir)
+        endpoints = server.endpoint
+    else:
+        endpoints = config.endpoints_text
+    store = EtcdStore(endpoints)
+    http = None
+    try:
+        metrics = AgentMetrics(config.job_id, config.node_id, min_nodes=config.min_nodes,
+                               max_nodes=config.max_nodes, max_restarts=config.max_restarts)
+        try:
+            agent = Agent(config, store, metrics=metrics, signals=signals)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        try:
+            http = HealthServer(
+                config.metrics_addr, config.metrics_port, metrics.registry,
+                live=loop_liveness(lambda: agent.heartbeat, limit=max(30.0, 3 * config.lease_ttl)),
+                ready=lambda: _ready(agent),
+            ).start()
+        except OSError as exc:
+            raise ConfigError(
+                f"--metrics-port ({config.metrics_port}) on --metrics-addr ({config.metrics_addr}): "
+                f"cannot listen: {exc.strerror or exc}"
+            ) from exc
+        log.info("metrics and health on http://%s:%d/metrics (/livez, /readyz)", config.metrics_addr, http.port)
+        try:
+            return agent.run()
+        except StoreUnavailableError as exc:
+            if agent.state == "initializing":
+                raise ConfigError(f"--etcd-endpoints ({endpoints}): {exc}") from exc
+            log.error("%s", exc)
+            return EXIT_FAILED
+        except (AgentError, RendezvousError) as exc:
+            log.error("%s", exc)
+            return getattr(exc, "exit_code", EXIT_FAILED)
+    finally:
+        if http is not None:
+            http.stop()
+        store.close()
+        if server is not None:
+            server.stop()
+
+
+def _ready(agent: object) -> tuple[bool, str]:
+    state = getattr(agent, "state", "?")
+    running = getattr(agent, "running", None)
+    if state == "running" and running is not None:
+        return True, f"ready: running round {running.assignment.round}"
+    return False, f"not ready: {state}"
+
+
+def _setup_logging(level: str, node_id: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format=f"%(asctime)s [elastic-agent {node_id}] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Pure decisions of the agent: what the workers' exits mean, who is hung.
+
+Functions of their inputs only (no clocks read, no processes touched), table-tested.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.protocol import DRAINED_EXIT_CODE
+from rendezvous.decide import reason_kind
+
+__all__ = ["Progress", "Verdict", "helper_in_use", "judge_exits", "read_progress", "reason_kind",
+           "silent_ranks"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    failed: tuple[int, ...]  # local ranks that failed, first failure first
+    all_succeeded: bool  # every worker exited 0
+    drained: bool  # every worker has exited, at least one at a step boundary on request
+
+
+def judge_exits(codes: list[int | None]) -> Verdict:
+    """``codes`` are exit codes by local rank (None: still running; negative: killed by signal)."""
+    failed = tuple(r for r, c in enumerate(codes) if c is not None and c not in (0, DRAINED_EXIT_CODE))
+    finished = all(c is not None for c in codes)
+    return Verdict(
+        failed=failed,
+        all_succeeded=bool(codes) and all(c == 0 for c in codes),
+        drained=finished and not failed and any(c == DRAINED_EXIT_CODE for c in codes),
+    )
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    time: float  # the worker's wall clock when it reported (same host as the agent)
+
+
+def read_progress(files: list[Path]) -> list[Progress | None]:
+    """The last progress each worker reported through the helper, None where nothing (valid) is there."""
+    out: list[Progress | None] = []
+    for path in files:
+        try:
+            data = json.loads(path.read_bytes())
+            out.append(Progress(int(data["step"]), float(data["time"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            out.append(None)
+    return out
+
+
+def helper_in_use(files: list[Path]) -> bool:
+    return any(path.exists() for path in files)
+
+
+def silent_ranks(progress: list[Progress | None], codes: list[int | None], timeout: float,
+                 now: float, started: float) -> list[int]:
+    """Running ranks with no progress for ``timeout`` seconds. Applies only once the helper is
+    seen in use (some rank has reported); a rank that never reported counts from the start."""
+    if timeout <= 0 or not any(p is not None for p in progress):
+        return []
+    return [
+        rank for rank, (p, code) in enumerate(zip(progress, codes))
+        if code is None and now - (p.time if p is not None else started) >= timeout
+    ]

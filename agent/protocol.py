@@ -1,0 +1,31 @@
+"""The contract between the agent and the worker helper (``agent.worker``), as data. No torch here.
+
+Environment variables the agent sets for each worker (absent under plain torchrun):
+
+- ``ELASTIC_AGENT_CHECKPOINT_DIR``: where checkpoints go (``agent.checkpoint`` layout).
+- ``ELASTIC_AGENT_ROUND``: the rendezvous round the worker belongs to; every checkpoint is
+  stamped with it, and a save is refused when the directory already holds a complete
+  checkpoint of a newer round (a zombie of an old round can never replace newer work).
+- ``ELASTIC_AGENT_PROGRESS_FILE``: one per worker. After each step the helper replaces it
+  (temp file + ``os.replace``) with ``{"v": 1, "step": N, "time": <unix time>, "pid": P,
+  "phase": "train" | "checkpointed" | "drained" | "finished"}``; ``step`` is the last
+  completed step. Readers must ignore keys they do not know.
+- ``ELASTIC_AGENT_CONTROL_FILE``: one per node. When it exists and contains ``drain``, every
+  rank of the job checkpoints at the same next step boundary and stops.
+
+Exit code ``DRAINED_EXIT_CODE`` (75, ``EX_TEMPFAIL``): the worker stopped at a step boundary
+because it was asked to, after a complete checkpoint of that step was written (when a
+checkpoint directory is configured). It is not a failure.
+"""
+
+from __future__ import annotations
+
+CHECKPOINT_DIR_ENV = "ELASTIC_AGENT_CHECKPOINT_DIR"
+ROUND_ENV = "ELASTIC_AGENT_ROUND"
+PROGRESS_FILE_ENV = "ELASTIC_AGENT_PROGRESS_FILE"
+CONTROL_FILE_ENV = "ELASTIC_AGENT_CONTROL_FILE"
+NODE_ID_ENV = "ELASTIC_AGENT_NODE_ID"
+
+DRAIN = "drain"
+DRAINED_EXIT_CODE = 75
+PROGRESS_VERSION = 1

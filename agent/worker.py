@@ -1,0 +1,237 @@
+"""The helper for training scripts: resume, periodic checkpoints, progress, and drain on request.
+
+Only training scripts import this module (it imports torch); the agent never does. Adopting
+it is a few lines::
+
+    from agent.worker import Elastic
+
+    el = Elastic(checkpoint_every=100, keep_last=3)
+    start, state = el.load(default=lambda: {"model": model.state_dict(), "opt": opt.state_dict()})
+    model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
+    for step in range(start, total_steps):
+        train_one_step(step)
+        if el.step(step, lambda: {"model": model.state_dict(), "opt": opt.state_dict()}):
+            el.exit_drained()   # checkpoint of `step` written, every rank agreed: exit code 75
+    el.finish()
+
+Under the agent, the environment (``agent.protocol``) names the checkpoint directory, the
+round (for fencing), this worker's progress file and this node's control file. Under plain
+torchrun none of these exist: no progress is written, nothing is drained, and checkpoints
+are written only when ``checkpoint_dir`` is passed explicitly.
+
+Call ``load`` after ``torch.distributed.init_process_group`` (or without one, single
+process), and call ``step`` at the same step on every rank: it runs one tiny collective.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from agent import checkpoint as ckpt
+from agent.protocol import (
+    CHECKPOINT_DIR_ENV,
+    CONTROL_FILE_ENV,
+    DRAIN,
+    DRAINED_EXIT_CODE,
+    PROGRESS_FILE_ENV,
+    PROGRESS_VERSION,
+    ROUND_ENV,
+)
+
+__all__ = ["DRAINED_EXIT_CODE", "STATE_FILE", "Elastic", "WorkerConfigError"]
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"  # the one payload file of a checkpoint written by this helper
+
+T = TypeVar("T")
+
+
+class WorkerConfigError(ValueError):
+    """An environment variable or argument of the helper has a value it cannot use."""
+
+
+def _env_int(environ: Mapping[str, str], name: str, default: int | None) -> int | None:
+    value = environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise WorkerConfigError(f"{name} ({value!r}) must be an integer") from None
+
+
+class Elastic:
+    """One per worker process. See the module docstring for the loop it fits in."""
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        *,
+        checkpoint_every: int = 0,
+        keep_last: int | None = None,
+        environ: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        env = os.environ if environ is None else environ
+        if checkpoint_every < 0:
+            raise WorkerConfigError(f"checkpoint_every ({checkpoint_every}) must be >= 0 (0 = only on drain)")
+        if keep_last is not None and keep_last < 1:
+            raise WorkerConfigError(f"keep_last ({keep_last}) must be >= 1 or None (keep all)")
+        directory = checkpoint_dir if checkpoint_dir is not None else env.get(CHECKPOINT_DIR_ENV) or None
+        self.checkpoint_dir: Path | None = Path(directory) if directory is not None else None
+        self.checkpoint_every = checkpoint_every
+        self.keep_last = keep_last
+        self.round_number: int | None = _env_int(env, ROUND_ENV, None)
+        self.progress_file: Path | None = Path(env[PROGRESS_FILE_ENV]) if env.get(PROGRESS_FILE_ENV) else None
+        self.control_file: Path | None = Path(env[CONTROL_FILE_ENV]) if env.get(CONTROL_FILE_ENV) else None
+        self._env_rank = _env_int(env, "RANK", 0)
+        self._env_world_size = _env_int(env, "WORLD_SIZE", 1)
+        self._clock = clock
+        self._group: Any = None  # the group of the per-step agreement, made on first use
+        self._device: torch.device | None = None
+        self.last_saved_step: int | None = None
+        self._last_step: int | None = None  # the last step reported, for finish()
+
+    # -- who we are ------------------------------------------------------------------------
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if self.distributed else int(self._env_rank or 0)
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if self.distributed else 1
+
+    # -- resume ----------------------------------------------------------------------------
+
+    def load(self, default: Callable[[], T] | T, *, map_location: Any = "cpu", **torch_load_kwargs: Any) -> tuple[int, T]:
+        """``(start_step, state)``: the step after the latest complete checkpoint and its state
+        (``torch.load``), or ``(0, default)`` (``default()`` if callable) when there is none.
+        Every rank reads the checkpoint itself; the directory must be shared by all nodes."""
+        found = ckpt.load_latest(self.checkpoint_dir) if self.checkpoint_dir is not None else None
+        if found is None:
+            state = default() if callable(default) else default
+            return 0, state
+        state = torch.load(found.file(STATE_FILE), map_location=map_location, **torch_load_kwargs)
+        self.last_saved_step = found.step
+        return found.step + 1, state
+
+    # -- the per-step call -----------------------------------------------------------------
+
+    def step(self, step: int, state_fn: Callable[[], Any]) -> bool:
+        """Call after step ``step`` completed, at the same step on every rank.
+
+        Reports progress, then agrees with every rank whether a drain was requested on any
+        node. Saves a checkpoint of ``step`` (``state_fn()`` is evaluated on every rank, so
+        collective state dicts such as FSDP's work; only global rank 0 writes) when a drain
+        was requested or ``checkpoint_every`` says so. Returns True, identically on every
+        rank, when the job must stop now: the checkpoint of ``step`` is then complete."""
+        self._report(step, "train")
+        drain = self._agree(self._drain_requested())
+        periodic = self.checkpoint_every > 0 and (step + 1) % self.checkpoint_every == 0
+        if drain or periodic:
+            if self.checkpoint_dir is not None:
+                self.save(step, state_fn())
+            elif drain:
+                log.warning("drain requested at step %d but no checkpoint directory is set "
+                            "(%s unset, none passed): stopping without a checkpoint", step, CHECKPOINT_DIR_ENV)
+        if drain:
+            self._report(step, "drained")
+            return True
+        return False
+
+    def save(self, step: int, state: Any) -> None:
+        """Checkpoint ``state`` as step ``step``: global rank 0 writes, every rank waits for it.
+        Collective: call on every rank. A failed save (e.g. ``StaleCheckpointError``) raises on
+        every rank, rank 0 with the original error."""
+        if self.checkpoint_dir is None:
+            raise WorkerConfigError(f"cannot save step {step}: no checkpoint directory ({CHECKPOINT_DIR_ENV} unset, none passed)")
+        failure: BaseException | None = None
+        if self.rank == 0:
+            try:
+                ckpt.save(self.checkpoint_dir, step, {STATE_FILE: lambda f: torch.save(state, f)},
+                          round_number=self.round_number)
+                if self.keep_last is not None:
+                    ckpt.keep_last(self.checkpoint_dir, self.keep_last)
+            except Exception as exc:  # every rank must learn of it, or the others would wait forever
+                failure = exc
+        failed = self._agree(failure is not None)  # also the barrier: nobody goes on before the save is done
+        if failure is not None:
+            raise failure
+        if failed:
+            raise ckpt.CheckpointError(f"rank 0 failed to save the checkpoint of step {step} in {self.checkpoint_dir}")
+        self.last_saved_step = step
+        self._report(step, "checkpointed")
+
+    def finish(self) -> None:
+        """Training is over: the last progress report says so."""
+        if self._last_step is not None:
+            self._report(self._last_step, "finished")
+
+    def exit_drained(self) -> NoReturn:
+        """Leave the process with ``DRAINED_EXIT_CODE`` (75): stopped at a step boundary on request,
+        checkpoint written. Call on every rank after ``step`` returned True."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.distributed:
+            dist.destroy_process_group()
+        sys.exit(DRAINED_EXIT_CODE)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _report(self, step: int, phase: str) -> None:
+        self._last_step = step
+        if self.progress_file is None:
+            return
+        record = {"v": PROGRESS_VERSION, "step": step, "time": self._clock(), "pid": os.getpid(), "phase": phase}
+        temp = self.progress_file.with_name(f".{self.progress_file.name}.{os.getpid()}.tmp")
+        try:
+            temp.write_text(json.dumps(record))
+            os.replace(temp, self.progress_file)
+        except OSError as exc:
+            # Progress is advisory (hang detection, metrics): never let it stop training.
+            log.warning("cannot write progress file %s: %s", self.progress_file, exc)
+
+    def _drain_requested(self) -> bool:
+        if self.control_file is None or not os.path.exists(self.control_file):
+            return False
+        try:
+            return self.control_file.read_text().strip() == DRAIN
+        except OSError:
+            return False  # gone or unreadable between exists() and read: look again next step
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on any rank (all_reduce MAX)."""
+        if not self.distributed or dist.get_world_size() == 1:
+            return flag
+        group, device = self._agreement_group()
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+        return bool(value.item())
+
+    def _agreement_group(self) -> tuple[Any, torch.device]:
+        if self._device is None:
+            if dist.get_backend() == "gloo":
+                self._group, self._device = None, torch.device("cpu")
+            elif dist.is_gloo_available():
+                # A CPU side group keeps this tiny collective off the GPU stream. new_group is
+                # itself collective; every rank reaches its first step() together.
+                self._group, self._device = dist.new_group(backend="gloo"), torch.device("cpu")
+            else:
+                self._group, self._device = None, torch.device("cuda", torch.cuda.current_device())
+        return self._group, self._device

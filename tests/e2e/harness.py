@@ -1,0 +1,180 @@
+"""Whole-process harness: real etcd, real agent processes, real workers, all on 127.0.0.1.
+
+Shared by the end-to-end tests and the benchmark scripts. Each agent runs in its own process
+group and is stopped by pid/process group; its console is read line by line and time-stamped,
+so tests can wait for what a user would see ("step 12 ...") with a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from rendezvous.etcd_server import EtcdServer, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+TRAIN = REPO / "docs" / "examples" / "train_ddp.py"
+STEP_RE = re.compile(r"\bstep (\d+) world_size (\d+)")
+RESUME_RE = re.compile(r"(?:resumed from step|starting from step) (\d+)")
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Line:
+    t: float  # time.monotonic() when read
+    text: str
+
+
+@dataclass
+class AgentProc:
+    node_id: str
+    proc: subprocess.Popen[str]
+    metrics_port: int
+    log_dir: Path
+    lines: list[Line] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    def start_reader(self) -> None:
+        def pump() -> None:
+            assert self.proc.stdout is not None
+            for raw in self.proc.stdout:
+                self.lines.append(Line(time.monotonic(), raw.rstrip("\n")))
+
+        self._reader = threading.Thread(target=pump, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def text(self) -> str:
+        return "\n".join(line.text for line in self.lines)
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout=timeout)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        return code
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def kill_node(self) -> None:
+        """``kill -9`` of the whole node: the agent's process group (its workers die with it)."""
+        for target in (lambda: os.killpg(self.proc.pid, signal.SIGKILL),):
+            try:
+                target()
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=10)
+
+    def scrape(self, path: str = "/metrics") -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+
+class Cluster:
+    """An etcd and the agents of one job."""
+
+    def __init__(self, job_id: str = "e2e", workdir: str | None = None) -> None:
+        self.job_id = job_id
+        self._own = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="elastic-agent-e2e-"))
+        self.checkpoint_dir = self.workdir / "ckpt"
+        self.etcd = EtcdServer(data_dir=str(self.workdir / "etcd"))
+        self.agents: dict[str, AgentProc] = {}
+
+    def __enter__(self) -> Cluster:
+        self.etcd.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start_agent(self, node_id: str, *, min_nodes: int = 2, max_nodes: int = 4, nproc: int = 2,
+                    command: list[str] | None = None, extra: list[str] | None = None,
+                    env: dict[str, str] | None = None) -> AgentProc:
+        port = free_port()
+        log_dir = self.workdir / "logs" / node_id
+        args = [
+            PYTHON, "-m", "agent.cli", "start",
+            "--min-nodes", str(min_nodes), "--max-nodes", str(max_nodes),
+            "--nproc-per-node", str(nproc), "--etcd-endpoints", self.etcd.endpoint,
+            "--job-id", self.job_id, "--node-id", node_id, "--node-addr", "127.0.0.1",
+            "--metrics-addr", "127.0.0.1", "--metrics-port", str(port),
+            "--log-dir", str(log_dir), "--checkpoint-dir", str(self.checkpoint_dir),
+            *(extra or []), "--",
+            *(command or [PYTHON, str(TRAIN), "--steps", "100000"]),
+        ]
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=full_env, cwd=str(self.workdir), start_new_session=True)
+        agent = AgentProc(node_id, proc, port, log_dir)
+        agent.start_reader()
+        self.agents[node_id] = agent
+        return agent
+
+    # --- what a user reads ---------------------------------------------------------------
+    def steps(self) -> list[tuple[float, int, int]]:
+        """(time, step, world size) of every step line printed by any agent's rank-0 worker."""
+        out = []
+        for agent in self.agents.values():
+            for line in list(agent.lines):
+                m = STEP_RE.search(line.text)
+                if m:
+                    out.append((line.t, int(m.group(1)), int(m.group(2))))
+        return sorted(out)
+
+    def first_step_after(self, t: float, world_size: int | None = None) -> tuple[float, int, int] | None:
+        for entry in self.steps():
+            if entry[0] > t and (world_size is None or entry[2] == world_size):
+                return entry
+        return None
+
+    def resumes(self) -> list[tuple[float, int]]:
+        out = []
+        for agent in self.agents.values():
+            for line in list(agent.lines):
+                m = RESUME_RE.search(line.text)
+                if m:
+                    out.append((line.t, int(m.group(1))))
+        return sorted(out)
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            if agent.proc.poll() is None:
+                try:
+                    os.killpg(agent.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                agent.proc.wait(timeout=10)
+        self.etcd.stop()
+        if self._own:
+            import shutil  # noqa: PLC0415
+
+            shutil.rmtree(self.workdir, ignore_errors=True)

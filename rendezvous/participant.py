@@ -100,6 +100,7 @@ class Participant:
         self._joined: tuple[int, int] | None = None  # (round, create revision of our join key)
         self._member_watch_for: str | None = None
         self._reopen: tuple[int, str] | None = None  # (round to move past, why)
+        self._served = 0  # the last round whose assignment next_assignment returned
 
     @property
     def node_id(self) -> str:
@@ -163,7 +164,9 @@ class Participant:
         self._broken = False
 
     def rejoin(self, timeout: float | None = None) -> None:
-        """After the lease was lost (fenced): a new lease, registration and watches."""
+        """After the lease was lost (fenced): a new lease, registration and watches. If the
+        round we ran in is still current, ask for a new one: our workers are gone."""
+        held = self.assignment
         self._cancel_all()
         if self.session is not None:
             self.session.close()
@@ -171,6 +174,8 @@ class Participant:
         self.assignment = None
         self._drain_queue()
         self.start(timeout)
+        if held is not None and self._round is not None and self._round.number == held.round:
+            self._reopen = (held.round, f"node_lost: {self.node_id} lost its lease and rejoined")
 
     def leave(self, reason: str | None = None) -> None:
         """Leave at once: open the next round (if we are running in one) and revoke the lease,
@@ -300,6 +305,8 @@ class Participant:
                 if self._reopen is not None:
                     if not rnd.is_open:
                         self.open_next_round(self._reopen[1], self._reopen[0])
+                elif not rnd.is_open and rnd.number <= self._served:
+                    pass  # we already hold this round: wait for the next one to open
                 else:
                     target = self._target(rnd)
                     if self._joined is None or self._joined[0] != target:
@@ -310,6 +317,7 @@ class Participant:
                         assert rnd.assignment is not None
                         self._phase.cancel()
                         self.assignment = rnd.assignment
+                        self._served = rnd.number
                         return rnd.assignment
                     if not rnd.is_open:  # pre-joined, we wait for the round after a closed one
                         wake = self._maybe_scale_up(rnd, waiting_since)

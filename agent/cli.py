@@ -51,6 +51,12 @@ def _start(argv: list[str]) -> int:
     from agent.config import load_config  # noqa: PLC0415
 
     config = load_config(argv, os.environ)
+    from agent.spawner import check_command  # noqa: PLC0415
+
+    try:
+        check_command(config.command)
+    except AgentError as exc:
+        raise ConfigError(str(exc)) from exc
     _setup_logging(config.log_level, config.node_id)
     log = logging.getLogger("elastic_agent")
 

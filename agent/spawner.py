@@ -9,9 +9,9 @@ This module only acts; when to stop or restart is decided elsewhere.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,23 +31,34 @@ _TAIL_BYTES = 64 * 1024
 _MAX_LINE = 64 * 1024
 
 
-def _load_prctl() -> Any:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl
-    except (OSError, AttributeError):
-        return None
+# Workers must die with the agent, even when it is killed with SIGKILL, so a dead agent never
+# leaves workers holding GPUs: PR_SET_PDEATHSIG. Setting it in a preexec_fn would force
+# fork() while gRPC threads run (gRPC's fork handlers can then abort the child), so a tiny
+# exec shim sets it instead; it checks that the agent did not die before prctl took effect.
+_PDEATHSIG_SHIM = (
+    "import ctypes,os,sys\n"
+    "ctypes.CDLL(None).prctl(1, 9)\n"
+    "if os.getppid() != int(sys.argv[1]): os._exit(137)\n"
+    "try:\n"
+    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as e:\n"
+    "    print(f'cannot start worker command {sys.argv[2]!r}: {e.strerror}', file=sys.stderr)\n"
+    "    os._exit(127)\n"
+)
 
 
-_PRCTL = _load_prctl()  # resolved once here: the child after fork must not load libraries
-_PR_SET_PDEATHSIG = 1
+def _with_pdeathsig(command: list[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-S", "-c", _PDEATHSIG_SHIM, str(os.getpid()), *command]
 
 
-def _die_with_agent() -> None:
-    """In the child before exec: get SIGKILL when the agent dies, even by ``kill -9``, so a
-    dead agent never leaves workers holding GPUs (Linux; a no-op elsewhere)."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def check_command(command: Sequence[str]) -> None:
+    """Fail early, with one line, when the worker command cannot be executed."""
+    name = command[0]
+    found = name if os.sep in name else shutil.which(name)
+    if not found or not os.access(found, os.X_OK) or os.path.isdir(found):
+        raise SpawnError(f"worker command {name!r} not found or not executable")
 
 
 def worker_log_dir(log_dir: Path, local_rank: int) -> Path:
@@ -134,6 +145,7 @@ class WorkerGroup:
         if self._started:
             raise RuntimeError("WorkerGroup.start() called twice")
         self._started = True
+        check_command(self.command)
         try:
             for local_rank, env in enumerate(self.envs):
                 self._workers.append(self._launch(local_rank, env))
@@ -150,14 +162,13 @@ class WorkerGroup:
         stderr_start = err_log.stat().st_size if err_log.exists() else 0
         try:
             process = subprocess.Popen(
-                self.command,
+                _with_pdeathsig(self.command),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
                 close_fds=True,
-                preexec_fn=_die_with_agent,
             )
         except OSError as exc:
             raise SpawnError(

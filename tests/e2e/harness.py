@@ -81,14 +81,26 @@ class AgentProc:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
 
-    def kill_node(self) -> None:
-        """``kill -9`` of the whole node: the agent's process group (its workers die with it)."""
-        for target in (lambda: os.killpg(self.proc.pid, signal.SIGKILL),):
+    def children(self) -> list[int]:
+        """Pids of the agent's child processes (its workers)."""
+        out: list[int] = []
+        for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):
             try:
-                target()
-            except ProcessLookupError:
+                out += [int(p) for p in (task / "children").read_text().split()]
+            except OSError:
                 pass
+        return out
+
+    def kill_node(self) -> list[int]:
+        """``kill -9`` of the agent alone; its workers must die with it (they run in their own
+        sessions, so only the agent's doing can stop them). Returns the workers' pids."""
+        workers = self.children()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait(timeout=10)
+        return workers
 
     def scrape(self, path: str = "/metrics") -> tuple[int, str]:
         try:

@@ -45,6 +45,14 @@ def last_checkpoint_step(cluster: Cluster) -> int:
     return -1 if step is None else step
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _kill_and_resume(cluster: Cluster, victim_rank: int) -> None:
     t0 = time.monotonic()
     agents = start_three(cluster)
@@ -53,7 +61,10 @@ def _kill_and_resume(cluster: Cluster, victim_rank: int) -> None:
     victim = next(a for a in agents if group_rank_of(a) == victim_rank)
     checkpoint = last_checkpoint_step(cluster)
     killed_at = time.monotonic()
-    victim.kill_node()
+    orphans = victim.kill_node()
+    assert orphans, "the victim had no workers running"
+    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in orphans), 10,
+               "the killed agent's workers to die with it")
     resumed = wait_until(lambda: cluster.first_step_after(killed_at, world_size=2), 60,
                          "training resumed at world size 2")
     # The survivors resumed from a checkpoint at least as new as the one before the kill,

@@ -277,7 +277,9 @@ def _read_manifest(directory: Path, path: Path, step: int) -> Checkpoint:
     if not isinstance(document, dict):
         raise CheckpointError(f"checkpoint manifest {path} must hold a JSON object, found {type(document).__name__}")
     if document.get("v") != MANIFEST_VERSION:
-        raise CheckpointError(f"checkpoint manifest {path} has version {document.get('v')!r}, expected {MANIFEST_VERSION}")
+        raise CheckpointError(
+            f"checkpoint manifest {path} has version {document.get('v')!r}, expected {MANIFEST_VERSION}"
+        )
     if document.get("step") != step:
         raise CheckpointError(f"checkpoint manifest {path} says step {document.get('step')!r}, its name says {step}")
     round_number = document.get("round")
@@ -295,7 +297,9 @@ def _read_manifest(directory: Path, path: Path, step: int) -> Checkpoint:
         size = entry.get("size") if isinstance(entry, dict) else None
         digest = entry.get("sha256") if isinstance(entry, dict) else None
         if isinstance(size, bool) or not isinstance(size, int) or not isinstance(digest, str):
-            raise CheckpointError(f"checkpoint manifest {path}: file {name!r} needs 'size' and 'sha256', found {entry!r}")
+            raise CheckpointError(
+                f"checkpoint manifest {path}: file {name!r} needs 'size' and 'sha256', found {entry!r}"
+            )
         files[name] = FileEntry(size, digest)
     return Checkpoint(directory, step, round_number, float(saved_at), files)
 
@@ -308,14 +312,18 @@ def _verify(checkpoint: Checkpoint, *, check_hashes: bool) -> None:
         except OSError as exc:
             raise CheckpointError(f"checkpoint file {path} is missing ({exc.strerror})") from exc
         if size != expected.size:
-            raise CheckpointError(f"checkpoint file {path} has {size} bytes, its manifest says {expected.size} (truncated?)")
+            raise CheckpointError(
+                f"checkpoint file {path} has {size} bytes, its manifest says {expected.size} (truncated?)"
+            )
         if check_hashes:
             try:
                 digest = _sha256(path)
             except OSError as exc:
                 raise CheckpointError(f"checkpoint file {path} cannot be read ({exc.strerror})") from exc
             if digest != expected.sha256:
-                raise CheckpointError(f"checkpoint file {path} has sha256 {digest}, its manifest says {expected.sha256}")
+                raise CheckpointError(
+                    f"checkpoint file {path} has sha256 {digest}, its manifest says {expected.sha256}"
+                )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
+from rendezvous.settings import Settings
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _ID_FORM = "must be 1-128 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
@@ -275,9 +276,10 @@ _DEFAULTS: dict[str, Any] = {
     "standalone": False,
     "log_dir": Path("./elastic-agent-logs"),
     "shutdown_timeout": 10.0,
-    "lease_ttl": 10.0,
-    "last_call": 1.0,
-    "scale_up_cooldown": 2.0,
+    # The rendezvous timings default to the rendezvous's own defaults (one place to tune).
+    "lease_ttl": Settings.lease_ttl,
+    "last_call": Settings.last_call,
+    "scale_up_cooldown": Settings.scale_up_cooldown,
     "drain_timeout": 60.0,
     "hang_timeout": 0.0,
     "preemption_source": "none",

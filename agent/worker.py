@@ -119,7 +119,9 @@ class Elastic:
 
     # -- resume ----------------------------------------------------------------------------
 
-    def load(self, default: Callable[[], T] | T, *, map_location: Any = "cpu", **torch_load_kwargs: Any) -> tuple[int, T]:
+    def load(
+        self, default: Callable[[], T] | T, *, map_location: Any = "cpu", **torch_load_kwargs: Any
+    ) -> tuple[int, T]:
         """``(start_step, state)``: the step after the latest complete checkpoint and its state
         (``torch.load``), or ``(0, default)`` (``default()`` if callable) when there is none.
         Every rank reads the checkpoint itself; the directory must be shared by all nodes."""
@@ -160,7 +162,9 @@ class Elastic:
         Collective: call on every rank. A failed save (e.g. ``StaleCheckpointError``) raises on
         every rank, rank 0 with the original error."""
         if self.checkpoint_dir is None:
-            raise WorkerConfigError(f"cannot save step {step}: no checkpoint directory ({CHECKPOINT_DIR_ENV} unset, none passed)")
+            raise WorkerConfigError(
+                f"cannot save step {step}: no checkpoint directory ({CHECKPOINT_DIR_ENV} unset, none passed)"
+            )
         failure: BaseException | None = None
         if self.rank == 0:
             try:
@@ -184,13 +188,17 @@ class Elastic:
             self._report(self._last_step, "finished")
 
     def exit_drained(self) -> NoReturn:
-        """Leave the process with ``DRAINED_EXIT_CODE`` (75): stopped at a step boundary on request,
-        checkpoint written. Call on every rank after ``step`` returned True."""
+        """End the process with ``DRAINED_EXIT_CODE`` (75): stopped at a step boundary on request,
+        checkpoint written. Call on every rank after ``step`` returned True.
+
+        Leaves with ``os._exit`` after flushing stdout, stderr and logging: tearing down a
+        process group while a DDP module still holds it sometimes aborts the process in
+        torch 2.13 ("terminate called without an active exception", exit -6), and the agent
+        must see 75, not a crash. atexit handlers do not run; do your own cleanup first."""
+        logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        if self.distributed:
-            dist.destroy_process_group()
-        sys.exit(DRAINED_EXIT_CODE)
+        os._exit(DRAINED_EXIT_CODE)
 
     # -- internals -------------------------------------------------------------------------
 

@@ -16,9 +16,9 @@ class Settings:
     # A node's lease: its keys vanish this long after it stops refreshing (silent failure bound).
     lease_ttl: float = 10.0
     # After min nodes joined, close once no new node joined for this long.
-    last_call: float = 1.0
+    last_call: float = 0.5
     # A standby waits this long (steadily alive) before it opens a round to raise the world size.
-    scale_up_cooldown: float = 2.0
+    scale_up_cooldown: float = 1.0
     # Job-wide budget of restarts caused by worker failures (None: unlimited). Membership
     # changes (a node lost, left or added) never consume it.
     max_restarts: int | None = None

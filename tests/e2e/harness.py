@@ -91,14 +91,21 @@ class AgentProc:
                 pass
         return out
 
-    def kill_node(self) -> list[int]:
-        """``kill -9`` of the agent alone; its workers must die with it (they run in their own
-        sessions, so only the agent's doing can stop them). Returns the workers' pids."""
+    def kill_node(self, with_workers: bool = False) -> list[int]:
+        """``kill -9`` of the agent. Our workers must die with it on their own (they run in
+        their own sessions, so only the agent's doing can stop them); ``with_workers`` also
+        kills them here, for launchers that do not (torchrun). Returns the workers' pids."""
         workers = self.children()
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        if with_workers:
+            for pid in workers:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
         self.proc.wait(timeout=10)
         return workers
 
@@ -147,6 +154,29 @@ class Cluster:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=full_env, cwd=str(self.workdir), start_new_session=True)
         agent = AgentProc(node_id, proc, port, log_dir)
+        agent.start_reader()
+        self.agents[node_id] = agent
+        return agent
+
+    def start_torchrun(self, node_id: str, *, rdzv_port: int, min_nodes: int = 2, max_nodes: int = 4,
+                       nproc: int = 1, command: list[str], tuned: bool = True,
+                       max_restarts: int = 100) -> AgentProc:
+        """torchrun with the c10d rendezvous on 127.0.0.1:rdzv_port: the first one started
+        hosts the store. ``tuned`` uses the settings torchrun users tune for fast recovery."""
+        conf = ["--rdzv-conf", "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3"] if tuned else []
+        args = [
+            PYTHON, "-m", "torch.distributed.run", "--nnodes", f"{min_nodes}:{max_nodes}",
+            "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{rdzv_port}", "--rdzv-id", self.job_id,
+            "--max-restarts", str(max_restarts), "--monitor-interval", "0.1", *conf,
+            *command[1:],  # torchrun runs the script with its own interpreter
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for key in [k for k in env if k.startswith("ELASTIC_AGENT_")]:
+            del env[key]
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, cwd=str(self.workdir), start_new_session=True)
+        agent = AgentProc(node_id, proc, 0, self.workdir)
         agent.start_reader()
         self.agents[node_id] = agent
         return agent

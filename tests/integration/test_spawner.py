@@ -181,6 +181,6 @@ def test_a_rerun_in_the_same_log_dir_appends_and_reports_only_its_own_run(
 
 def test_unstartable_command_is_a_spawn_error(tmp_path: Path) -> None:
     group = WorkerGroup(["/nonexistent/train"], [dict(os.environ)], tmp_path, ["n/0"], console=io.StringIO())
-    with pytest.raises(SpawnError, match=r"^cannot start worker command '/nonexistent/train': No such file or directory$"):
+    with pytest.raises(SpawnError, match=r"^worker command '/nonexistent/train' not found or not executable$"):
         group.start()
     group.stop(timeout=0.1)

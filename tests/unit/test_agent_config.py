@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from rendezvous.settings import Settings
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError
 
@@ -47,8 +48,8 @@ def test_defaults() -> None:
     assert config.log_dir == Path("elastic-agent-logs")
     assert config.shutdown_timeout == 10.0
     assert config.lease_ttl == 10.0
-    assert config.last_call == 1.0
-    assert config.scale_up_cooldown == 2.0
+    assert config.last_call == Settings.last_call == 0.5
+    assert config.scale_up_cooldown == Settings.scale_up_cooldown == 1.0
     assert config.drain_timeout == 60.0
     assert config.hang_timeout == 0.0
     assert config.preemption_source == "none"

@@ -1,0 +1,276 @@
+"""elastic-agent against torchrun: the same job, the same failures, the same machine, one run.
+
+    python -m tests.bench.compare [--repeat 3] [--png docs/recovery-timeline.png] [--torchrun-defaults]
+
+The job: docs/examples/train_ddp.py, 3 nodes of 1 worker (gloo), ~0.1 s a step, a checkpoint
+every 10 steps. torchrun runs the c10d rendezvous with the settings users tune for fast
+recovery (last_call_timeout=1, keep_alive_interval=1, keep_alive_max_attempt=3);
+--torchrun-defaults adds torchrun with its defaults (slow: minutes per repetition).
+
+One repetition per launcher is a chain of events on one job:
+  start        3 nodes started                      -> first step
+  scale_up     a 4th node started                   -> first step at world size 4
+  sigterm      SIGTERM to a node (not the master)   -> first step at world size 3; steps lost
+  kill         kill -9 of a node (not the store)    -> first step at world size 2
+  (a node is added back, world size 3)
+  kill_store   kill -9 of the node hosting torchrun's c10d store (for elastic-agent: group
+               rank 0, the master)                  -> first step at world size 2, or never
+A recovery not seen within --give-up seconds is "never". Steps lost by a SIGTERM = last step
+completed before it minus the step training resumed from (a resume from a checkpoint of the
+very step completed last loses none). Prints each measurement, then a table of medians, and
+writes a PNG timeline (step against time, one line per launcher, events marked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+from tests.e2e.harness import PYTHON, TRAIN, AgentProc, Cluster, free_port, wait_until
+
+CMD = [PYTHON, str(TRAIN), "--steps", "100000", "--checkpoint-every", "10"]
+NEVER = math.inf
+
+
+@dataclass
+class Rep:
+    launcher: str
+    measures: dict[str, float] = field(default_factory=dict)
+    timeline: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, step)
+    events: list[tuple[float, str]] = field(default_factory=list)
+    rss_mib: float = math.nan
+    cpu_percent: float = math.nan
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def _cpu_seconds(pid: int) -> float:
+    import os  # noqa: PLC0415
+
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _group_rank(agent: AgentProc) -> int | None:
+    for line in reversed(agent.lines):
+        if "this node is group rank" in line.text:
+            return int(line.text.split("this node is group rank")[1].split(";")[0])
+    return None
+
+
+class Runner:
+    def __init__(self, launcher: str, give_up: float) -> None:
+        self.launcher = launcher
+        self.give_up = give_up
+        self.cluster = Cluster(job_id=f"cmp-{launcher}")
+        self.rdzv_port = free_port()
+        self.started: list[AgentProc] = []
+        self.n = 0
+
+    def add(self) -> AgentProc:
+        name = f"node-{self.n}"
+        self.n += 1
+        if self.launcher == "elastic-agent":
+            agent = self.cluster.start_agent(name, nproc=1, command=CMD)
+        else:
+            command = CMD + ["--checkpoint-dir", str(self.cluster.checkpoint_dir)]
+            agent = self.cluster.start_torchrun(name, rdzv_port=self.rdzv_port, command=command,
+                                                tuned=self.launcher == "torchrun")
+        self.started.append(agent)
+        return agent
+
+    def live(self) -> list[AgentProc]:
+        return [a for a in self.started if a.proc.poll() is None]
+
+    def wait_step(self, after: float, world: int) -> float:
+        try:
+            hit = wait_until(lambda: self.cluster.first_step_after(after, world), self.give_up, "a step")
+        except AssertionError:
+            return NEVER
+        return hit[0] - after  # type: ignore[index]
+
+    def store_host(self) -> AgentProc:
+        if self.launcher == "elastic-agent":
+            return next(a for a in self.live() if _group_rank(a) == 0)
+        return self.started[0]  # the first torchrun started binds the c10d store
+
+    def not_store_host(self) -> AgentProc:
+        host = self.store_host()
+        return next(a for a in reversed(self.live()) if a is not host)
+
+    def run(self) -> Rep:
+        rep = Rep(self.launcher)
+        c = self.cluster
+        with c:
+            t0 = time.monotonic()
+            for _ in range(3):
+                self.add()
+            rep.measures["start"] = self.wait_step(t0, 3)
+            if rep.measures["start"] is NEVER:
+                return self._finish(rep, t0)
+            time.sleep(1.0)
+            pid = self.started[0].pid
+            cpu0, w0 = _cpu_seconds(pid), time.monotonic()
+            time.sleep(4.0)
+            rep.cpu_percent = 100 * (_cpu_seconds(pid) - cpu0) / (time.monotonic() - w0)
+            rep.rss_mib = max(_rss_mib(a.pid) for a in self.live())
+
+            at = time.monotonic()
+            rep.events.append((at - t0, "node added"))
+            self.add()
+            rep.measures["scale_up"] = self.wait_step(at, 4)
+            if rep.measures["scale_up"] is NEVER:
+                return self._finish(rep, t0)
+            time.sleep(2.0)
+
+            victim = self.not_store_host()
+            before = max((s for t, s, w in c.steps()), default=-1)
+            at = time.monotonic()
+            rep.events.append((at - t0, "SIGTERM"))
+            victim.signal(signal.SIGTERM)
+            rep.measures["sigterm"] = self.wait_step(at, 3)
+            # Steps completed at world size 4 (a drain completes one more after the SIGTERM).
+            last_done = max((s for t, s, w in c.steps() if w == 4), default=before)
+            resumed = [s for t, s, w in c.steps() if t > at and w == 3]
+            rep.measures["sigterm_steps_lost"] = (last_done + 1 - min(resumed)) if resumed else NEVER
+            if rep.measures["sigterm"] is NEVER:
+                return self._finish(rep, t0)
+            victim.wait(timeout=60)
+            time.sleep(2.0)
+
+            victim = self.not_store_host()
+            at = time.monotonic()
+            rep.events.append((at - t0, "kill -9"))
+            victim.kill_node(with_workers=True)
+            rep.measures["kill"] = self.wait_step(at, 2)
+            if rep.measures["kill"] is NEVER:
+                return self._finish(rep, t0)
+            at = time.monotonic()
+            self.add()
+            if self.wait_step(at, 3) is NEVER:
+                return self._finish(rep, t0)
+            time.sleep(2.0)
+
+            victim = self.store_host()
+            at = time.monotonic()
+            rep.events.append((at - t0, "kill -9 store host"))
+            victim.kill_node(with_workers=True)
+            rep.measures["kill_store"] = self.wait_step(at, 2)
+            return self._finish(rep, t0)
+
+    def _finish(self, rep: Rep, t0: float) -> Rep:
+        rep.timeline = [(t - t0, s) for t, s, w in self.cluster.steps()]
+        return rep
+
+
+ROWS = [
+    ("start", "start to first step (s)"),
+    ("kill", "kill -9 of a node -> resumed (s)"),
+    ("kill_store", "kill -9 of the store host / rank 0 -> resumed (s)"),
+    ("sigterm", "SIGTERM of a node -> resumed (s)"),
+    ("sigterm_steps_lost", "completed steps lost by that SIGTERM"),
+    ("scale_up", "node added -> training at the new size (s)"),
+    ("rss_mib", "agent RSS (MiB)"),
+    ("cpu_percent", "agent CPU while training (% of a core)"),
+]
+
+
+def _median(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    if any(v is NEVER for v in values):
+        never = sum(v is NEVER for v in values)
+        finite = [v for v in values if v is not NEVER]
+        if never > len(values) / 2:
+            return f"never ({never}/{len(values)} runs)"
+        return f"{statistics.median(finite + [NEVER] * never):.2f} ({never} never)"
+    return f"{statistics.median(values):.2f}"
+
+
+def table(reps: list[Rep], launchers: list[str]) -> str:
+    head = "| scenario | " + " | ".join(launchers) + " |"
+    lines = [head, "|" + "---|" * (len(launchers) + 1)]
+    for key, title in ROWS:
+        cells = []
+        for launcher in launchers:
+            mine = [r for r in reps if r.launcher == launcher]
+            if key == "rss_mib":
+                values = [r.rss_mib for r in mine]
+            elif key == "cpu_percent":
+                values = [r.cpu_percent for r in mine]
+            else:
+                # A chain that ended early never reached the later scenarios: never recovered.
+                values = [r.measures.get(key, NEVER) for r in mine]
+            cells.append(_median(values))
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(reps: list[Rep], path: str) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    colours = {"elastic-agent": "tab:green", "torchrun": "tab:red", "torchrun-default": "tab:orange"}
+    seen = set()
+    for rep in reps:
+        if rep.launcher in seen or not rep.timeline:
+            continue
+        seen.add(rep.launcher)
+        xs, ys = zip(*rep.timeline)
+        ax.plot(xs, ys, ".", markersize=2, color=colours.get(rep.launcher), label=rep.launcher)
+        for t, what in rep.events:
+            ax.axvline(t, color=colours.get(rep.launcher), alpha=0.3, linestyle="--")
+            ax.text(t, ax.get_ylim()[1] * 0.02, what, rotation=90, fontsize=7, color=colours.get(rep.launcher))
+    ax.set_xlabel("seconds since the job started")
+    ax.set_ylabel("training step")
+    ax.set_title("Training progress through the same failures (first repetition of each launcher)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--give-up", type=float, default=60.0, help="seconds before a recovery counts as never")
+    parser.add_argument("--png", default="docs/recovery-timeline.png")
+    parser.add_argument("--torchrun-defaults", action="store_true")
+    parser.add_argument("--launchers", default="elastic-agent,torchrun")
+    args = parser.parse_args(argv)
+    launchers = args.launchers.split(",")
+    if args.torchrun_defaults:
+        launchers.append("torchrun-default")
+    reps: list[Rep] = []
+    for i in range(args.repeat):
+        for launcher in launchers:
+            rep = Runner(launcher, args.give_up).run()
+            reps.append(rep)
+            shown = ", ".join(f"{k}={'never' if v is NEVER else f'{v:.2f}'}" for k, v in rep.measures.items())
+            print(f"[{i + 1}/{args.repeat}] {launcher}: {shown}, rss={rep.rss_mib:.0f}MiB, cpu={rep.cpu_percent:.1f}%",
+                  flush=True)
+    print()
+    print(f"medians of {args.repeat} runs (this machine, same run):")
+    print(table(reps, launchers))
+    if args.png:
+        plot(reps, args.png)
+        print(f"\ntimeline written to {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Fakes of outside services (cloud metadata) that tests run on 127.0.0.1."""

@@ -1,0 +1,112 @@
+"""rendezvous.state: wire records round-trip, and bad bytes give a one-line typed error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rendezvous.errors import CorruptStateError, JobFinishedError, RendezvousError
+from rendezvous.state import (
+    CLOSED,
+    OPEN,
+    Assignment,
+    JobStatus,
+    JoinRecord,
+    Member,
+    NodeRecord,
+    RestartCount,
+    RoundState,
+)
+
+KEY = "/elastic-agent/j/round"
+
+
+def test_records_round_trip() -> None:
+    a = Assignment(3, (Member("a", "10.0.0.1", 8), Member("b", "10.0.0.2", 4)), "10.0.0.1", 29500, ("c",))
+    for rnd in (RoundState(3, CLOSED, "node_lost: x", ("x", "a"), a), RoundState(4, OPEN, "start")):
+        assert RoundState.decode(KEY, rnd.encode()) == rnd
+    for rec, cls in ((NodeRecord("a", "h:1", 8, "host", "0.1"), NodeRecord), (JoinRecord("a", "h", 2, 29501), JoinRecord),
+                     (JobStatus("failed", "budget"), JobStatus), (RestartCount(2, "worker_failure: x"), RestartCount)):
+        assert cls.decode(KEY, rec.encode()) == rec  # type: ignore[attr-defined]
+
+
+def test_every_record_is_versioned() -> None:
+    for rec in (RoundState(1, OPEN), JoinRecord("a", "h", 1, 1), JobStatus("succeeded", "ok"), RestartCount(0),
+                NodeRecord("a", "h", 1)):
+        assert json.loads(rec.encode())["v"] == 1
+
+
+def closed_json(**over: object) -> bytes:
+    d: dict[str, object] = {"v": 1, "number": 2, "state": "closed", "reason": "", "previous": [],
+                            "members": [{"node_id": "a", "addr": "h", "nproc": 1}],
+                            "master_addr": "h", "master_port": 1, "standbys": []}
+    d.update(over)
+    return json.dumps({k: v for k, v in d.items() if v is not ...}).encode()
+
+
+# (decoder, raw bytes, fragments the message must contain)
+CORRUPT = [
+    (RoundState, b"{not json", ["expected a JSON round record", "found '{not json'"]),
+    (RoundState, b"\xff\xfe", ["expected a JSON round record"]),
+    (RoundState, b"", ["expected a JSON round record", "found ''"]),
+    (RoundState, b"[1, 2]", ["expected a JSON object (round record)"]),
+    (RoundState, b"null", ["expected a JSON object (round record)"]),
+    (RoundState, b'{"number": 1, "state": "open"}', ['expected "v": 1 (round record)', 'found "v": None']),
+    (RoundState, b'{"v": 2, "number": 1, "state": "open"}', ['expected "v": 1 (round record)', 'found "v": 2']),
+    (RoundState, b'{"v": "1", "number": 1, "state": "open"}', ["found \"v\": '1'"]),
+    (RoundState, b'{"v": 1, "number": "1", "state": "open"}', ["field 'number' of type int", "found '1'"]),
+    (RoundState, b'{"v": 1, "number": true, "state": "open"}', ["field 'number' of type int", "found True"]),
+    (RoundState, b'{"v": 1, "number": 1, "state": "ajar"}', ["'open' or 'closed'", "found 'ajar'"]),
+    (RoundState, b'{"v": 1, "number": 1, "state": "open", "previous": "a"}', ["'previous' as a list of strings"]),
+    (RoundState, closed_json(members=...), ["field 'members' of type list", "found None"]),
+    (RoundState, closed_json(members=["a"]), ["members as objects with node_id, addr, nproc", "found 'a'"]),
+    (RoundState, closed_json(members=[{"node_id": "a", "addr": "h"}]), ["members as objects"]),
+    (RoundState, closed_json(members=[{"node_id": "a", "addr": "h", "nproc": "8"}]), ["nproc an integer"]),
+    (RoundState, closed_json(master_port="29500"), ["field 'master_port' of type int"]),
+    (RoundState, closed_json(standbys=[1]), ["'standbys' as a list of strings"]),
+    (JoinRecord, b"{", ["expected a JSON join record"]),
+    (JoinRecord, b'{"v": 7, "node_id": "a"}', ['expected "v": 1 (join record)', 'found "v": 7']),
+    (JoinRecord, b'{"v": 1, "node_id": "a", "addr": "h", "nproc": 1}', ["field 'master_port' of type int"]),
+    (JobStatus, b"succeeded", ["expected a JSON status record", "found 'succeeded'"]),
+    (JobStatus, b'{"v": 1, "outcome": "meh", "reason": ""}', ["'succeeded' or 'failed'", "found 'meh'"]),
+    (JobStatus, b'{"v": 1, "outcome": "failed"}', ["field 'reason' of type str"]),
+    (RestartCount, b'{"v": 1, "count": 1.5}', ["field 'count' of type int", "found 1.5"]),
+    (NodeRecord, b'{"v": 0}', ['expected "v": 1 (node record)']),
+]
+
+
+@pytest.mark.parametrize("cls,raw,fragments", CORRUPT)
+def test_corrupt_records_name_the_key_and_what_was_expected(cls: type, raw: bytes, fragments: list[str]) -> None:
+    with pytest.raises(CorruptStateError) as info:
+        cls.decode(KEY, raw)  # type: ignore[attr-defined]
+    message = str(info.value)
+    assert message.startswith(f"etcd key {KEY!r}: expected ")
+    for fragment in fragments:
+        assert fragment in message
+    assert "\n" not in message
+    assert info.value.key == KEY
+    assert info.value.__cause__ is None  # no chained traceback from the JSON parser
+
+
+def test_long_garbage_is_previewed_not_dumped() -> None:
+    with pytest.raises(CorruptStateError) as info:
+        RoundState.decode(KEY, b"x" * 5000)
+    assert len(str(info.value)) < 200
+    assert str(info.value).endswith("...")
+
+
+def test_error_hierarchy() -> None:
+    assert issubclass(CorruptStateError, RendezvousError)
+    err = JobFinishedError("failed", "budget spent")
+    assert isinstance(err, RendezvousError)
+    assert (err.outcome, err.reason, str(err)) == ("failed", "budget spent", "job already failed: budget spent")
+
+
+def test_assignment_helpers() -> None:
+    a = Assignment(1, (Member("a", "h", 2), Member("b", "h", 3)), "h", 1)
+    assert a.node_ids == ("a", "b")
+    assert a.world_size == 5
+    assert (a.rank_offset("a"), a.rank_offset("b")) == (0, 2)
+    with pytest.raises(KeyError):
+        a.rank_offset("z")

@@ -53,6 +53,12 @@ def close_decision(view: RoundView, settings: Settings, now: float) -> Wait | Cl
     """Whether the open round should close now, and with which assignment."""
     joined_ids = {j.node_id for j in view.joined}
     count = len(joined_ids)
+    if reason_kind(view.round.reason) == "scale_up":
+        # Growing the job must not evict a running member that is a moment late to rejoin
+        # (it could then only grow the job back in turn): wait for every live one.
+        late = sorted((view.alive & set(view.round.previous)) - joined_ids)
+        if late:
+            return Wait(None, f"scale-up waits for running members {', '.join(late)}")
     if count < settings.min_nodes:
         return Wait(None, f"{count} of at least {settings.min_nodes} nodes joined")
     if count >= settings.max_nodes:

@@ -10,6 +10,7 @@ counting, and translating every client error into ours.
 from __future__ import annotations
 
 import collections
+import math
 import logging
 import queue
 import threading
@@ -212,7 +213,7 @@ class EtcdStore:
 
     # --- leases ----------------------------------------------------------------------------
     def grant(self, ttl: float) -> int:
-        req = etcdrpc.LeaseGrantRequest(TTL=max(1, round(ttl)))
+        req = etcdrpc.LeaseGrantRequest(TTL=max(1, math.ceil(ttl)))  # never shorter than asked
         resp = self._call("lease_grant", lambda _k, lease, _w: lease.LeaseGrant(req, timeout=self.request_timeout))
         if resp.error:
             raise RendezvousError(f"etcd refused a lease of {ttl}s: {resp.error}")

@@ -50,6 +50,7 @@ class MemoryStore:
         self._next_lease = 1
         self._watchers: list[_Watcher] = []
         self._pending: list[tuple[_Watcher, list[Event]]] = []
+        self._bumped = False
         self._closed = threading.Event()
         self.available = True  # tests flip this to simulate an outage
         if reap_interval is not None:
@@ -137,6 +138,7 @@ class MemoryStore:
         with self._lock:
             now = self.clock.monotonic()
             for lease_id in [i for i, l in self._leases.items() if l.expires_at <= now]:
+                self._bumped = False  # each expired lease is revoked as one request
                 for key in sorted(self._leases.pop(lease_id).keys):
                     self._remove(key)
         self._flush()
@@ -166,10 +168,16 @@ class MemoryStore:
     def _request(self, kind: str) -> "_Request":
         return _Request(self, kind)
 
+    def _bump(self) -> None:
+        """etcd gives every change made by one request the same revision."""
+        if not self._bumped:
+            self._revision += 1
+            self._bumped = True
+
     def _write(self, key: str, value: bytes, lease: int) -> int:
         if lease and lease not in self._leases:
             raise LeaseLostError(f"lease {lease:x} expired or was revoked")
-        self._revision += 1
+        self._bump()
         old = self._data.get(key)
         if old and old.lease and old.lease in self._leases:
             self._leases[old.lease].keys.discard(key)
@@ -184,7 +192,7 @@ class MemoryStore:
         old = self._data.pop(key, None)
         if old is None:
             return
-        self._revision += 1
+        self._bump()
         if old.lease in self._leases:
             self._leases[old.lease].keys.discard(key)
         self._emit(Event(DELETE, key, b"", 0, self._revision))
@@ -221,6 +229,7 @@ class _Request:
         if not store.available:
             raise StoreUnavailableError(f"store unavailable ({self.kind})")
         store._lock.acquire()
+        store._bumped = False
 
     def __exit__(self, *exc: object) -> None:
         self.store._lock.release()

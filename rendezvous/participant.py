@@ -45,6 +45,7 @@ from rendezvous.store import DELETE, KV, Event, Store
 log = logging.getLogger(__name__)
 
 TICK = 0.5  # longest a wait goes without calling on_tick
+_PHASE_TAGS = frozenset({"pred", "joined", "nodes", "member"})
 
 
 def reserve_port() -> int:
@@ -65,10 +66,12 @@ class Notice:
 
 
 class _Phase:
-    """Watches that belong to one phase (coordinating a round, or running); cancelled together."""
+    """Watches that belong to one phase (coordinating a round, or running); cancelled together.
+    Events already queued from a cancelled watch are recognised by the phase generation."""
 
     def __init__(self) -> None:
         self.watches: list[Any] = []
+        self.gen = 0
 
     def cancel(self) -> None:
         for w in self.watches:
@@ -77,6 +80,7 @@ class _Phase:
             except RendezvousError:
                 pass
         self.watches.clear()
+        self.gen += 1
 
 
 class Participant:
@@ -99,6 +103,7 @@ class Participant:
         self.assignment: Assignment | None = None
         self._joined: tuple[int, int] | None = None  # (round, create revision of our join key)
         self._member_watch_for: str | None = None
+        self._member_watch_round = 0
         self._reopen: tuple[int, str] | None = None  # (round to move past, why)
         self._served = 0  # the last round whose assignment next_assignment returned
 
@@ -207,12 +212,13 @@ class Participant:
 
     # --- watching ----------------------------------------------------------------------
     def _watch(self, key: str, tag: str, gen: int, start: int, prefix: bool = False) -> Any:
-        return self.store.watch(
-            key,
-            lambda events: self._q.put((tag, gen, events)),
-            lambda exc: self._q.put(("error", gen, exc)),
-            start, prefix=prefix,
-        )
+        if tag in _PHASE_TAGS:  # phase events carry the phase generation with them
+            phase_gen = self._phase.gen
+            on_events = lambda events: self._q.put((tag, gen, (phase_gen, events)))  # noqa: E731
+        else:
+            on_events = lambda events: self._q.put((tag, gen, events))  # noqa: E731
+        return self.store.watch(key, on_events, lambda exc: self._q.put(("error", gen, exc)),
+                                start, prefix=prefix)
 
     def _drain_queue(self) -> None:
         while True:
@@ -239,6 +245,10 @@ class Participant:
             raise LeaseLostError(payload)
         if gen != self._gen and tag != "lost":
             return True  # from a watch we already cancelled
+        if tag in _PHASE_TAGS and payload[0] != self._phase.gen:
+            return True  # from a phase we already left
+        if tag in _PHASE_TAGS:
+            return False
         if tag == "error":
             log.warning("watch lost (%s); re-reading state", payload)
             self._broken = True
@@ -318,8 +328,10 @@ class Participant:
                         self._phase.cancel()
                         self.assignment = rnd.assignment
                         self._served = rnd.number
+                        self._member_watch_for = None  # poll() sets up the running watch
                         return rnd.assignment
                     if not rnd.is_open:  # pre-joined, we wait for the round after a closed one
+                        self._watch_as_standby(rnd, coord)
                         wake = self._maybe_scale_up(rnd, waiting_since)
                     else:
                         wake = self._coordinate(rnd, coord)
@@ -353,6 +365,21 @@ class Participant:
         if joined_this and rnd.assignment is not None and self.node_id in rnd.assignment.node_ids:
             return rnd.number
         return rnd.number + 1
+
+    def _watch_as_standby(self, rnd: RoundState, coord: _Coordination) -> None:
+        """A waiting node watches the closed round's group rank 0: the ring of members covers
+        every other loss, but not that of a lone member (or of every member at once)."""
+        if coord.standby_watch or rnd.assignment is None or not rnd.assignment.members:
+            return
+        coord.standby_watch = True
+        first = rnd.assignment.members[0].node_id
+        self._member_watch_for = first
+        self._member_watch_round = rnd.number
+        kv, rev = self.store.get(self.settings.node_key(first))
+        if kv is None:
+            self.open_next_round(f"node_lost: {first}", rnd.number)
+            return
+        self._phase.watches.append(self._watch(self.settings.node_key(first), "member", self._gen, rev + 1))
 
     def _maybe_scale_up(self, rnd: RoundState, waiting_since: float) -> float | None:
         verdict = decide.should_scale_up(rnd, self.settings, waiting_since, self.clock.monotonic())
@@ -391,6 +418,7 @@ class Participant:
         if coord.role is None:
             pred = self.store.predecessor(prefix, self._joined[1])
             if pred is not None:
+                JoinRecord.decode(pred.key, pred.value)  # following garbage would block the round
                 coord.role = "follower"
                 self._phase.watches.append(self._watch(pred.key, "pred", self._gen, pred.mod_revision + 1))
                 return None
@@ -440,7 +468,7 @@ class Participant:
         tag, gen, payload = item
         if self._apply_common(tag, gen, payload):
             return
-        events: list[Event] = payload
+        events: list[Event] = payload[1]
         if tag == "pred":
             if any(ev.kind == DELETE for ev in events):
                 coord.role = None  # the joiner before us left: maybe we coordinate now
@@ -461,10 +489,10 @@ class Participant:
                 else:
                     coord.alive.add(node_id)
         elif tag == "member":
-            if any(ev.kind == DELETE for ev in events) and self.assignment is not None:
-                lost = self._member_watch_for
-                log.warning("member %s lost its lease; opening round %d", lost, self.assignment.round + 1)
-                self.open_next_round(f"node_lost: {lost}", self.assignment.round)
+            if any(ev.kind == DELETE for ev in events):
+                lost, after = self._member_watch_for, self._member_watch_round
+                log.warning("member %s lost its lease; opening round %d", lost, after + 1)
+                self.open_next_round(f"node_lost: {lost}", after)
 
     # --- running -----------------------------------------------------------------------
     def poll(self, timeout: float) -> Notice | None:
@@ -508,6 +536,7 @@ class Participant:
         assert self.assignment is not None
         pred = decide.ring_predecessor(self.assignment, self.node_id)
         self._member_watch_for = pred or ""
+        self._member_watch_round = self.assignment.round
         if pred is None:
             return
         kv, rev = self.store.get(self.settings.node_key(pred))
@@ -554,6 +583,7 @@ class _Coordination:
 
     def __init__(self) -> None:
         self.role: str | None = None  # None: not yet determined; "follower"; "coordinator"
+        self.standby_watch = False  # waiting after a closed round: watching its group rank 0
         self.joined: dict[str, decide.Joiner] = {}
         self.alive: set[str] = set()
         self.last_join_seen = 0.0

@@ -160,10 +160,6 @@ def test_commit_with_several_compares_writes_all_and_reads_after(store: Any, p: 
 
 def test_one_request_is_one_revision(store: Any, backend: str, p: str, request: pytest.FixtureRequest) -> None:
     """etcd gives a transaction, a prefix delete and a revoke a single revision."""
-    if backend == "memory":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="BUG memory_store: each key written or deleted by one request gets its "
-                                "own revision (_write/_remove bump the revision per key)"))
     result = store.commit([], [(p + "a", b"1"), (p + "b", b"2")], reads=(p + "a", p + "b"))
     assert result.reads[0].mod_revision == result.reads[1].mod_revision == result.revision
     _, before = store.get(p)
@@ -343,10 +339,6 @@ def test_keepalive_extends_the_lease(store: Any, p: str) -> None:
 
 
 def test_a_lease_lives_at_least_the_ttl_asked_for(store: Any, backend: str, request: pytest.FixtureRequest) -> None:
-    if backend == "etcd":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="BUG etcd_store.grant: TTL=max(1, round(ttl)) rounds 2.4 s down to 2 s, "
-                                "shorter than the Session's deadline (fencing)"))
     lease = store.grant(2.4)
     try:
         assert store.keepalive(lease) >= 2.4

@@ -240,9 +240,6 @@ def test_standby_is_admitted_when_a_member_lease_expires(make_job: Callable[...,
     assert ts.get() == got and got.node_ids == (survivor.node_id, "s")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG participant: standbys watch no member and a lone member has no ring predecessor: when the only "
-    "member's lease expires nobody opens the next round; the standby waits until its own timeout"))
 def test_standby_is_admitted_when_the_only_member_lease_expires(make_job: Callable[..., Job]) -> None:
     job = make_job(1, 1, lease_ttl=2)
     a = job.start("a")[0]
@@ -520,10 +517,6 @@ def test_corrupt_status_at_start(make_job: Callable[..., Job], raw: bytes, expec
     assert str(info.value).startswith(f"etcd key {job.settings.status_key!r}: {expected}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG participant._coordinate: a joiner follows its predecessor's key without decoding it; a corrupt "
-    "key created before it makes it a follower of garbage, nobody coordinates, and the wait ends only "
-    "in RendezvousTimeoutError (or never, without a timeout)"))
 def test_corrupt_join_record_before_the_first_joiner(make_job: Callable[..., Job]) -> None:
     job = make_job(2, 2)
     a = job.start("a")[0]

@@ -358,9 +358,6 @@ def test_corrupt_join_record_stops_the_coordinator_with_a_named_error(make_clust
 
 
 # --- bugs found by these tests --------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG participant: a standby watches no member; when the only member of a round loses its lease "
-    "(no ring predecessor to notice) nobody opens the next round and the standby waits forever"))
 def test_standby_takes_over_when_the_only_member_dies(make_cluster) -> None:
     c = make_cluster(1, 1)
     a = c.add()
@@ -402,9 +399,6 @@ def test_member_notices_its_ring_predecessor_dying(make_cluster) -> None:
     assert notice is not None and notice.kind == "round" and notice.detail == "node_lost: a"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG participant: items from a cancelled phase watch are not filtered (_Phase.cancel does not bump "
-    "a generation); a stale 'pred' DELETE handled in poll() cancels the member watch for good"))
 def test_stale_follower_event_does_not_blind_the_member_watch(make_cluster) -> None:
     c = make_cluster(2, 2)
     a, b = _member_b_with_follower_race(c, race=True)
@@ -413,10 +407,6 @@ def test_stale_follower_event_does_not_blind_the_member_watch(make_cluster) -> N
     assert notice is not None and notice.kind == "round", c.describe()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG decide.close_decision: with last_call=0 (allowed by Settings) a re-rendezvous closes before the "
-    "live previous members rejoin; a scale-up round evicts the running member, which scales up in turn: "
-    "the job alternates between members forever"))
 def test_scale_up_with_zero_last_call_keeps_the_running_member(make_cluster) -> None:
     c = make_cluster(1, 3, last_call=0.0, cooldown=0.0)
     a = c.add()
@@ -445,7 +435,6 @@ ACTIONS = st.one_of(
 @st.composite
 def configs(draw: st.DrawFn) -> dict[str, object]:
     mn = draw(st.integers(1, 3))
-    # last_call=0 livelocks (see the xfail above), so the last call here needs a patient step
     return dict(initial=draw(st.integers(mn, 6)), settle_first=draw(st.booleans()), min_nodes=mn, max_nodes=draw(st.integers(mn, 4)), last_call=1.0,
                 cooldown=draw(st.sampled_from([0.0, 1.0, 100.0])), max_restarts=draw(st.sampled_from([None, 0, 2])))
 

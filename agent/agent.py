@@ -39,6 +39,7 @@ log = logging.getLogger("elastic_agent")
 
 VERSION = "0.1.0"
 REJOIN_TIMEOUT = 600.0  # after being fenced, how long to keep trying to reach etcd again
+DRAIN_MARGIN = 5.0  # of a preemption notice's time, kept for stopping workers and leaving
 
 
 class _Leave(Exception):
@@ -57,14 +58,17 @@ class _Running:
     started_at: float
     started_wall: float
     draining_since: float | None = None
+    drain_budget: float = 0.0
 
 
 class Signals:
-    """Handlers only count; the loop reads the count."""
+    """Handlers only record; the loop reads. A first SIGTERM/SIGINT (or a cloud preemption
+    notice) asks for a graceful leave; a second one stops the workers regardless."""
 
     def __init__(self) -> None:
         self.count = 0
-        self.first_at: float | None = None
+        self.deadline: float | None = None  # monotonic time the node will be terminated, if known
+        self.source = "signal"
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -72,14 +76,12 @@ class Signals:
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.count += 1
-        if self.first_at is None:
-            self.first_at = time.monotonic()
 
-    def request(self, at: float | None = None) -> None:
+    def request(self, source: str, deadline: float | None = None) -> None:
         """A leave asked for by something other than a signal (a cloud preemption notice)."""
+        self.source = source
+        self.deadline = deadline
         self.count = max(self.count, 1)
-        if self.first_at is None:
-            self.first_at = at or time.monotonic()
 
 
 class Agent:
@@ -168,7 +170,11 @@ class Agent:
         while True:
             self.heartbeat = time.monotonic()
             if self.signals.count:
-                return self._leave("asked to leave (SIGTERM/SIGINT or preemption notice)")
+                return self._leave(f"asked to leave ({self.signals.source})")
+            session = self.participant.session
+            if session is not None and session.lost.is_set():  # fence now, whatever poll is doing
+                self._fenced(session.lost_reason)
+                return None
             notice = self.participant.poll(self.config.monitor_interval)
             if notice is not None:
                 return self._on_notice(notice)
@@ -326,9 +332,15 @@ class Agent:
         if run is None or run.draining_since is not None:
             return
         if drain and policy.helper_in_use(run.progress_files) and any(c is None for c in run.group.poll()):
-            log.info("asking workers to checkpoint and stop at the next step (%s)", why)
-            run.control_file.write_text(DRAIN)
+            budget = self.config.drain_timeout
+            if self.signals.deadline is not None:  # leave time to stop and revoke before termination
+                budget = max(0.0, min(budget, self.signals.deadline - time.monotonic() - DRAIN_MARGIN))
+            log.info("asking workers to checkpoint and stop at the next step within %.0fs (%s)", budget, why)
+            tmp = run.control_file.with_suffix(".tmp")
+            tmp.write_text(DRAIN)
+            os.replace(tmp, run.control_file)  # workers never see a half-written request
             run.draining_since = time.monotonic()
+            run.drain_budget = budget
             return
         self._stop_workers(why, drain=False)
 
@@ -337,11 +349,10 @@ class Agent:
         if run is None or run.draining_since is None:
             return
         codes = run.group.poll()
-        over = time.monotonic() - run.draining_since >= self.config.drain_timeout
+        over = time.monotonic() - run.draining_since >= run.drain_budget
         if all(c is not None for c in codes) or over or self.signals.count > 1:
             if over:
-                log.warning("workers did not drain within --drain-timeout (%.0fs); stopping them",
-                            self.config.drain_timeout)
+                log.warning("workers did not drain within %.0fs; stopping them", run.drain_budget)
             self._stop_workers("drained", drain=False)
 
     def _finish_stopping(self) -> None:

@@ -80,8 +80,11 @@ def _start(argv: list[str]) -> int:
         endpoints = server.endpoint
     else:
         endpoints = config.endpoints_text
-    store = EtcdStore(endpoints)
+    # Requests retry for at most a quarter of the lease TTL, so the loop is never blocked on
+    # etcd long enough to miss fencing (see rendezvous.session's margin).
+    store = EtcdStore(endpoints, retry_for=min(5.0, max(0.5, config.lease_ttl / 4)))
     http = None
+    watcher = None
     try:
         metrics = AgentMetrics(config.job_id, config.node_id, min_nodes=config.min_nodes,
                                max_nodes=config.max_nodes, max_restarts=config.max_restarts)
@@ -101,6 +104,7 @@ def _start(argv: list[str]) -> int:
                 f"cannot listen: {exc.strerror or exc}"
             ) from exc
         log.info("metrics and health on http://%s:%d/metrics (/livez, /readyz)", config.metrics_addr, http.port)
+        watcher = _watch_preemption(config.preemption_source, signals)
         try:
             return agent.run()
         except StoreUnavailableError as exc:
@@ -112,11 +116,30 @@ def _start(argv: list[str]) -> int:
             log.error("%s", exc)
             return getattr(exc, "exit_code", EXIT_FAILED)
     finally:
+        if watcher is not None:
+            watcher.stop()
         if http is not None:
             http.stop()
         store.close()
         if server is not None:
             server.stop()
+
+
+def _watch_preemption(kind: str, signals: object) -> object:
+    """Poll the cloud's metadata for a preemption notice; a notice starts a graceful leave."""
+    if kind == "none":
+        return None
+    from agent.preemption import PreemptionWatcher, make_source  # noqa: PLC0415
+
+    try:
+        source = make_source(kind)
+    except ValueError as exc:
+        raise ConfigError(f"--preemption-source ({kind}): {exc}") from exc
+    if source is None:
+        return None
+    return PreemptionWatcher(
+        source, lambda notice: signals.request(f"preemption notice: {notice.detail}", notice.deadline)  # type: ignore[attr-defined]
+    ).start()
 
 
 def _ready(agent: object) -> tuple[bool, str]:

@@ -171,6 +171,8 @@ class GoodputAccount:
         if state is None or state == "initializing" or state in FINAL_STATES:
             return None
         if state == "rendezvous":
+            if self._workers:
+                return "drain"  # the agent rejoins at once while its workers drain to a checkpoint
             return "below_min_nodes" if self._below_min else "rendezvous"
         if state == "running":
             if not self._workers:

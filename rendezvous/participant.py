@@ -128,7 +128,10 @@ class Participant:
         self._watch_base(rev)
 
     def _open_session(self) -> None:
-        self.session = Session(self.store, self.settings.lease_ttl, self.clock,
+        # A request may block for the store's retry time; the lease is declared lost that much
+        # (and half a second) early, so fencing still happens within the TTL.
+        margin = getattr(self.store, "retry_for", 0.0) + 0.5
+        self.session = Session(self.store, self.settings.lease_ttl, self.clock, margin=margin,
                                on_lost=lambda reason: self._q.put(("lost", -1, reason))).start()
 
     def _register(self, timeout: float | None) -> int:
@@ -171,16 +174,19 @@ class Participant:
     def rejoin(self, timeout: float | None = None) -> None:
         """After the lease was lost (fenced): a new lease, registration and watches. If the
         round we ran in is still current, ask for a new one: our workers are gone."""
-        held = self.assignment
+        if self.assignment is not None:  # kept across failed attempts until the round moves on
+            self._reopen = (self.assignment.round, f"node_lost: {self.node_id} lost its lease and rejoined")
         self._cancel_all()
         if self.session is not None:
             self.session.close()
+            try:  # our old keys may outlive the outage (etcd restores leases): drop them now
+                self.store.revoke(self.session.lease)
+            except RendezvousError:
+                pass
         self._joined = None
         self.assignment = None
         self._drain_queue()
         self.start(timeout)
-        if held is not None and self._round is not None and self._round.number == held.round:
-            self._reopen = (held.round, f"node_lost: {self.node_id} lost its lease and rejoined")
 
     def leave(self, reason: str | None = None) -> None:
         """Leave at once: open the next round (if we are running in one) and revoke the lease,

@@ -20,9 +20,13 @@ log = logging.getLogger(__name__)
 
 class Session:
     def __init__(self, store: Store, ttl: float, clock: Clock | None = None,
-                 on_lost: Callable[[str], None] | None = None, retry_interval: float = 0.5) -> None:
+                 on_lost: Callable[[str], None] | None = None, retry_interval: float = 0.5,
+                 margin: float = 0.0) -> None:
         self.store = store
         self.ttl = ttl
+        # Declare the lease lost this much before etcd could expire it, so whoever fences
+        # (and may be blocked in a request for up to the store's retry time) is still early.
+        self.margin = min(max(0.0, margin), ttl / 2)
         self.clock = clock or SystemClock()
         self.on_lost = on_lost
         self.retry_interval = retry_interval
@@ -36,7 +40,7 @@ class Session:
     def start(self) -> Session:
         sent = self.clock.monotonic()
         self.lease = self.store.grant(self.ttl)
-        self._deadline = sent + self.ttl
+        self._deadline = sent + self.ttl - self.margin
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"lease-{self.lease:x}")
         self._thread.start()
         return self
@@ -52,7 +56,8 @@ class Session:
         while not self._stop.is_set():
             now = self.clock.monotonic()
             if now >= self._deadline:
-                self._lose(f"lease {self.lease:x} not refreshed for {self.ttl}s (cut off from etcd)")
+                self._lose(f"lease {self.lease:x} not refreshed for {self.ttl - self.margin:.1f}s of its "
+                           f"{self.ttl:.0f}s TTL (cut off from etcd)")
                 return
             if self._stop.wait(max(0.0, min(next_at, self._deadline) - now)):
                 return
@@ -68,7 +73,7 @@ class Session:
                 log.warning("lease %x refresh failed (%s); retrying until its deadline", self.lease, exc)
                 next_at = self.clock.monotonic() + self.retry_interval
                 continue
-            self._deadline = sent + self.ttl
+            self._deadline = sent + self.ttl - self.margin
             next_at = sent + interval
 
     def _lose(self, reason: str) -> None:

@@ -39,6 +39,7 @@ log = logging.getLogger("elastic_agent")
 
 VERSION = "0.1.0"
 REJOIN_TIMEOUT = 600.0  # after being fenced, how long to keep trying to reach etcd again
+GOODPUT_SYNC_INTERVAL = 30.0  # how often this node's goodput record is written to etcd
 DRAIN_MARGIN = 5.0  # of a preemption notice's time, kept for stopping workers and leaving
 
 
@@ -103,6 +104,8 @@ class Agent:
             NodeRecord(config.node_id, config.node_addr, self.nproc, host=os.uname().nodename,
                        version=VERSION),
         )
+        self.metrics.alive_nodes = lambda: self.store.count_prefix(self.settings.nodes_prefix)
+        self._next_sync = 0.0
         self.attempt = 0
         self.running: _Running | None = None
         self.state = "initializing"
@@ -116,12 +119,14 @@ class Agent:
             self.participant.start()
         except JobFinishedError as exc:
             return self._already_finished(exc)
+        self.metrics.resume(self.store, self.settings)
         log.info("node %s joined job %s (min %d, max %d nodes, %d workers per node)",
                  cfg.node_id, cfg.job_id, cfg.min_nodes, cfg.max_nodes, self.nproc)
         try:
             return self._loop()
         finally:
             self._stop_workers("agent exiting", drain=False)
+            self.metrics.sync(self.store, self.settings)
             self.participant.close()
 
     def _loop(self) -> int:
@@ -157,9 +162,17 @@ class Agent:
         """Called by the rendezvous at least every half second: stay live, advance a stop
         in progress, and honour a leave request."""
         self.heartbeat = time.monotonic()
+        self.metrics.rendezvous_tick()
+        self._maybe_sync()
         self._advance_stop()
         if self.signals.count:
             raise _Leave()
+
+    def _maybe_sync(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_sync:
+            self._next_sync = now + GOODPUT_SYNC_INTERVAL
+            self.metrics.sync(self.store, self.settings)
 
     def _supervise(self) -> int | None:
         """Watch the workers and the job until the round ends. Returns an exit code when the
@@ -169,6 +182,7 @@ class Agent:
         done_reported = False
         while True:
             self.heartbeat = time.monotonic()
+            self._maybe_sync()
             if self.signals.count:
                 return self._leave(f"asked to leave ({self.signals.source})")
             session = self.participant.session

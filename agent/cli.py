@@ -87,7 +87,10 @@ def _start(argv: list[str]) -> int:
     watcher = None
     try:
         metrics = AgentMetrics(config.job_id, config.node_id, min_nodes=config.min_nodes,
-                               max_nodes=config.max_nodes, max_restarts=config.max_restarts)
+                               max_nodes=config.max_nodes, max_restarts=config.max_restarts,
+                               checkpoint_dir=config.checkpoint_dir)
+        metrics.track_requests(store.requests)
+        store.observer = metrics.etcd_request
         try:
             agent = Agent(config, store, metrics=metrics, signals=signals)
         except ValueError as exc:

@@ -14,6 +14,7 @@ import math
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -71,11 +72,13 @@ class EtcdStore:
     """A :class:`~rendezvous.store.Store` backed by an etcd v3 cluster."""
 
     def __init__(self, endpoints: tuple[tuple[str, int], ...] | str, *, request_timeout: float = 2.0,
-                 retry_for: float = 5.0, counter: RequestCounter | None = None) -> None:
+                 retry_for: float = 5.0, counter: RequestCounter | None = None,
+                 observer: Callable[[str, float, BaseException | None], None] | None = None) -> None:
         self.endpoints = parse_endpoints(endpoints) if isinstance(endpoints, str) else tuple(endpoints)
         self.request_timeout = request_timeout
         self.retry_for = retry_for
         self.requests = counter or RequestCounter()
+        self.observer = observer  # (request kind, seconds, error or None) after every attempt
         self._lock = threading.Lock()
         self._index = 0
         self._channel: grpc.Channel | None = None
@@ -115,13 +118,17 @@ class EtcdStore:
 
         def attempt() -> T:
             self.requests.add(kind)
+            began = time.monotonic()
             try:
-                return fn(*self._current())
+                result = fn(*self._current())
             except grpc.RpcError as exc:
+                self._observe(kind, began, exc)
                 if exc.code() in _RETRYABLE:
                     self._fail_over()
                     raise _Retry(f"{kind} on {self.endpoint}: {exc.code().name}: {exc.details()}") from exc
                 raise _translate(kind, exc) from exc
+            self._observe(kind, began, None)
+            return result
 
         try:
             return tenacity.Retrying(
@@ -224,10 +231,23 @@ class EtcdStore:
         (opening a stream per refresh costs more than the refresh). One attempt: the session
         owns the lease's retry policy and deadline."""
         self.requests.add("lease_keepalive")
-        ttl = self._keepalives.refresh(lease, self.request_timeout)
-        if ttl <= 0:
-            raise LeaseLostError(f"lease {lease:x} expired or was revoked")
+        began = time.monotonic()
+        try:
+            ttl = self._keepalives.refresh(lease, self.request_timeout)
+            if ttl <= 0:
+                raise LeaseLostError(f"lease {lease:x} expired or was revoked")
+        except RendezvousError as exc:
+            self._observe("lease_keepalive", began, exc)
+            raise
+        self._observe("lease_keepalive", began, None)
         return float(ttl)
+
+    def _observe(self, kind: str, began: float, error: BaseException | None) -> None:
+        if self.observer is not None:
+            try:
+                self.observer(kind, time.monotonic() - began, error)
+            except Exception:  # noqa: BLE001 - metrics never break a request
+                log.debug("request observer failed", exc_info=True)
 
     def revoke(self, lease: int) -> None:
         req = etcdrpc.LeaseRevokeRequest(ID=lease)

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast soak demo bench venv clean
+.PHONY: test test-fast soak demo bench bench-agent bench-rdzv venv clean
 
 venv: $(STAMP)
 
@@ -30,7 +30,16 @@ soak: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m rendezvous.demo
 
+# elastic-agent against torchrun on the same job and failures: a table of medians and a PNG.
 bench: $(STAMP)
+	$(PY) -m pip install --quiet matplotlib
+	$(PY) -m tests.bench.compare --repeat 3 --png docs/recovery-timeline.png
+
+# Issue-5 figures of elastic-agent alone (start, kill -9, scale-up, RSS, CPU).
+bench-agent: $(STAMP)
+	$(PY) -m tests.bench.agent_bench --repeat 3
+
+bench-rdzv: $(STAMP)
 	$(PY) -m rendezvous.bench --nodes 16
 	$(PY) -m rendezvous.bench --nodes 256
 	$(PY) -m rendezvous.bench --nodes 1024

@@ -23,7 +23,7 @@ from agent.env import resolve_nproc, worker_env
 from agent.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_SUCCEEDED, AgentError
 from agent.metrics import AgentMetrics
 from agent.protocol import CONTROL_FILE_ENV, DRAIN
-from agent.spawner import WorkerGroup, error_file_path
+from agent.spawner import WarmWorker, WorkerGroup, error_file_path, prewarmable
 from rendezvous.errors import (
     JobFinishedError,
     LeaseLostError,
@@ -40,7 +40,8 @@ log = logging.getLogger("elastic_agent")
 VERSION = "0.1.0"
 REJOIN_TIMEOUT = 600.0  # after being fenced, how long to keep trying to reach etcd again
 GOODPUT_SYNC_INTERVAL = 30.0  # how often this node's goodput record is written to etcd
-DRAIN_MARGIN = 5.0  # of a preemption notice's time, kept for stopping workers and leaving
+DRAIN_MARGIN = 5.0
+PREWARM_DELAY = 5.0  # workers run this long before the next ones are pre-started (spare the CPU)  # of a preemption notice's time, kept for stopping workers and leaving
 
 
 class _Leave(Exception):
@@ -108,6 +109,8 @@ class Agent:
         self._next_sync = 0.0
         self.attempt = 0
         self.running: _Running | None = None
+        self.prewarm = config.prewarm and prewarmable(config.command)
+        self.warm: list[WarmWorker] = []
         self.state = "initializing"
         self.heartbeat = time.monotonic()
 
@@ -120,12 +123,16 @@ class Agent:
         except JobFinishedError as exc:
             return self._already_finished(exc)
         self.metrics.resume(self.store, self.settings)
+        self._fill_warm()  # the first workers import torch while the rendezvous runs
         log.info("node %s joined job %s (min %d, max %d nodes, %d workers per node)",
                  cfg.node_id, cfg.job_id, cfg.min_nodes, cfg.max_nodes, self.nproc)
         try:
             return self._loop()
         finally:
             self._stop_workers("agent exiting", drain=False)
+            for warm in self.warm:
+                warm.discard()
+            self.warm.clear()
             self.metrics.sync(self.store, self.settings)
             self.participant.close()
 
@@ -183,6 +190,8 @@ class Agent:
         while True:
             self.heartbeat = time.monotonic()
             self._maybe_sync()
+            if time.monotonic() - run.started_at >= PREWARM_DELAY:
+                self._fill_warm()
             if self.signals.count:
                 return self._leave(f"asked to leave ({self.signals.source})")
             session = self.participant.session
@@ -334,12 +343,27 @@ class Agent:
             env[CONTROL_FILE_ENV] = str(control)
             envs.append(env)
         prefixes = [f"{node}/{offset + r}" for r in range(self.nproc)]
-        group = WorkerGroup(cfg.command, envs, attempt_dir, prefixes)
+        warm, self.warm = self.warm[: self.nproc], self.warm[self.nproc:]
+        group = WorkerGroup(cfg.command, envs, attempt_dir, prefixes, warm=warm)
         group.start()
         self.running = _Running(assignment, group, attempt_dir, progress, control, time.monotonic(), time.time())
         self.metrics.workers_started(self.nproc)
         log.info("started %d workers (global ranks %d-%d), logs in %s", self.nproc, offset,
                  offset + self.nproc - 1, attempt_dir)
+
+    def _fill_warm(self) -> None:
+        """Keep one pre-started worker per local rank ready for the next round."""
+        if not self.prewarm:
+            return
+        self.warm = [w for w in self.warm if w.alive()]
+        env = {**self.environ, "OMP_NUM_THREADS": self.environ.get("OMP_NUM_THREADS", "1")}
+        while len(self.warm) < self.nproc:
+            try:
+                self.warm.append(WarmWorker(self.config.command[0], env))
+            except AgentError as exc:
+                log.warning("cannot pre-start workers (%s); starting them cold", exc)
+                self.prewarm = False
+                return
 
     def _begin_stop(self, why: str, drain: bool) -> None:
         run = self.running

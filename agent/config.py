@@ -48,6 +48,7 @@ class AgentConfig:
     metrics_addr: str
     metrics_port: int
     standalone: bool
+    prewarm: bool  # start the next workers early (interpreter + torch import) while waiting
     log_dir: Path
     shutdown_timeout: float
     lease_ttl: float
@@ -254,6 +255,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "metrics_addr": _nonempty_text("must be a host name or address"),
     "metrics_port": _port,
     "standalone": _bool,
+    "prewarm": _bool,
     "log_dir": _path,
     "shutdown_timeout": _seconds(0, strict=True),
     "lease_ttl": _seconds(2, strict=False),
@@ -274,6 +276,7 @@ _DEFAULTS: dict[str, Any] = {
     "metrics_addr": "127.0.0.1",
     "metrics_port": 29600,
     "standalone": False,
+    "prewarm": True,
     "log_dir": Path("./elastic-agent-logs"),
     "shutdown_timeout": 10.0,
     # The rendezvous timings default to the rendezvous's own defaults (one place to tune).
@@ -358,6 +361,8 @@ def _argument_parser() -> _Parser:
     for field in _PARSERS:
         if field == "standalone":
             parser.add_argument(flag(field), dest=field, action="store_true")
+        elif field == "prewarm":
+            parser.add_argument(flag(field), dest=field, action=argparse.BooleanOptionalAction)
         else:
             parser.add_argument(flag(field), dest=field, metavar=field.split("_")[-1].upper())
     parser.add_argument("--config", dest="config", metavar="PATH")

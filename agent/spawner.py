@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -103,6 +104,148 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+class _Sink:
+    """Where one output stream of a worker goes: buffered until the worker has a log file and
+    a console prefix (a pre-started worker has neither yet), then appended and echoed."""
+
+    def __init__(self, console: IO[str]) -> None:
+        self._lock = threading.Lock()
+        self._buffer: list[bytes] = []
+        self._log: IO[bytes] | None = None
+        self._prefix = ""
+        self._console = console
+
+    def attach(self, path: Path, prefix: str, console: IO[str]) -> None:
+        with self._lock:
+            self._log = path.open("ab", buffering=0)
+            self._prefix = prefix
+            self._console = console
+            for line in self._buffer:
+                self._emit(line)
+            self._buffer.clear()
+
+    def write(self, line: bytes) -> None:
+        with self._lock:
+            if self._log is None:
+                if len(self._buffer) < 1000:
+                    self._buffer.append(line)
+                return
+            self._emit(line)
+
+    def _emit(self, line: bytes) -> None:
+        assert self._log is not None
+        self._log.write(line)
+        text = line.decode("utf-8", errors="replace")
+        if not text.endswith("\n"):
+            text += "\n"
+        with _CONSOLE_LOCK:
+            try:
+                self._console.write(f"[{self._prefix}] {text}")
+                self._console.flush()
+            except (OSError, ValueError):
+                pass  # a closed console must not stop the log file
+
+    def close(self) -> None:
+        with self._lock:
+            if self._log is not None:
+                self._log.close()
+
+
+def _pump(pipe: IO[bytes], sink: _Sink) -> None:
+    with pipe:
+        for line in iter(lambda: pipe.readline(_MAX_LINE), b""):
+            sink.write(line)
+    sink.close()
+
+
+def _spawn(command: list[str], env: dict[str, str], console: IO[str], *, stdin: Any) -> tuple[subprocess.Popen[bytes], list[_Sink], list[threading.Thread]]:
+    try:
+        process = subprocess.Popen(
+            _with_pdeathsig(command), env=env, stdin=stdin, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+        )
+    except OSError as exc:
+        raise SpawnError(f"cannot start worker command {command[0]!r}: {exc.strerror or exc}") from exc
+    sinks, readers = [], []
+    for pipe in (process.stdout, process.stderr):
+        assert pipe is not None
+        sink = _Sink(console)
+        reader = threading.Thread(target=_pump, args=(pipe, sink), daemon=True, name=f"worker-{process.pid}")
+        reader.start()
+        sinks.append(sink)
+        readers.append(reader)
+    return process, sinks, readers
+
+
+# A pre-started ("warm") worker: the interpreter starts and imports torch while the agent
+# still waits in the rendezvous; it then reads one line (its environment and arguments) and
+# runs the training script as `python SCRIPT ARGS` / `python -m MODULE ARGS` would.
+_WARM_BOOT = """\
+import json, os, runpy, sys
+try:
+    import torch  # the slow part of a worker's start, done before its rank is known
+except Exception:
+    pass
+line = sys.stdin.readline()
+if not line:
+    os._exit(0)
+msg = json.loads(line)
+os.environ.clear()
+os.environ.update(msg["env"])
+os.chdir(msg["cwd"])
+sys.stdin.close()
+sys.stdin = open(os.devnull)
+args = msg["argv"]
+if args[0] == "-m":
+    sys.argv = args[1:]
+    sys.path[0] = os.getcwd()
+    runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+else:
+    sys.argv = args
+    sys.path[0] = os.path.dirname(os.path.abspath(args[0]))
+    runpy.run_path(args[0], run_name="__main__")
+"""
+_PYTHON_NAME = re.compile(r"^python[0-9.]*$")
+
+
+def prewarmable(command: Sequence[str]) -> bool:
+    """Only ``python SCRIPT.py ...`` and ``python -m MODULE ...`` can be started early."""
+    if len(command) < 2 or not _PYTHON_NAME.match(os.path.basename(command[0])):
+        return False
+    return command[1].endswith(".py") or (command[1] == "-m" and len(command) >= 3)
+
+
+class WarmWorker:
+    """A worker process started ahead of its round; :class:`WorkerGroup` adopts it."""
+
+    def __init__(self, python: str, env: dict[str, str], console: IO[str] | None = None) -> None:
+        self.process, self.sinks, self.readers = _spawn(
+            [python, "-c", _WARM_BOOT], env, console if console is not None else sys.stdout,
+            stdin=subprocess.PIPE)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def launch(self, env: dict[str, str], argv: list[str]) -> None:
+        assert self.process.stdin is not None
+        message = json.dumps({"env": env, "argv": argv, "cwd": os.getcwd()}) + "\n"
+        self.process.stdin.write(message.encode())
+        self.process.stdin.close()
+
+    def discard(self) -> None:
+        """Stop it unused (it holds no rank, so SIGKILL is fine)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.process.wait(timeout=_KILL_WAIT_S)
+        except subprocess.TimeoutExpired:
+            pass
+        for reader in self.readers:
+            reader.join(_READER_JOIN_S)
+
+
 class _Worker:
     """One worker process, its log files and output readers."""
 
@@ -124,6 +267,7 @@ class WorkerGroup:
         log_dir: Path,
         console_prefix: list[str],
         console: IO[str] | None = None,
+        warm: list[WarmWorker] | None = None,
     ) -> None:
         if len(console_prefix) != len(envs):
             raise ValueError(f"{len(envs)} worker envs but {len(console_prefix)} console prefixes")
@@ -137,6 +281,7 @@ class WorkerGroup:
         self._workers: list[_Worker] = []
         self._started = False
         self._gone: set[int] = set()  # process groups seen empty
+        self._warm = list(warm or [])  # pre-started workers to adopt, in local-rank order
 
     # ---- lifecycle
 
@@ -152,6 +297,10 @@ class WorkerGroup:
         except BaseException:
             self.stop(timeout=1.0)
             raise
+        finally:
+            for unused in self._warm:
+                unused.discard()
+            self._warm.clear()
 
     def _launch(self, local_rank: int, env: dict[str, str]) -> _Worker:
         directory = worker_log_dir(self.log_dir, local_rank)
@@ -160,51 +309,26 @@ class WorkerGroup:
         error_file_path(self.log_dir, local_rank).unlink(missing_ok=True)
         err_log = stderr_path(self.log_dir, local_rank)
         stderr_start = err_log.stat().st_size if err_log.exists() else 0
-        try:
-            process = subprocess.Popen(
-                _with_pdeathsig(self.command),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
-            raise SpawnError(
-                f"cannot start worker command {self.command[0]!r}: {exc.strerror or exc}"
-            ) from exc
+        warm = self._take_warm()
+        if warm is not None:
+            warm.launch(env, self.command[1:])
+            process, sinks, readers = warm.process, warm.sinks, warm.readers
+        else:
+            process, sinks, readers = _spawn(self.command, env, self.console, stdin=subprocess.DEVNULL)
         worker = _Worker(local_rank, process, self.console_prefix[local_rank])
         worker.stderr_start = stderr_start
-        for pipe, path in (
-            (process.stdout, stdout_path(self.log_dir, local_rank)),
-            (process.stderr, err_log),
-        ):
-            assert pipe is not None
-            reader = threading.Thread(
-                target=self._pump,
-                args=(pipe, path, worker.prefix),
-                name=f"worker-{local_rank}-{path.stem}",
-                daemon=True,
-            )
-            reader.start()
-            worker.readers.append(reader)
+        sinks[0].attach(stdout_path(self.log_dir, local_rank), worker.prefix, self.console)
+        sinks[1].attach(err_log, worker.prefix, self.console)
+        worker.readers.extend(readers)
         return worker
 
-    def _pump(self, pipe: IO[bytes], path: Path, prefix: str) -> None:
-        """Copy a worker's pipe to its log file (appended) and, tagged, to the console."""
-        with pipe, path.open("ab", buffering=0) as log:
-            for line in iter(lambda: pipe.readline(_MAX_LINE), b""):
-                log.write(line)
-                text = line.decode("utf-8", errors="replace")
-                if not text.endswith("\n"):
-                    text += "\n"
-                with _CONSOLE_LOCK:
-                    try:
-                        self.console.write(f"[{prefix}] {text}")
-                        self.console.flush()
-                    except (OSError, ValueError):
-                        pass  # a closed console must not stop the log file
+    def _take_warm(self) -> WarmWorker | None:
+        while self._warm:
+            candidate = self._warm.pop(0)
+            if candidate.alive():
+                return candidate
+            candidate.discard()
+        return None
 
     @property
     def pids(self) -> list[int]:

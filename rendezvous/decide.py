@@ -12,6 +12,9 @@ from rendezvous.settings import Settings
 from rendezvous.state import CLOSED, OPEN, Assignment, JoinRecord, Member, RoundState
 
 
+SCALE_UP_PATIENCE = 1.0  # seconds a scale-up round waits, at least, for a running member
+
+
 @dataclass(frozen=True)
 class Joiner:
     """A node's join record for a round, with the revision that orders joiners."""
@@ -56,9 +59,12 @@ def close_decision(view: RoundView, settings: Settings, now: float) -> Wait | Cl
     if reason_kind(view.round.reason) == "scale_up":
         # Growing the job must not evict a running member that is a moment late to rejoin
         # (it could then only grow the job back in turn): wait for every live one.
+        # Bounded: a member whose loop hangs while its lease lives must not stop the job. A
+        # healthy member rejoins within milliseconds of seeing the round open.
         late = sorted((view.alive & set(view.round.previous)) - joined_ids)
-        if late:
-            return Wait(None, f"scale-up waits for running members {', '.join(late)}")
+        patience = view.last_join_seen + max(settings.last_call, SCALE_UP_PATIENCE)
+        if late and now < patience:
+            return Wait(patience, f"scale-up waits for running members {', '.join(late)}")
     if count < settings.min_nodes:
         return Wait(None, f"{count} of at least {settings.min_nodes} nodes joined")
     if count >= settings.max_nodes:

@@ -199,6 +199,7 @@ class MemoryStore:
 
     def _emit(self, event: Event) -> None:
         self._history.append(event)
+        self._watchers = [w for w in self._watchers if not w.cancelled]
         for w in self._watchers:
             if w.matches(event.key):
                 self._pending.append((w, [event]))

@@ -106,6 +106,7 @@ class Participant:
         self._member_watch_round = 0
         self._reopen: tuple[int, str] | None = None  # (round to move past, why)
         self._served = 0  # the last round whose assignment next_assignment returned
+        self._waiting: _Coordination | None = None  # the wait in progress, kept across calls
 
     @property
     def node_id(self) -> str:
@@ -189,8 +190,9 @@ class Participant:
         self.start(timeout)
 
     def leave(self, reason: str | None = None) -> None:
-        """Leave at once: open the next round (if we are running in one) and revoke the lease,
-        so nobody waits for our lease to expire."""
+        """Leave at once: revoke the lease, so nobody waits for it to expire. With a reason,
+        and running in a round, first open the next round (recorded as ``node_left``).
+        Call from the thread that runs the rendezvous."""
         if self.assignment is not None and reason is not None:
             try:
                 self.open_next_round(f"node_left: {self.node_id} ({reason})", self.assignment.round)
@@ -208,6 +210,7 @@ class Participant:
 
     def _cancel_all(self) -> None:
         self._phase.cancel()
+        self._waiting = None  # its watches are gone with the phase
         for w in self._base:
             try:
                 w.cancel()
@@ -303,17 +306,25 @@ class Participant:
         member of a closed round. Raises JobFinishedError, LeaseLostError, RendezvousTimeoutError."""
         assert self.session is not None, "start() first"
         deadline = None if timeout is None else self.clock.monotonic() + timeout
+        # A caller may poll with short timeouts: a wait in the same round carries on where the
+        # last call left it (the coordinator's view, its last call, a standby's cool-down).
+        if self.assignment is not None or self._waiting is None:
+            self._phase.cancel()
+            self._waiting = _Coordination(self.clock.monotonic())
         self.assignment = None
-        self._phase.cancel()
         self._member_watch_for = None
-        coord = _Coordination()
-        waiting_since = self.clock.monotonic()
+        coord = self._waiting
+        waiting_since = coord.since
         while True:
             wake: float | None = None
             try:
                 if self._broken:
                     self._resync()
-                    coord = _Coordination()
+                    coord = self._waiting = _Coordination(coord.since)
+                item = self._next_item(0)  # decide on everything already known
+                while item is not None:
+                    self._apply(item, coord)
+                    item = self._next_item(0)
                 rnd = self._round
                 assert rnd is not None
                 if self._reopen is not None and rnd.number > self._reopen[0]:
@@ -327,11 +338,12 @@ class Participant:
                     target = self._target(rnd)
                     if self._joined is None or self._joined[0] != target:
                         self._join(target)
-                        coord = _Coordination()
-                        waiting_since = self.clock.monotonic()
+                        coord = self._waiting = _Coordination(self.clock.monotonic())
+                        waiting_since = coord.since
                     if not rnd.is_open and rnd.number == target:
                         assert rnd.assignment is not None
                         self._phase.cancel()
+                        self._waiting = None
                         self.assignment = rnd.assignment
                         self._served = rnd.number
                         self._member_watch_for = None  # poll() sets up the running watch
@@ -456,7 +468,8 @@ class Participant:
         charge = decide.charge_decision(rnd, frozenset(j.node_id for j in view.joined), used.count,
                                         self.settings.max_restarts)
         compares = [(self.settings.round_key, self._round_rev),
-                    (self.settings.restarts_key, restarts_kv.mod_revision if restarts_kv else 0)]
+                    (self.settings.restarts_key, restarts_kv.mod_revision if restarts_kv else 0),
+                    (self.settings.status_key, 0)]  # an outcome, once recorded, is final
         if charge.exhausted:
             puts = [(self.settings.status_key, JobStatus(FAILED, charge.why).encode())]
         elif charge.consume:
@@ -467,7 +480,7 @@ class Participant:
         if self.store.commit(compares, puts).succeeded:
             log.info("round %d closed (%s; %s): %s", rnd.number, action.why, charge.why,
                      ", ".join(action.round.assignment.node_ids) if action.round.assignment else "-")
-            if rnd.number > 1:  # the round before the previous one is history now
+            if rnd.number > 1:  # the previous round's join and done keys are history now
                 self.store.delete_prefix(self.settings.round_prefix(rnd.number - 1))
 
     def _apply(self, item: tuple[str, int, Any], coord: _Coordination) -> None:
@@ -587,7 +600,8 @@ class Participant:
 class _Coordination:
     """What this node knows about the round it waits in."""
 
-    def __init__(self) -> None:
+    def __init__(self, since: float = 0.0) -> None:
+        self.since = since  # when this node began to wait in this round
         self.role: str | None = None  # None: not yet determined; "follower"; "coordinator"
         self.standby_watch = False  # waiting after a closed round: watching its group rank 0
         self.joined: dict[str, decide.Joiner] = {}

@@ -443,10 +443,6 @@ def test_scale_up_with_zero_last_call_keeps_the_running_member(make_cluster) -> 
     assert a.assignments[-1].node_ids == ("n00", "n01") == b.assignments[-1].node_ids, c.describe()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG decide.close_decision (scale-up rule of c8d8a01): a scale-up round waits with no bound for every "
-    "live previous member; a member whose agent loop hangs while its lease thread keeps the lease alive "
-    "stops the whole job for good, where the last call used to close the round without it"))
 def test_scale_up_round_does_not_wait_forever_for_a_hung_member(make_cluster) -> None:
     c = make_cluster(1, 3, last_call=1.0, cooldown=0.0)
     a, b = c.add("a"), c.add("b")
@@ -460,9 +456,6 @@ def test_scale_up_round_does_not_wait_forever_for_a_hung_member(make_cluster) ->
     assert not rnd.is_open, f"the job is stopped for good: {c.describe()}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG participant._close: when the restart budget is spent it writes status=failed with no compare on "
-    "the status key, overwriting an outcome already recorded (finish() is first-writer-wins)"))
 def test_spent_budget_does_not_overwrite_a_recorded_outcome(make_cluster) -> None:
     c = make_cluster(1, 1, max_restarts=0)
     a = c.add()

@@ -11,11 +11,10 @@ import logging
 import os
 import shutil
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from agent import policy
 from agent.config import AgentConfig

@@ -9,31 +9,14 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import TypeVar
 
 import pytest
 
 from rendezvous.etcd_server import EtcdServer
 
-T = TypeVar("T")
-
-DEFAULT_WAIT_S = 10.0
-
-
-def wait_until(predicate: Callable[[], T], timeout: float = DEFAULT_WAIT_S, what: str = "",
-               interval: float = 0.01) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate!r}")
-        time.sleep(interval)
+from tests.waiting import DEFAULT_WAIT_S, wait_until  # noqa: F401 - re-exported for the suites
 
 
 def stop_server(server: EtcdServer) -> None:

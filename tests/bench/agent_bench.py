@@ -20,32 +20,9 @@ import statistics
 import sys
 import time
 
-from tests.e2e.harness import PYTHON, TRAIN, Cluster, wait_until
+from tests.e2e.harness import PYTHON, TRAIN, Cluster, cpu_seconds, rss_mib, wait_until
 
 CMD = [PYTHON, str(TRAIN), "--steps", "100000", "--checkpoint-every", "10"]
-
-
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    import os  # noqa: PLC0415
-
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _group_rank(agent) -> int | None:
-    for line in reversed(agent.lines):
-        if "this node is group rank" in line.text:
-            return int(line.text.split("this node is group rank")[1].split(";")[0])
-    return None
 
 
 def one_run(results: dict[str, list[float]]) -> None:
@@ -57,29 +34,29 @@ def one_run(results: dict[str, list[float]]) -> None:
         # Idle cost: the job trains, the agents only watch.
         time.sleep(1.0)
         pid = agents[0].pid
-        cpu0, w0 = _cpu_seconds(pid), time.monotonic()
+        cpu0, w0 = cpu_seconds(pid), time.monotonic()
         time.sleep(5.0)
-        results["agent_cpu_percent"].append(100 * (_cpu_seconds(pid) - cpu0) / (time.monotonic() - w0))
-        results["agent_rss_mib"].append(max(_rss_mib(a.pid) for a in agents))
+        results["agent_cpu_percent"].append(100 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - w0))
+        results["agent_rss_mib"].append(max(rss_mib(a.pid) for a in agents))
         # A 4th node joins.
         added = time.monotonic()
         c.start_agent("node-3", nproc=1, command=CMD)
         grown = wait_until(lambda: c.first_step_after(added, 4), 120, "world size 4")
         results["scale_up"].append(grown[0] - added)
-        wait_until(lambda: all(_group_rank(a) is not None for a in c.agents.values()), 30, "ranks")
+        wait_until(lambda: all(a.group_rank() is not None for a in c.agents.values()), 30, "ranks")
         # kill -9 a non-master node, then the master.
         for name, rank in (("kill", 3), ("kill_master", 0)):
             live = [a for a in c.agents.values() if a.proc.poll() is None]
             size = len(live)
             wait_until(lambda: c.first_step_after(time.monotonic() - 0.5, size), 60, "steady training")
-            victim = next(a for a in live if _group_rank(a) == rank)
+            victim = next(a for a in live if a.group_rank() == rank)
             killed = time.monotonic()
             victim.kill_node()
             resumed = wait_until(lambda: c.first_step_after(killed, size - 1), 120, f"resume after {name}")
             results[name].append(resumed[0] - killed)
             for a in c.agents.values():
                 if a.proc.poll() is None:
-                    wait_until(lambda a=a: _group_rank(a) is not None, 30, "new ranks")
+                    wait_until(lambda a=a: a.group_rank() is not None, 30, "new ranks")
             time.sleep(1.0)  # let the new round's ranks settle in the logs before the next victim
 
 

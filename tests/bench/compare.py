@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from tests.e2e.harness import PYTHON, TRAIN, AgentProc, Cluster, free_port, wait_until
+from tests.e2e.harness import PYTHON, TRAIN, AgentProc, Cluster, cpu_seconds, free_port, rss_mib, wait_until
 
 CMD = [PYTHON, str(TRAIN), "--steps", "100000", "--checkpoint-every", "10"]
 NEVER = math.inf
@@ -45,29 +45,6 @@ class Rep:
     events: list[tuple[float, str]] = field(default_factory=list)
     rss_mib: float = math.nan
     cpu_percent: float = math.nan
-
-
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return math.nan
-
-
-def _cpu_seconds(pid: int) -> float:
-    import os  # noqa: PLC0415
-
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _group_rank(agent: AgentProc) -> int | None:
-    for line in reversed(agent.lines):
-        if "this node is group rank" in line.text:
-            return int(line.text.split("this node is group rank")[1].split(";")[0])
-    return None
 
 
 class Runner:
@@ -103,7 +80,7 @@ class Runner:
 
     def store_host(self) -> AgentProc:
         if self.launcher == "elastic-agent":
-            return next(a for a in self.live() if _group_rank(a) == 0)
+            return next(a for a in self.live() if a.group_rank() == 0)
         return self.started[0]  # the first torchrun started binds the c10d store
 
     def not_store_host(self) -> AgentProc:
@@ -122,10 +99,10 @@ class Runner:
                 return self._finish(rep, t0)
             time.sleep(1.0)
             pid = self.started[0].pid
-            cpu0, w0 = _cpu_seconds(pid), time.monotonic()
+            cpu0, w0 = cpu_seconds(pid), time.monotonic()
             time.sleep(4.0)
-            rep.cpu_percent = 100 * (_cpu_seconds(pid) - cpu0) / (time.monotonic() - w0)
-            rep.rss_mib = max(_rss_mib(a.pid) for a in self.live())
+            rep.cpu_percent = 100 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - w0)
+            rep.rss_mib = max(rss_mib(a.pid) for a in self.live())
 
             at = time.monotonic()
             rep.events.append((at - t0, "node added"))

@@ -18,26 +18,15 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from rendezvous.etcd_server import EtcdServer, free_port
+from tests.waiting import alive, wait_until  # noqa: F401 - re-exported for tests and benches
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 TRAIN = REPO / "docs" / "examples" / "train_ddp.py"
 STEP_RE = re.compile(r"\bstep (\d+) world_size (\d+)")
 RESUME_RE = re.compile(r"(?:resumed from step|starting from step) (\d+)")
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass
@@ -81,6 +70,13 @@ class AgentProc:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
 
+    def group_rank(self) -> int | None:
+        """This node's group rank in its latest round, as its agent logged it."""
+        for line in reversed(self.lines):
+            if "this node is group rank" in line.text:
+                return int(line.text.split("this node is group rank")[1].split(";")[0])
+        return None
+
     def children(self) -> list[int]:
         """Pids of the agent's child processes (its workers)."""
         out: list[int] = []
@@ -115,6 +111,22 @@ class AgentProc:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process, MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Cluster:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import PYTHON, TRAIN, Cluster, wait_until
+from tests.e2e.harness import PYTHON, TRAIN, Cluster, alive, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -24,13 +24,6 @@ FAIL = str(REPO / "tests" / "bin" / "always_fail.py")
 
 def train(steps: int = 100000, every: int = 10) -> list[str]:
     return [PYTHON, str(TRAIN), "--steps", str(steps), "--checkpoint-every", str(every)]
-
-
-def group_rank_of(agent) -> int | None:
-    for line in reversed(agent.lines):
-        if "this node is group rank" in line.text:
-            return int(line.text.split("this node is group rank")[1].split(";")[0])
-    return None
 
 
 def start_three(cluster: Cluster, steps: int = 100000, nproc: int = 1, **kw):
@@ -45,25 +38,17 @@ def last_checkpoint_step(cluster: Cluster) -> int:
     return -1 if step is None else step
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _kill_and_resume(cluster: Cluster, victim_rank: int) -> None:
     t0 = time.monotonic()
     agents = start_three(cluster)
     wait_until(lambda: cluster.first_step_after(t0, world_size=3), 90, "training at world size 3")
     wait_until(lambda: last_checkpoint_step(cluster) >= 10, 60, "a checkpoint at step 10 or later")
-    victim = next(a for a in agents if group_rank_of(a) == victim_rank)
+    victim = next(a for a in agents if a.group_rank() == victim_rank)
     checkpoint = last_checkpoint_step(cluster)
     killed_at = time.monotonic()
     orphans = victim.kill_node()
     assert orphans, "the victim had no workers running"
-    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in orphans), 10,
+    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and alive(pid) for pid in orphans), 10,
                "the killed agent's workers to die with it")
     resumed = wait_until(lambda: cluster.first_step_after(killed_at, world_size=2), 60,
                          "training resumed at world size 2")

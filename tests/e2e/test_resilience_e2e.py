@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import PYTHON, TRAIN, Cluster, wait_until
+from tests.e2e.harness import PYTHON, TRAIN, Cluster, alive, wait_until
 from tests.fakes.metadata_server import MetadataServer
 
 pytestmark = pytest.mark.e2e
@@ -19,20 +19,13 @@ def train(*extra: str, every: int = 10) -> list[str]:
     return [PYTHON, str(TRAIN), "--steps", "100000", "--checkpoint-every", str(every), *extra]
 
 
-def rank_of(agent) -> int | None:
-    for line in reversed(agent.lines):
-        if "this node is group rank" in line.text:
-            return int(line.text.split("this node is group rank")[1].split(";")[0])
-    return None
-
-
 def _leave_loses_no_step(cluster: Cluster, trigger, extra_for_victim=(), env_for_victim=None) -> None:
     t0 = time.monotonic()
     agents = [cluster.start_agent(f"node-{i}", nproc=1, command=train(),
                                   extra=list(extra_for_victim) if i == 2 else None,
                                   env=env_for_victim if i == 2 else None) for i in range(3)]
     wait_until(lambda: cluster.first_step_after(t0, world_size=3), 90, "training at world size 3")
-    wait_until(lambda: rank_of(agents[2]) is not None, 10, "ranks")
+    wait_until(lambda: agents[2].group_rank() is not None, 10, "ranks")
     time.sleep(1.0)  # train a few steps past any periodic checkpoint
     at = time.monotonic()
     trigger(agents[2])
@@ -90,7 +83,7 @@ def test_long_etcd_outage_fences_workers_then_training_resumes(cluster):
     # for the agent's loop), though nobody could tell the agents anything.
     for agent in agents:
         wait_until(lambda agent=agent: "lost our lease" in agent.text(), ttl + grace + 2, "fencing")
-        wait_until(lambda agent=agent: not any(Path(f"/proc/{p}").exists() and _alive(p)
+        wait_until(lambda agent=agent: not any(Path(f"/proc/{p}").exists() and alive(p)
                                                for p in workers[agent.node_id]),
                    ttl + grace + 3 - (time.monotonic() - down), "workers stopped")
     assert time.monotonic() - down <= ttl + grace + 3
@@ -102,14 +95,6 @@ def test_long_etcd_outage_fences_workers_then_training_resumes(cluster):
     wait_until(lambda: cluster.first_step_after(back, world_size=2), 60, "training after etcd returned")
     resumed = [s for t, s in cluster.resumes() if t > back]
     assert resumed and resumed[0] == (checkpoint or 0) + 1
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_a_silent_worker_is_restarted_after_the_hang_timeout(cluster):

@@ -327,7 +327,7 @@ def test_scale_up_admits_a_newcomer_when_below_max(make_cluster) -> None:
 
 def test_scale_up_waits_for_the_cooldown(make_cluster) -> None:
     c = make_cluster(1, 3, last_call=1.0, cooldown=1.0)
-    a = c.add()
+    c.add()
     c.settle(patient=True)
     b = c.add()
     c.settle()

@@ -110,6 +110,9 @@ class Runner:
             rep.measures["scale_up"] = self.wait_step(at, 4)
             if rep.measures["scale_up"] is NEVER:
                 return self._finish(rep, t0)
+            done3 = max(s for t, s, w in c.steps() if w == 3)
+            first4 = min(s for t, s, w in c.steps() if w == 4)
+            rep.measures["scale_up_steps_lost"] = done3 + 1 - first4
             time.sleep(2.0)
 
             victim = self.not_store_host()
@@ -159,6 +162,7 @@ ROWS = [
     ("sigterm", "SIGTERM of a node -> resumed (s)"),
     ("sigterm_steps_lost", "completed steps lost by that SIGTERM"),
     ("scale_up", "node added -> training at the new size (s)"),
+    ("scale_up_steps_lost", "completed steps lost by that scale-up"),
     ("rss_mib", "agent RSS (MiB)"),
     ("cpu_percent", "agent CPU while training (% of a core)"),
 ]

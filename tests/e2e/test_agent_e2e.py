@@ -79,6 +79,11 @@ def test_a_fourth_node_grows_the_world(cluster):
     added = time.monotonic()
     cluster.start_agent("node-3", nproc=1, command=train())
     wait_until(lambda: cluster.first_step_after(added, world_size=4), 60, "training at world size 4")
+    # A planned change: the running workers drained at a step boundary, so no completed step
+    # is trained again.
+    completed = max(step for t, step, ws in cluster.steps() if ws == 3)
+    resumed = min(step for t, step, ws in cluster.steps() if ws == 4)
+    assert resumed == completed + 1, (completed, resumed)
 
 
 def test_failing_worker_spends_the_job_wide_budget_then_every_agent_exits_1(cluster):

@@ -172,7 +172,7 @@ class Cluster:
 
     def start_torchrun(self, node_id: str, *, rdzv_port: int, min_nodes: int = 2, max_nodes: int = 4,
                        nproc: int = 1, command: list[str], tuned: bool = True,
-                       max_restarts: int = 100) -> AgentProc:
+                       max_restarts: int = 100, extra_env: dict[str, str] | None = None) -> AgentProc:
         """torchrun with the c10d rendezvous on 127.0.0.1:rdzv_port: the first one started
         hosts the store. ``tuned`` uses the settings torchrun users tune for fast recovery."""
         conf = ["--rdzv-conf", "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3"] if tuned else []
@@ -183,7 +183,7 @@ class Cluster:
             "--max-restarts", str(max_restarts), "--monitor-interval", "0.1", *conf,
             *command[1:],  # torchrun runs the script with its own interpreter
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         for key in [k for k in env if k.startswith("ELASTIC_AGENT_")]:
             del env[key]
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

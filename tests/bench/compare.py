@@ -33,7 +33,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from tests.e2e.harness import PYTHON, TRAIN, AgentProc, Cluster, cpu_seconds, free_port, rss_mib, wait_until
+from tests.e2e.harness import (PYTHON, TRAIN, AgentProc, Cluster, cpu_seconds, free_port, listener_pid,
+                               rss_mib, wait_until)
 
 CMD = [PYTHON, str(TRAIN), "--steps", "100000", "--checkpoint-every", "10"]
 # Without it torchrun 2.13 crashes at its first membership change when several agents share a
@@ -86,7 +87,9 @@ class Runner:
     def store_host(self) -> AgentProc:
         if self.launcher == "elastic-agent":
             return next(a for a in self.live() if a.group_rank() == 0)
-        return self.started[0]  # the first torchrun started binds the c10d store
+        # Every torchrun on this host tries to host the c10d store; whichever bound the port does.
+        host = listener_pid(self.rdzv_port)
+        return next(a for a in self.live() if a.pid == host)
 
     def not_store_host(self) -> AgentProc:
         host = self.store_host()

@@ -159,7 +159,7 @@ class Agent:
         assignment = self.participant.next_assignment(on_tick=self._tick)
         self.metrics.rendezvous_done(time.monotonic() - started, assignment, self.config.node_id)
         log.info("round %d: %d nodes, world size %d; this node is group rank %s; master %s:%d",
-                 assignment.round, len(assignment.members), assignment.world_size * 1,
+                 assignment.round, len(assignment.members), assignment.world_size,
                  assignment.group_rank(self.config.node_id), assignment.master_addr,
                  assignment.master_port)
         return assignment

@@ -38,7 +38,7 @@ log = logging.getLogger("elastic_agent")
 
 VERSION = "0.1.0"
 REJOIN_TIMEOUT = 600.0  # after being fenced, how long to keep trying to reach etcd again
-GOODPUT_SYNC_INTERVAL = 30.0  # how often this node's goodput record is written to etcd
+GOODPUT_SYNC_INTERVAL = 10.0  # how often this node's goodput record is written to etcd
 DRAIN_MARGIN = 5.0  # of a preemption notice's time, kept for stopping workers and leaving
 PREWARM_DELAY = 2.0  # workers run this long before the next ones are pre-started (spare the CPU)
 

@@ -312,7 +312,7 @@ class AgentMetrics:
     def sync(self, store: object, settings: object, *, job_wide: bool | None = None) -> None:
         """Write this node's record and read the job's restart count (one transaction); on the
         group-rank-0 node (or with ``job_wide=True``) also read every node's record for the
-        job-wide goodput ratio. Call every ~30 s from the loop and once at exit."""
+        job-wide goodput ratio. Call every ~10 s from the loop and once at exit."""
         from rendezvous.errors import RendezvousError  # noqa: PLC0415
 
         report = self.node_report()

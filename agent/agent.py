@@ -347,8 +347,8 @@ class Agent:
         group.start()
         self.running = _Running(assignment, group, attempt_dir, progress, control, time.monotonic(), time.time())
         self.metrics.workers_started(self.nproc)
-        log.info("started %d workers (global ranks %d-%d), logs in %s", self.nproc, offset,
-                 offset + self.nproc - 1, attempt_dir)
+        log.info("started %d workers (global ranks %d-%d, pids %s), logs in %s", self.nproc, offset,
+                 offset + self.nproc - 1, ",".join(map(str, group.pids)), attempt_dir)
 
     def _fill_warm(self) -> None:
         """Keep one pre-started worker per local rank ready for the next round."""

@@ -77,6 +77,13 @@ class AgentProc:
                 return int(line.text.split("this node is group rank")[1].split(";")[0])
         return None
 
+    def worker_pids(self) -> list[int]:
+        """Pids of the workers of this node's latest round, as its agent logged them."""
+        for line in reversed(self.lines):
+            if "workers (global ranks" in line.text and "pids " in line.text:
+                return [int(p) for p in line.text.split("pids ")[1].split(")")[0].split(",")]
+        return []
+
     def children(self) -> list[int]:
         """Pids of the agent's child processes (its workers)."""
         out: list[int] = []

@@ -75,7 +75,7 @@ def test_long_etcd_outage_fences_workers_then_training_resumes(cluster):
               for i in range(2)]
     t0 = time.monotonic()
     wait_until(lambda: cluster.first_step_after(t0, world_size=2), 90, "training")
-    workers = {a.node_id: a.children() for a in agents}
+    workers = {a.node_id: a.worker_pids() for a in agents}  # not the idle pre-started ones
     assert all(workers.values())
     cluster.etcd.kill()
     down = time.monotonic()

@@ -171,7 +171,11 @@ class Cluster:
         self.agents: dict[str, AgentProc] = {}
 
     def __enter__(self) -> Cluster:
-        self.etcd.start()
+        try:
+            self.etcd.start()
+        except BaseException:
+            self.close()  # leave no temp dir behind when etcd does not come up
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

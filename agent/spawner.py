@@ -108,12 +108,12 @@ class _Sink:
     """Where one output stream of a worker goes: buffered until the worker has a log file and
     a console prefix (a pre-started worker has neither yet), then appended and echoed."""
 
-    def __init__(self, console: IO[str]) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buffer: list[bytes] = []
         self._log: IO[bytes] | None = None
         self._prefix = ""
-        self._console = console
+        self._console: IO[str] = sys.stdout
 
     def attach(self, path: Path, prefix: str, console: IO[str]) -> None:
         with self._lock:
@@ -158,7 +158,8 @@ def _pump(pipe: IO[bytes], sink: _Sink) -> None:
     sink.close()
 
 
-def _spawn(command: list[str], env: dict[str, str], console: IO[str], *, stdin: Any) -> tuple[subprocess.Popen[bytes], list[_Sink], list[threading.Thread]]:
+def _spawn(command: list[str], env: dict[str, str], *,
+           stdin: Any) -> tuple[subprocess.Popen[bytes], list[_Sink], list[threading.Thread]]:
     try:
         process = subprocess.Popen(
             _with_pdeathsig(command), env=env, stdin=stdin, stdout=subprocess.PIPE,
@@ -169,7 +170,7 @@ def _spawn(command: list[str], env: dict[str, str], console: IO[str], *, stdin: 
     sinks, readers = [], []
     for pipe in (process.stdout, process.stderr):
         assert pipe is not None
-        sink = _Sink(console)
+        sink = _Sink()
         reader = threading.Thread(target=_pump, args=(pipe, sink), daemon=True, name=f"worker-{process.pid}")
         reader.start()
         sinks.append(sink)
@@ -218,10 +219,8 @@ def prewarmable(command: Sequence[str]) -> bool:
 class WarmWorker:
     """A worker process started ahead of its round; :class:`WorkerGroup` adopts it."""
 
-    def __init__(self, python: str, env: dict[str, str], console: IO[str] | None = None) -> None:
-        self.process, self.sinks, self.readers = _spawn(
-            [python, "-c", _WARM_BOOT], env, console if console is not None else sys.stdout,
-            stdin=subprocess.PIPE)
+    def __init__(self, python: str, env: dict[str, str]) -> None:
+        self.process, self.sinks, self.readers = _spawn([python, "-c", _WARM_BOOT], env, stdin=subprocess.PIPE)
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -314,7 +313,7 @@ class WorkerGroup:
             warm.launch(env, self.command[1:])
             process, sinks, readers = warm.process, warm.sinks, warm.readers
         else:
-            process, sinks, readers = _spawn(self.command, env, self.console, stdin=subprocess.DEVNULL)
+            process, sinks, readers = _spawn(self.command, env, stdin=subprocess.DEVNULL)
         worker = _Worker(local_rank, process, self.console_prefix[local_rank])
         worker.stderr_start = stderr_start
         sinks[0].attach(stdout_path(self.log_dir, local_rank), worker.prefix, self.console)

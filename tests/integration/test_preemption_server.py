@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from agent.preemption import (
     http_fetch,
     make_source,
 )
+from rendezvous.etcd_server import free_port
 from tests.fakes.metadata_server import MetadataServer, remote
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,12 +36,6 @@ SPOT_ACTION = "/latest/meta-data/spot/instance-action"
 def server() -> Iterator[MetadataServer]:
     with MetadataServer(vm_name="vm-1") as fake:
         yield fake
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("cloud", ["aws", "gcp", "azure"])

@@ -7,36 +7,21 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.errors import SpawnError
 from agent.spawner import WorkerGroup, error_file_path, stderr_path, stdout_path
+from tests.waiting import alive, wait_until
 
 BIN = Path(__file__).resolve().parents[1] / "bin"
 DEADLINE_S = 10.0
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = DEADLINE_S) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 :].split()[0] != b"Z"
 
 
 def file_text(path: Path) -> str:
@@ -78,7 +63,7 @@ def make_group(
 
 
 def wait_exit(group: WorkerGroup) -> list[int | None]:
-    return wait_for(lambda: None not in (codes := group.poll()) and codes, "workers to exit")  # type: ignore[return-value]
+    return wait_until(lambda: None not in (codes := group.poll()) and codes, DEADLINE_S, "workers to exit")  # type: ignore[return-value]
 
 
 def test_workers_get_their_env_logs_and_prefixed_console(groups: list[WorkerGroup], tmp_path: Path) -> None:
@@ -106,7 +91,7 @@ def test_workers_get_their_env_logs_and_prefixed_console(groups: list[WorkerGrou
 def test_stop_escalates_to_sigkill_for_a_worker_ignoring_sigterm(groups: list[WorkerGroup], tmp_path: Path) -> None:
     group, _ = make_group(groups, "ignore_sigterm.py", tmp_path)
     group.start()
-    wait_for(lambda: "ready" in file_text(stdout_path(tmp_path, 0)), "the worker to ignore SIGTERM")
+    wait_until(lambda: "ready" in file_text(stdout_path(tmp_path, 0)), DEADLINE_S, "the worker to ignore SIGTERM")
 
     started = time.monotonic()
     group.stop(timeout=0.3)
@@ -122,27 +107,27 @@ def test_stop_escalates_to_sigkill_for_a_worker_ignoring_sigterm(groups: list[Wo
 def test_stop_kills_the_workers_children(groups: list[WorkerGroup], tmp_path: Path) -> None:
     group, _ = make_group(groups, "spawn_child.py", tmp_path)
     group.start()
-    line = wait_for(lambda: file_text(stdout_path(tmp_path, 0)).strip(), "the child's pid")
+    line = wait_until(lambda: file_text(stdout_path(tmp_path, 0)).strip(), DEADLINE_S, "the child's pid")
     child_pid = int(str(line).split()[1])
-    assert pid_alive(child_pid)
+    assert alive(child_pid)
 
     group.stop(timeout=0.3)
 
     assert group.poll() == [-15]  # the worker itself obeyed SIGTERM
-    wait_for(lambda: not pid_alive(child_pid), f"child {child_pid} to die")
+    wait_until(lambda: not alive(child_pid), DEADLINE_S, f"child {child_pid} to die")
 
 
 def test_stop_kills_children_left_behind_by_an_exited_worker(groups: list[WorkerGroup], tmp_path: Path) -> None:
     group, _ = make_group(groups, "spawn_child.py", tmp_path, args=["--exit"])
     group.start()
     assert wait_exit(group) == [0]
-    line = wait_for(lambda: file_text(stdout_path(tmp_path, 0)).strip(), "the child's pid")
+    line = wait_until(lambda: file_text(stdout_path(tmp_path, 0)).strip(), DEADLINE_S, "the child's pid")
     child_pid = int(str(line).split()[1])
-    assert pid_alive(child_pid)
+    assert alive(child_pid)
 
     group.stop(timeout=0.3)
 
-    wait_for(lambda: not pid_alive(child_pid), f"orphaned child {child_pid} to die")
+    wait_until(lambda: not alive(child_pid), DEADLINE_S, f"orphaned child {child_pid} to die")
 
 
 def test_failure_summary_names_the_exception_from_stderr(groups: list[WorkerGroup], tmp_path: Path) -> None:

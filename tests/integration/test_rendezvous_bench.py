@@ -1,4 +1,4 @@
-"""``python -m rendezvous.bench`` as a user runs it: bad flags exit 2 in one line; a small run
+"""``python -m tests.bench.rdzv_scale`` as a user runs it: bad flags exit 2 in one line; a small run
 prints one JSON line with the documented fields."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def bench(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rendezvous.bench", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tests.bench.rdzv_scale", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -25,7 +25,7 @@ def test_bad_node_count_is_a_one_line_usage_error(value: str, shown: str) -> Non
     assert out.stdout == ""
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
-    assert lines[0].startswith("rendezvous.bench: ")
+    assert lines[0].startswith("tests.bench.rdzv_scale: ")
     assert f"--nodes {shown} must be a positive integer" in lines[0]
 
 

@@ -1,6 +1,6 @@
 """Scale benchmark: N participants through one full round against a local etcd.
 
-    python -m rendezvous.bench --nodes 256
+    python -m tests.bench.rdzv_scale --nodes 256
 
 Starts its own etcd on 127.0.0.1, runs N participants in this process (one thread each,
 sharing one gRPC channel, as N agents would share one etcd), and prints one JSON line:
@@ -25,6 +25,8 @@ from rendezvous.participant import Participant
 from rendezvous.settings import Settings
 from rendezvous.state import Assignment, NodeRecord
 
+PROG = "tests.bench.rdzv_scale"
+
 
 def positive_int(text: str) -> int:
     try:
@@ -38,7 +40,7 @@ def positive_int(text: str) -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        print(f"rendezvous.bench: {message}", file=sys.stderr)
+        print(f"{PROG}: {message}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -93,7 +95,7 @@ def run(nodes: int, last_call: float, lease_ttl: float, timeout: float) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m rendezvous.bench", description=__doc__.split("\n")[0])
+    parser = _Parser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=positive_int, required=True)
     parser.add_argument("--last-call", type=float, default=Settings.last_call)
     parser.add_argument("--lease-ttl", type=float, default=Settings.lease_ttl)

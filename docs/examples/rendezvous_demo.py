@@ -1,5 +1,7 @@
 """``make demo``: a local etcd and one rendezvous of 3 simulated nodes, printing the assignment.
 
+    .venv/bin/python docs/examples/rendezvous_demo.py
+
 Three participants (threads here; separate machines in real life) join job ``demo`` with
 min 2 and max 3 nodes; the round closes as soon as the third joins, and each prints what it
 was given. Then one leaves, and the other two show the next round without it.

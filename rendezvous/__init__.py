@@ -2,7 +2,8 @@
 
 Public surface: :class:`Participant` (join, wait for an assignment, watch for the next
 round, leave), the :class:`~rendezvous.settings.Settings` it runs under, the state records
-in :mod:`rendezvous.state`, and the stores in :mod:`rendezvous.store`.
+in :mod:`rendezvous.state` (with their named values :class:`RoundPhase` and :class:`Outcome`),
+why rounds open (:class:`~rendezvous.reasons.Reason`), and the stores in :mod:`rendezvous.store`.
 """
 
 from rendezvous.errors import (
@@ -13,8 +14,9 @@ from rendezvous.errors import (
     RendezvousTimeoutError,
     StoreUnavailableError,
 )
+from rendezvous.reasons import Reason
 from rendezvous.settings import Settings
-from rendezvous.state import Assignment, JoinRecord, Member, NodeRecord, RoundState
+from rendezvous.state import Assignment, JoinRecord, Member, NodeRecord, Outcome, RoundPhase, RoundState
 
 __all__ = [
     "Assignment",
@@ -24,8 +26,11 @@ __all__ = [
     "LeaseLostError",
     "Member",
     "NodeRecord",
+    "Outcome",
+    "Reason",
     "RendezvousError",
     "RendezvousTimeoutError",
+    "RoundPhase",
     "RoundState",
     "Settings",
     "StoreUnavailableError",

@@ -8,12 +8,107 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rendezvous.reasons import FAILURES, Reason, reason_kind, reason_text
 from rendezvous.settings import Settings
-from rendezvous.state import CLOSED, OPEN, Assignment, JoinRecord, Member, RoundState
+from rendezvous.state import Assignment, JoinRecord, Member, RoundPhase, RoundState
 
 
 SCALE_UP_PATIENCE = 1.0  # seconds a scale-up round waits, at least, for a running member
 
+
+# --- what a node waiting for an assignment does next ---------------------------------------------
+@dataclass(frozen=True)
+class Reopen:
+    """Open the round after ``after``: this node's workers in it are gone (failed, fenced).
+    Pending until the round moves past ``after``, whoever opens it."""
+
+    after: int
+    why: str
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Do nothing until the round key changes."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class Join:
+    """Put this node's join key in round ``round`` (moving it out of any earlier one)."""
+
+    round: int
+
+
+@dataclass(frozen=True)
+class Serve:
+    """The round closed with this node as a member: hand out the assignment."""
+
+    assignment: Assignment
+
+
+@dataclass(frozen=True)
+class Standby:
+    """The round ``after`` closed without this node: wait, pre-joined to the next one."""
+
+    after: int
+
+
+@dataclass(frozen=True)
+class Coordinate:
+    """Take part in closing the open round ``round``: follow the joiner before us, or close it."""
+
+    round: int
+
+
+Step = Reopen | Hold | Join | Serve | Standby | Coordinate
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a waiting node knows when it decides its next step."""
+
+    round: RoundState
+    node_id: str
+    joined: int | None  # the round this node's join key is in (None: not joined)
+    served: int  # the last round whose assignment this node handed out
+    reopen: Reopen | None
+
+
+def outstanding(reopen: Reopen | None, current: RoundState) -> Reopen | None:
+    """A reopen is done once the round has moved past the one it was for."""
+    return reopen if reopen is not None and current.number <= reopen.after else None
+
+
+def next_step(snap: Snapshot) -> Step:
+    rnd = snap.round
+    reopen = outstanding(snap.reopen, rnd)
+    if reopen is not None:
+        return Hold(f"round {rnd.number} is open, not yet past round {reopen.after}") if rnd.is_open else reopen
+    if not rnd.is_open and rnd.number <= snap.served:
+        return Hold(f"round {rnd.number} already served; waiting for the next one to open")
+    target = target_round(rnd, snap.node_id, snap.joined)
+    if snap.joined != target:
+        return Join(target)
+    if rnd.is_open:
+        return Coordinate(rnd.number)
+    if rnd.number == target:
+        assert rnd.assignment is not None  # target_round names a closed round only as its member
+        return Serve(rnd.assignment)
+    return Standby(rnd.number)
+
+
+def target_round(rnd: RoundState, node_id: str, joined: int | None) -> int:
+    """The round this node belongs in: an open one; a closed one it joined and is a member
+    of; otherwise the one after (as a standby or a newcomer)."""
+    if rnd.is_open:
+        return rnd.number
+    if joined == rnd.number and rnd.assignment is not None and node_id in rnd.assignment.node_ids:
+        return rnd.number
+    return rnd.number + 1
+
+
+# --- closing an open round (the coordinator) -----------------------------------------------------
 
 @dataclass(frozen=True)
 class Joiner:
@@ -56,7 +151,7 @@ def close_decision(view: RoundView, settings: Settings, now: float) -> Wait | Cl
     """Whether the open round should close now, and with which assignment."""
     joined_ids = {j.node_id for j in view.joined}
     count = len(joined_ids)
-    if reason_kind(view.round.reason) == "scale_up":
+    if reason_kind(view.round.reason) == Reason.SCALE_UP:
         # Growing the job must not evict a running member that is a moment late to rejoin
         # (it could then only grow the job back in turn): wait for every live one.
         # Bounded: a member whose loop hangs while its lease lives must not stop the job. A
@@ -71,7 +166,7 @@ def close_decision(view: RoundView, settings: Settings, now: float) -> Wait | Cl
         return Close(closed_round(view, settings), f"max nodes ({settings.max_nodes}) joined")
     # On a re-rendezvous everyone alive is known to be coming; at the job's start a node may
     # not have registered yet, so only max nodes or the last call close the first round.
-    if reason_kind(view.round.reason) != "start" and view.alive <= joined_ids:
+    if reason_kind(view.round.reason) != Reason.START and view.alive <= joined_ids:
         return Close(closed_round(view, settings), f"every live node ({count}) joined")
     deadline = view.last_join_seen + settings.last_call
     if now >= deadline:
@@ -100,13 +195,13 @@ def closed_round(view: RoundView, settings: Settings) -> RoundState:
         standbys=tuple(j.node_id for j in ordered[settings.max_nodes:]),
     )
     return RoundState(
-        number=view.round.number, state=CLOSED, reason=view.round.reason,
+        number=view.round.number, state=RoundPhase.CLOSED, reason=view.round.reason,
         previous=view.round.previous, assignment=assignment,
     )
 
 
 def first_round() -> RoundState:
-    return RoundState(number=1, state=OPEN, reason="start")
+    return RoundState(number=1, state=RoundPhase.OPEN, reason=reason_text(Reason.START))
 
 
 def next_round(current: RoundState, reason: str) -> RoundState:
@@ -114,7 +209,7 @@ def next_round(current: RoundState, reason: str) -> RoundState:
     if current.is_open:
         raise ValueError(f"round {current.number} is still open; cannot open the next one")
     previous = current.assignment.node_ids if current.assignment else ()
-    return RoundState(number=current.number + 1, state=OPEN, reason=reason, previous=previous)
+    return RoundState(number=current.number + 1, state=RoundPhase.OPEN, reason=reason, previous=previous)
 
 
 def should_scale_up(current: RoundState, settings: Settings, waiting_since: float, now: float) -> Wait | bool:
@@ -141,15 +236,6 @@ def ring_predecessor(assignment: Assignment, node_id: str) -> str | None:
     return ids[ids.index(node_id) - 1]
 
 
-# Why a round was opened: "<kind>: <detail>". Only failures of the job's own workers
-# consume the restart budget; membership changes never do.
-FAILURE_KINDS = frozenset({"worker_failure", "hang"})
-
-
-def reason_kind(reason: str) -> str:
-    return reason.split(":", 1)[0].strip()
-
-
 @dataclass(frozen=True)
 class Charge:
     """What closing a round does to the job-wide restart budget."""
@@ -167,7 +253,7 @@ def charge_decision(rnd: RoundState, joined_ids: frozenset[str], used: int,
     collectives failed because it died), so it is charged only when every member of the
     previous round is back.
     """
-    if reason_kind(rnd.reason) not in FAILURE_KINDS:
+    if reason_kind(rnd.reason) not in FAILURES:
         return Charge(False, False, f"membership change ({rnd.reason or 'start'})")
     lost = [n for n in rnd.previous if n not in joined_ids]
     if lost:

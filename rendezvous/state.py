@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, NamedTuple
 
 from rendezvous.errors import CorruptStateError
 
 VERSION = 1
-OPEN = "open"
-CLOSED = "closed"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
+
+
+class RoundPhase(StrEnum):
+    """``round.state`` on the wire: a round takes joiners while open; closed, it has an assignment."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Outcome(StrEnum):
+    """``status.outcome`` on the wire."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
 
 
 def _load(key: str, raw: bytes, what: str) -> dict[str, Any]:
@@ -44,6 +55,15 @@ def _field(key: str, data: dict[str, Any], name: str, kind: type | tuple[type, .
         expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise CorruptStateError(key, f"field {name!r} of type {expected}", repr(value))
     return value
+
+
+def _one_of(key: str, data: dict[str, Any], name: str, kind: type[StrEnum]) -> Any:
+    value = _field(key, data, name, str)
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = " or ".join(repr(member.value) for member in kind)
+        raise CorruptStateError(key, f"field {name!r} of {allowed}", repr(value)) from None
 
 
 def _dump(data: dict[str, Any]) -> bytes:
@@ -152,7 +172,7 @@ class RoundState:
     """``round``: the current round. Changed only by compare-and-swap on its mod-revision."""
 
     number: int
-    state: str
+    state: RoundPhase
     reason: str = ""
     # Members of the previous round in rank order: survivors keep their relative order.
     previous: tuple[str, ...] = ()
@@ -160,7 +180,7 @@ class RoundState:
 
     @property
     def is_open(self) -> bool:
-        return self.state == OPEN
+        return self.state == RoundPhase.OPEN
 
     def encode(self) -> bytes:
         data: dict[str, Any] = {
@@ -181,12 +201,10 @@ class RoundState:
     def decode(cls, key: str, raw: bytes) -> RoundState:
         d = _load(key, raw, "round")
         number = _field(key, d, "number", int)
-        state = _field(key, d, "state", str)
-        if state not in (OPEN, CLOSED):
-            raise CorruptStateError(key, "field 'state' of 'open' or 'closed'", repr(state))
+        state = _one_of(key, d, "state", RoundPhase)
         previous = tuple(_strings(key, d.get("previous", []), "previous"))
         assignment = None
-        if state == CLOSED:
+        if state == RoundPhase.CLOSED:
             raw_members = _field(key, d, "members", list)
             members = []
             # A thousand-node assignment is decoded by every node: keep this loop lean.
@@ -222,7 +240,7 @@ def _strings(key: str, value: Any, name: str) -> list[str]:
 class JobStatus:
     """``status``: the job's outcome, written once."""
 
-    outcome: str
+    outcome: Outcome
     reason: str
 
     def encode(self) -> bytes:
@@ -231,10 +249,7 @@ class JobStatus:
     @classmethod
     def decode(cls, key: str, raw: bytes) -> JobStatus:
         d = _load(key, raw, "status")
-        outcome = _field(key, d, "outcome", str)
-        if outcome not in (SUCCEEDED, FAILED):
-            raise CorruptStateError(key, "field 'outcome' of 'succeeded' or 'failed'", repr(outcome))
-        return cls(outcome=outcome, reason=_field(key, d, "reason", str))
+        return cls(outcome=_one_of(key, d, "outcome", Outcome), reason=_field(key, d, "reason", str))
 
 
 @dataclass(frozen=True)

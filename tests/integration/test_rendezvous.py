@@ -22,7 +22,7 @@ from rendezvous.etcd_server import EtcdServer
 from rendezvous.etcd_store import EtcdStore
 from rendezvous.participant import Notice, Participant
 from rendezvous.settings import Settings
-from rendezvous.state import CLOSED, FAILED, OPEN, SUCCEEDED, Assignment, JobStatus, NodeRecord, RestartCount, RoundState
+from rendezvous.state import Assignment, JobStatus, NodeRecord, Outcome, RestartCount, RoundPhase, RoundState
 from rendezvous.store import PUT, Event
 from tests.conftest import wait_until
 
@@ -146,10 +146,10 @@ def make_job(etcd: EtcdServer, job_id: str) -> Iterator[Callable[..., Job]]:
 
 def assert_one_assignment_per_round(job: Job) -> list[RoundState]:
     history = job.round_history()
-    closed = [r.number for r in history if r.state == CLOSED]
+    closed = [r.number for r in history if r.state == RoundPhase.CLOSED]
     assert len(closed) == len(set(closed)), f"a round closed twice: {history}"
     for r in history:
-        if r.state == CLOSED:
+        if r.state == RoundPhase.CLOSED:
             ids = r.assignment.node_ids  # type: ignore[union-attr]
             assert len(set(ids)) == len(ids)
             assert job.settings.min_nodes <= len(ids) <= job.settings.max_nodes
@@ -320,7 +320,7 @@ def test_survivors_keep_their_relative_rank_order(make_job: Callable[..., Job]) 
     third = job.assign(*rest)[0].node_ids
     assert tn.get().node_ids == third == second + ("n5",)
     history = assert_one_assignment_per_round(job)
-    assert [r.reason.split(":")[0] for r in history if r.state == OPEN] == ["start", "node_left", "scale_up"]
+    assert [r.reason.split(":")[0] for r in history if r.state == RoundPhase.OPEN] == ["start", "node_left", "scale_up"]
 
 
 # --- exactly one assignment ------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def test_rival_coordinators_produce_exactly_one_assignment(etcd: EtcdServer, mak
         got = job.assign(*ps, timeout=15)
         assert got[0] == got[1] == got[2], f"attempt {i}: {got}"
         history = assert_one_assignment_per_round(job)
-        assert [r.state for r in history] == [OPEN, CLOSED], f"attempt {i}: {history}"
+        assert [r.state for r in history] == [RoundPhase.OPEN, RoundPhase.CLOSED], f"attempt {i}: {history}"
         job.close()
 
 
@@ -442,11 +442,11 @@ def test_worker_failures_charge_the_budget_until_the_job_fails(make_job: Callabl
     tasks = [Task(lambda p=p: p.next_assignment(timeout=15)) for p in (a, b)]
     outcomes = [t.outcome(30) for t in tasks]
     for out in outcomes:
-        assert isinstance(out, JobFinishedError) and out.outcome == FAILED, out
+        assert isinstance(out, JobFinishedError) and out.outcome == Outcome.FAILED, out
         assert "restart budget spent (1 of 1 used)" in out.reason
         assert "worker_failure: rank 3 exited 7" in out.reason
     kv, _ = job.admin.get(job.settings.status_key)
-    assert JobStatus.decode(kv.key, kv.value).outcome == FAILED
+    assert JobStatus.decode(kv.key, kv.value).outcome == Outcome.FAILED
     with pytest.raises(JobFinishedError):
         job.participant("late")
 
@@ -473,11 +473,11 @@ def test_report_done_by_all_members_succeeds_the_job(make_job: Callable[..., Job
     assert job.admin.get(job.settings.status_key)[0] is None
     assert b.report_done() is True
     notices = job.poll_all(a, b, timeout=5)
-    assert all(n is not None and n.kind == "finished" and n.status.outcome == SUCCEEDED  # type: ignore[union-attr]
+    assert all(n is not None and n.kind == "finished" and n.status.outcome == Outcome.SUCCEEDED  # type: ignore[union-attr]
                for n in notices)
     with pytest.raises(JobFinishedError) as info:
         job.participant("late")
-    assert info.value.outcome == SUCCEEDED
+    assert info.value.outcome == Outcome.SUCCEEDED
     assert job.admin.get(job.settings.node_key("late"))[0] is None
 
 
@@ -485,8 +485,8 @@ def test_finish_first_writer_wins(make_job: Callable[..., Job]) -> None:
     job = make_job(1, 1)
     a = job.start("a")[0]
     job.assign(a)
-    assert a.finish(FAILED, "first") == JobStatus(FAILED, "first")
-    assert a.finish(SUCCEEDED, "second") == JobStatus(FAILED, "first")
+    assert a.finish(Outcome.FAILED, "first") == JobStatus(Outcome.FAILED, "first")
+    assert a.finish(Outcome.SUCCEEDED, "second") == JobStatus(Outcome.FAILED, "first")
 
 
 # --- bad etcd contents ----------------------------------------------------------------------------------------

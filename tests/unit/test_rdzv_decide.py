@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from rendezvous import decide
-from rendezvous.decide import Close, Joiner, RoundView, Wait
+from rendezvous.decide import Close, Coordinate, Hold, Join, Joiner, Reopen, RoundView, Serve, Snapshot, Standby, Wait
+from rendezvous.reasons import reason_kind
 from rendezvous.settings import Settings
-from rendezvous.state import CLOSED, OPEN, Assignment, JoinRecord, Member, RoundState
+from rendezvous.state import Assignment, JoinRecord, Member, RoundPhase, RoundState
 
 NOW = 100.0
 
@@ -26,14 +27,72 @@ def joiners(*ids: str) -> tuple[Joiner, ...]:
 
 def view(ids: tuple[str, ...], alive: tuple[str, ...] | None = None, reason: str = "start",
          previous: tuple[str, ...] = (), last_join_seen: float = NOW, number: int = 1) -> RoundView:
-    rnd = RoundState(number=number, state=OPEN, reason=reason, previous=previous)
+    rnd = RoundState(number=number, state=RoundPhase.OPEN, reason=reason, previous=previous)
     return RoundView(rnd, joiners(*ids), frozenset(ids if alive is None else alive), last_join_seen)
 
 
 def closed(number: int, *ids: str, standbys: tuple[str, ...] = (), reason: str = "start") -> RoundState:
     members = tuple(Member(n, f"{n}.addr", 8) for n in ids)
     a = Assignment(number, members, f"{ids[0]}.addr" if ids else "", 29500, standbys)
-    return RoundState(number, CLOSED, reason, (), a)
+    return RoundState(number, RoundPhase.CLOSED, reason, (), a)
+
+
+# --- next_step: what a node waiting for an assignment does next -----------------------------------
+def open_round(number: int) -> RoundState:
+    return RoundState(number, RoundPhase.OPEN, "start" if number == 1 else "node_lost: x")
+
+
+R1_WITH_ME = closed(1, "me", "b")
+R1_WITHOUT_ME = closed(1, "a", "b", standbys=("me",))
+BOOM = Reopen(1, "worker_failure: boom")
+
+# (round, joined, served, reopen, expected step)
+STEP_TABLE = [
+    # an open round: join it, then take part in closing it
+    (open_round(1), None, 0, None, Join(1)),
+    (open_round(1), 1, 0, None, Coordinate(1)),
+    (open_round(3), 2, 1, None, Join(3)),  # our join key is in a round the job has moved past
+    (open_round(2), 2, 1, None, Coordinate(2)),  # pre-joined as a standby: already in
+    # a closed round we joined and are a member of: hand out its assignment, once
+    (R1_WITH_ME, 1, 0, None, Serve(R1_WITH_ME.assignment)),  # type: ignore[arg-type]
+    (R1_WITH_ME, 1, 1, None, Hold("round 1 already served; waiting for the next one to open")),
+    # a member of a closed round that did not join it (it rejoined after losing its lease): next round
+    (R1_WITH_ME, None, 0, None, Join(2)),
+    # a closed round without us: pre-join the next one and wait as a standby
+    (R1_WITHOUT_ME, 1, 0, None, Join(2)),
+    (R1_WITHOUT_ME, None, 0, None, Join(2)),
+    (R1_WITHOUT_ME, 2, 0, None, Standby(1)),
+    # a reopen we owe: keep opening the next round until someone has
+    (R1_WITH_ME, 1, 1, BOOM, BOOM),
+    (R1_WITH_ME, None, 0, BOOM, BOOM),
+    (open_round(2), 1, 1, BOOM, Join(2)),  # moved past: the reopen is done
+    (closed(2, "me"), 2, 1, BOOM, Serve(closed(2, "me").assignment)),  # type: ignore[arg-type]
+    (open_round(1), 1, 0, BOOM, Hold("round 1 is open, not yet past round 1")),  # the key went back
+]
+
+
+@pytest.mark.parametrize("rnd,joined,served,reopen,expected", STEP_TABLE)
+def test_next_step_table(rnd: RoundState, joined: int | None, served: int, reopen: Reopen | None,
+                         expected: object) -> None:
+    assert decide.next_step(Snapshot(rnd, "me", joined, served, reopen)) == expected
+
+
+@pytest.mark.parametrize("rnd,joined,expected", [
+    (open_round(4), None, 4),
+    (open_round(4), 3, 4),
+    (R1_WITH_ME, 1, 1),
+    (R1_WITH_ME, None, 2),  # a member, but not by this join
+    (R1_WITHOUT_ME, 1, 2),  # joined, but beyond max: a standby of the next round
+    (RoundState(1, RoundPhase.CLOSED, "start"), 1, 2),  # closed without an assignment
+])
+def test_target_round(rnd: RoundState, joined: int | None, expected: int) -> None:
+    assert decide.target_round(rnd, "me", joined) == expected
+
+
+def test_a_reopen_is_outstanding_until_the_round_moves_past_it() -> None:
+    assert decide.outstanding(BOOM, closed(1, "me")) == BOOM
+    assert decide.outstanding(BOOM, open_round(2)) is None
+    assert decide.outstanding(None, closed(1, "me")) is None
 
 
 # --- close_decision -------------------------------------------------------------------------
@@ -89,7 +148,7 @@ def test_close_writes_a_closed_round_with_assignment() -> None:
                                    settings(2, 4), NOW)
     assert isinstance(action, Close)
     rnd = action.round
-    assert (rnd.number, rnd.state, rnd.reason, rnd.previous) == (7, CLOSED, "node_lost: c", ("c", "b"))
+    assert (rnd.number, rnd.state, rnd.reason, rnd.previous) == (7, RoundPhase.CLOSED, "node_lost: c", ("c", "b"))
     a = rnd.assignment
     assert a is not None and a.round == 7
     assert a.node_ids == ("b", "a")  # survivor b first, newcomer a after
@@ -120,7 +179,7 @@ def test_rank_order_table(previous: tuple[str, ...], joined: tuple[tuple[str, in
 
 
 def test_closed_round_caps_at_max_and_the_rest_are_standbys() -> None:
-    rnd = RoundState(number=3, state=OPEN, reason="node_lost: q", previous=("c", "a"))
+    rnd = RoundState(number=3, state=RoundPhase.OPEN, reason="node_lost: q", previous=("c", "a"))
     js = (joiner("d", 1), joiner("a", 2), joiner("e", 3), joiner("c", 4))
     out = decide.closed_round(RoundView(rnd, js, frozenset(), NOW), settings(1, 3))
     assert out.assignment is not None
@@ -130,7 +189,7 @@ def test_closed_round_caps_at_max_and_the_rest_are_standbys() -> None:
 
 
 def test_closed_round_keeps_local_world_sizes() -> None:
-    rnd = RoundState(number=1, state=OPEN, reason="start")
+    rnd = RoundState(number=1, state=RoundPhase.OPEN, reason="start")
     js = (joiner("a", 1, nproc=2), joiner("b", 2, nproc=4))
     a = decide.closed_round(RoundView(rnd, js, frozenset(), NOW), settings(1, 3)).assignment
     assert a is not None
@@ -142,18 +201,18 @@ def test_closed_round_keeps_local_world_sizes() -> None:
 
 # --- next_round / first_round ------------------------------------------------------------------
 def test_first_round_is_open_start() -> None:
-    assert decide.first_round() == RoundState(number=1, state=OPEN, reason="start")
+    assert decide.first_round() == RoundState(number=1, state=RoundPhase.OPEN, reason="start")
 
 
 def test_next_round_carries_rank_order_forward() -> None:
     nxt = decide.next_round(closed(4, "b", "a", "c"), "node_lost: a")
-    assert (nxt.number, nxt.state, nxt.reason, nxt.previous) == (5, OPEN, "node_lost: a", ("b", "a", "c"))
+    assert (nxt.number, nxt.state, nxt.reason, nxt.previous) == (5, RoundPhase.OPEN, "node_lost: a", ("b", "a", "c"))
     assert nxt.assignment is None
 
 
 def test_next_round_refuses_an_open_round() -> None:
     with pytest.raises(ValueError, match="round 2 is still open"):
-        decide.next_round(RoundState(2, OPEN), "x")
+        decide.next_round(RoundState(2, RoundPhase.OPEN), "x")
 
 
 # --- should_scale_up ---------------------------------------------------------------------------
@@ -165,8 +224,8 @@ SCALE_TABLE = [
     (closed(1, "a"), (1, 2, 0.0), NOW, NOW, True),
     (closed(1, "a", "b"), (1, 2, 0.0), NOW - 99, NOW, None),  # at max: only an event helps
     (closed(1, "a", "b", "c"), (1, 2, 0.0), NOW - 99, NOW, None),
-    (RoundState(2, OPEN, "x"), (1, 2, 0.0), NOW - 99, NOW, None),  # open: join it instead
-    (RoundState(2, CLOSED, "x"), (1, 2, 0.0), NOW - 99, NOW, None),  # closed without assignment
+    (RoundState(2, RoundPhase.OPEN, "x"), (1, 2, 0.0), NOW - 99, NOW, None),  # open: join it instead
+    (RoundState(2, RoundPhase.CLOSED, "x"), (1, 2, 0.0), NOW - 99, NOW, None),  # closed without assignment
 ]
 
 
@@ -205,7 +264,7 @@ def test_ring_covers_every_member_exactly_once() -> None:
 
 # --- charge_decision ---------------------------------------------------------------------------
 def rnd_for_charge(reason: str, previous: tuple[str, ...] = ("a", "b")) -> RoundState:
-    return RoundState(5, OPEN, reason, previous)
+    return RoundState(5, RoundPhase.OPEN, reason, previous)
 
 
 CHARGE_TABLE = [
@@ -246,7 +305,7 @@ def test_exhausted_charge_names_the_last_failure() -> None:
     ("worker_failure: x: y", "worker_failure"), ("start", "start"), (" hang : z", "hang"), ("", ""),
 ])
 def test_reason_kind(reason: str, kind: str) -> None:
-    assert decide.reason_kind(reason) == kind
+    assert reason_kind(reason) == kind
 
 
 # --- settings ----------------------------------------------------------------------------------

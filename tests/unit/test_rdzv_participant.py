@@ -21,13 +21,13 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from rendezvous.clock import FakeClock
-from rendezvous.decide import reason_kind
 from rendezvous.errors import CorruptStateError, JobFinishedError, LeaseLostError, RendezvousTimeoutError
 from rendezvous.memory_store import MemoryStore
 from rendezvous import participant as participant_module
 from rendezvous.participant import Notice, Participant
+from rendezvous.reasons import reason_kind
 from rendezvous.settings import Settings
-from rendezvous.state import CLOSED, FAILED, OPEN, SUCCEEDED, Assignment, JobStatus, NodeRecord, RestartCount, RoundState
+from rendezvous.state import Assignment, JobStatus, NodeRecord, Outcome, RestartCount, RoundPhase, RoundState
 from rendezvous.store import DELETE, PUT, Event
 
 TTL = 30.0  # fake seconds; node clocks never advance, so sessions never refresh or time out on their own
@@ -194,18 +194,18 @@ class Cluster:
         opened: dict[int, RoundState] = {}
         prev: RoundState | None = None
         for rev, rnd in rounds:
-            table = closed if rnd.state == CLOSED else opened
+            table = closed if rnd.state == RoundPhase.CLOSED else opened
             assert rnd.number not in table, f"round {rnd.number} written {rnd.state} twice: {table[rnd.number]} / {rnd}"
             table[rnd.number] = rnd
             # every write moves the round one step: open n -> closed n -> open n+1
             if prev is None:
-                assert (rnd.number, rnd.state, rnd.reason) == (1, OPEN, "start")
-            elif prev.state == OPEN:
-                assert (rnd.number, rnd.state) == (prev.number, CLOSED), f"{prev} -> {rnd}"
+                assert (rnd.number, rnd.state, rnd.reason) == (1, RoundPhase.OPEN, "start")
+            elif prev.state == RoundPhase.OPEN:
+                assert (rnd.number, rnd.state) == (prev.number, RoundPhase.CLOSED), f"{prev} -> {rnd}"
             else:
-                assert (rnd.number, rnd.state) == (prev.number + 1, OPEN), f"{prev} -> {rnd}"
+                assert (rnd.number, rnd.state) == (prev.number + 1, RoundPhase.OPEN), f"{prev} -> {rnd}"
                 assert rnd.previous == prev.assignment.node_ids  # type: ignore[union-attr]
-            if rnd.state == CLOSED:
+            if rnd.state == RoundPhase.CLOSED:
                 self._check_closed(rev, rnd)
             prev = rnd
         # what every node was told is exactly what was written
@@ -352,7 +352,7 @@ def test_worker_failure_charges_the_budget_once(make_cluster) -> None:
     assert a.state == b.state == "finished"
     kv, _ = c.store.get(c.settings.status_key)
     status = JobStatus.decode(kv.key, kv.value)
-    assert status.outcome == FAILED and "restart budget spent (1 of 1 used)" in status.reason
+    assert status.outcome == Outcome.FAILED and "restart budget spent (1 of 1 used)" in status.reason
     c.check_invariants()
 
 
@@ -364,11 +364,11 @@ def test_report_done_by_all_members_succeeds_the_job(make_cluster) -> None:
     assert b.p.report_done() is True
     c.settle()
     assert a.notices[-1].kind == b.notices[-1].kind == "finished"
-    assert a.notices[-1].status.outcome == SUCCEEDED  # type: ignore[union-attr]
+    assert a.notices[-1].status.outcome == Outcome.SUCCEEDED  # type: ignore[union-attr]
     late = c.add(start=False)
     with pytest.raises(JobFinishedError) as info:
         late.p.start()
-    assert info.value.outcome == SUCCEEDED
+    assert info.value.outcome == Outcome.SUCCEEDED
     assert c.store.get(c.settings.node_key(late.p.node_id))[0] is None  # it left nothing behind
 
 
@@ -395,6 +395,18 @@ def test_standby_takes_over_when_the_only_member_dies(make_cluster) -> None:
     c.expire(a)
     c.settle()
     assert s.state == "running", c.describe()
+
+
+def test_a_standby_polled_in_short_calls_names_the_member_it_lost(make_cluster) -> None:
+    c = make_cluster(1, 1)
+    a = c.add()
+    c.settle()
+    s = c.add()
+    c.settle()  # many next_assignment(timeout=0) calls on one wait: the standby's watch outlives them
+    c.expire(a)
+    c.settle()
+    assert s.state == "running"
+    assert c.round().reason == f"node_lost: {a.p.node_id}"  # was "node_lost: None"
 
 
 def _member_b_with_follower_race(c: Cluster, race: bool) -> tuple[Node, Node]:
@@ -465,7 +477,7 @@ def test_spent_budget_does_not_overwrite_a_recorded_outcome(make_cluster) -> Non
     c.step(a)  # poll: the round moved on
     c.step(a)  # next_assignment: a coordinates round 2 and finds the budget spent
     statuses = [JobStatus.decode(e.key, e.value) for e in c.events if e.key == c.settings.status_key]
-    assert [s.outcome for s in statuses] == [SUCCEEDED], statuses
+    assert [s.outcome for s in statuses] == [Outcome.SUCCEEDED], statuses
 
 
 # --- the property ----------------------------------------------------------------------------------

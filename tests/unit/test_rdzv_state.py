@@ -8,14 +8,13 @@ import pytest
 
 from rendezvous.errors import CorruptStateError, JobFinishedError, RendezvousError
 from rendezvous.state import (
-    CLOSED,
-    OPEN,
     Assignment,
     JobStatus,
     JoinRecord,
     Member,
     NodeRecord,
     RestartCount,
+    RoundPhase,
     RoundState,
 )
 
@@ -24,7 +23,7 @@ KEY = "/elastic-agent/j/round"
 
 def test_records_round_trip() -> None:
     a = Assignment(3, (Member("a", "10.0.0.1", 8), Member("b", "10.0.0.2", 4)), "10.0.0.1", 29500, ("c",))
-    for rnd in (RoundState(3, CLOSED, "node_lost: x", ("x", "a"), a), RoundState(4, OPEN, "start")):
+    for rnd in (RoundState(3, RoundPhase.CLOSED, "node_lost: x", ("x", "a"), a), RoundState(4, RoundPhase.OPEN, "start")):
         assert RoundState.decode(KEY, rnd.encode()) == rnd
     for rec, cls in ((NodeRecord("a", "h:1", 8, "host", "0.1"), NodeRecord), (JoinRecord("a", "h", 2, 29501), JoinRecord),
                      (JobStatus("failed", "budget"), JobStatus), (RestartCount(2, "worker_failure: x"), RestartCount)):
@@ -32,7 +31,7 @@ def test_records_round_trip() -> None:
 
 
 def test_every_record_is_versioned() -> None:
-    for rec in (RoundState(1, OPEN), JoinRecord("a", "h", 1, 1), JobStatus("succeeded", "ok"), RestartCount(0),
+    for rec in (RoundState(1, RoundPhase.OPEN), JoinRecord("a", "h", 1, 1), JobStatus("succeeded", "ok"), RestartCount(0),
                 NodeRecord("a", "h", 1)):
         assert json.loads(rec.encode())["v"] == 1
 

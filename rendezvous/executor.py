@@ -1,0 +1,96 @@
+"""Applying :func:`rendezvous.decide.next_step` for a node that waits for an assignment.
+
+The decision is pure; this is the I/O it asks for (join keys, watches, compare-and-swaps),
+and the little state the next decision needs: the round this node joined, the round it last
+served, the reopen it still owes, and the wait in progress.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from rendezvous import decide
+from rendezvous.clock import Clock
+from rendezvous.coordination import Coordination
+from rendezvous.inbox import Inbox
+from rendezvous.reasons import Reason, reason_text
+from rendezvous.rounds import MemberWatch, open_next_round, open_round_after
+from rendezvous.settings import Settings
+from rendezvous.state import Assignment, JoinRecord, NodeRecord, RoundState
+from rendezvous.store import Store
+
+
+class StepExecutor:
+    def __init__(self, store: Store, settings: Settings, node: NodeRecord, inbox: Inbox, member: MemberWatch,
+                 clock: Clock, port_reserver: Callable[[], int]) -> None:
+        self.store = store
+        self.settings = settings
+        self.node = node
+        self.inbox = inbox
+        self.member = member
+        self.clock = clock
+        self.port_reserver = port_reserver
+        self.joined: tuple[int, int] | None = None  # (round, create revision of our join key)
+        self.served = 0  # the last round whose assignment was handed out
+        self.reopen: decide.Reopen | None = None
+        # The wait in progress, kept across calls: a caller may poll with short timeouts.
+        self.coordination: Coordination | None = None
+        self.waiting_since = 0.0
+
+    def begin_wait(self) -> None:
+        self.waiting_since = self.clock.monotonic()
+        self.restart_coordination()
+
+    def restart_coordination(self) -> None:
+        """A fresh one: the old one's watches ended with their phase."""
+        self.coordination = Coordination(self.store, self.settings, self.inbox, self.clock)
+
+    def take_step(self, rnd: RoundState, round_rev: int, lease: int) -> Assignment | float | None:
+        """The assignment this node now holds, or else when to decide again without an event
+        (None: on an event only). ``round_rev`` is ``rnd``'s mod-revision."""
+        assert self.coordination is not None, "begin_wait() first"
+        self.reopen = decide.outstanding(self.reopen, rnd)
+        step = decide.next_step(self._snapshot(rnd))
+        if isinstance(step, decide.Join):
+            self._join(step.round, lease)
+            step = decide.next_step(self._snapshot(rnd))  # as a joiner now: coordinate or stand by
+        match step:
+            case decide.Reopen(after=after, why=why):
+                open_next_round(self.store, self.settings, why, after)
+            case decide.Serve(assignment=assignment):
+                self.inbox.end_phase()
+                self.coordination = None
+                self.served = assignment.round
+                return assignment
+            case decide.Standby():
+                return self._stand_by(rnd, round_rev)
+            case decide.Coordinate():
+                assert self.joined is not None
+                return self.coordination.step(rnd, round_rev, self.joined[1])
+        return None
+
+    def _snapshot(self, rnd: RoundState) -> decide.Snapshot:
+        joined = self.joined[0] if self.joined is not None else None
+        return decide.Snapshot(rnd, self.node.node_id, joined, self.served, self.reopen)
+
+    def _join(self, target: int, lease: int) -> None:
+        self.inbox.end_phase()
+        node = self.node
+        record = JoinRecord(node.node_id, node.addr, node.nproc, self.port_reserver())
+        rev = self.store.put(self.settings.joined_key(target, node.node_id), record.encode(), lease=lease)
+        if self.joined is not None:
+            self.store.delete(self.settings.joined_key(self.joined[0], node.node_id))
+        self.joined = (target, rev)
+        self.begin_wait()
+
+    def _stand_by(self, rnd: RoundState, round_rev: int) -> float | None:
+        """Pre-joined to the round after ``rnd``: watch its group rank 0, and open the next round
+        ourselves when the world has room and our cool-down is over."""
+        if not self.member.armed and rnd.assignment is not None and rnd.assignment.members:
+            self.member.watch(rnd.assignment.members[0].node_id, rnd.number)
+        verdict = decide.should_scale_up(rnd, self.settings, self.waiting_since, self.clock.monotonic())
+        if verdict is not True:
+            return verdict.until
+        open_round_after(self.store, self.settings, rnd, round_rev,
+                         reason_text(Reason.SCALE_UP, f"{self.node.node_id} is waiting"))
+        return None

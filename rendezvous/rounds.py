@@ -1,0 +1,81 @@
+"""Moving the job past a round: open the next one by compare-and-swap, and watch one member
+so that its loss opens the next round at once.
+
+Each member watches its ring predecessor (:func:`rendezvous.decide.ring_predecessor`), so every
+loss is noticed by exactly one node and no node watches more than one key. A standby watches
+the closed round's group rank 0: the ring misses a lone member, or every member lost at once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from rendezvous import decide
+from rendezvous.inbox import Inbox, InboxItem, ItemKind
+from rendezvous.reasons import Reason, reason_text
+from rendezvous.settings import Settings
+from rendezvous.state import RoundState
+from rendezvous.store import DELETE, Store
+
+log = logging.getLogger(__name__)
+
+
+def open_next_round(store: Store, settings: Settings, reason: str, after: int) -> bool:
+    """Open round ``after + 1`` unless someone already moved past ``after``. The round key
+    is read fresh, so a stale view never overwrites a newer decision."""
+    kv, _ = store.get(settings.round_key)
+    if kv is None:
+        return False
+    current = RoundState.decode(kv.key, kv.value)
+    if current.number != after or current.is_open:
+        return False
+    return open_round_after(store, settings, current, kv.mod_revision, reason)
+
+
+def open_round_after(store: Store, settings: Settings, current: RoundState, mod_revision: int,
+                     reason: str) -> bool:
+    """Open the round after ``current`` if the round key still holds the record read at
+    ``mod_revision``; False when someone else changed it first."""
+    opened = store.replace(settings.round_key, decide.next_round(current, reason).encode(),
+                           mod_revision) is not None
+    if opened:
+        log.info("opened round %d: %s", current.number + 1, reason)
+    return opened
+
+
+class MemberWatch:
+    """A watch on one member's node key; its deletion opens the round after ``after``.
+    The watch belongs to the inbox's current phase and ends with it."""
+
+    def __init__(self, store: Store, settings: Settings, inbox: Inbox) -> None:
+        self.store = store
+        self.settings = settings
+        self.inbox = inbox
+        self.node_id = ""  # "": nobody to watch (a lone member)
+        self.after = 0
+        self._phase_gen: int | None = None
+
+    @property
+    def armed(self) -> bool:
+        """Set up in the current phase (possibly on nobody)."""
+        return self._phase_gen == self.inbox.phase_gen
+
+    def watch(self, node_id: str | None, after: int) -> None:
+        # Armed before the read: if it fails, the caller re-syncs, which ends the phase.
+        self.node_id, self.after, self._phase_gen = node_id or "", after, self.inbox.phase_gen
+        if not node_id:
+            return
+        key = self.settings.node_key(node_id)
+        kv, rev = self.store.get(key)
+        if kv is None:  # gone before we looked
+            self._lost()
+            return
+        self.inbox.watch(key, ItemKind.MEMBER, rev + 1)
+
+    def apply(self, item: InboxItem) -> None:
+        if any(ev.kind == DELETE for ev in item.events):
+            log.warning("member %s lost its lease; opening round %d", self.node_id, self.after + 1)
+            self._lost()
+
+    def _lost(self) -> None:
+        open_next_round(self.store, self.settings, reason_text(Reason.NODE_LOST, self.node_id), self.after)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+# Job and node ids: they become etcd key segments and directory names.
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+ID_FORM = "must be 1-128 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
+
+
+def valid_id(text: str) -> bool:
+    return bool(_ID.match(text))
 
 
 @dataclass(frozen=True)
@@ -25,10 +31,8 @@ class Settings:
     prefix: str = "/elastic-agent"
 
     def __post_init__(self) -> None:
-        if not _JOB_ID.match(self.job_id):
-            raise ValueError(
-                f"job id ({self.job_id!r}) must be 1-128 characters of letters, digits, '_', '.', '-'"
-            )
+        if not valid_id(self.job_id):
+            raise ValueError(f"job id ({self.job_id!r}) {ID_FORM}")
         if self.min_nodes < 1:
             raise ValueError(f"min nodes ({self.min_nodes}) must be >= 1")
         if self.max_nodes < self.min_nodes:

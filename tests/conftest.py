@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from agent.daemon import procfs
 from rendezvous.etcd_server import EtcdServer
 
 from tests.waiting import DEFAULT_WAIT_S, wait_until  # noqa: F401 - re-exported for the suites
@@ -61,12 +62,7 @@ def etcd_factory() -> Iterator[Callable[[], EtcdServer]]:
 def _stopped(server: EtcdServer) -> bool:
     """True when the server process is SIGSTOPped (a test paused it)."""
     assert server.proc is not None
-    try:
-        with open(f"/proc/{server.proc.pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:].split()[0] == b"T"
+    return procfs.state(server.proc.pid) == "T"
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from agent.daemon.procfs import alive  # noqa: F401 - one /proc reader for the suite
+
 T = TypeVar("T")
 
 DEFAULT_WAIT_S = 10.0
@@ -27,11 +29,3 @@ def wait_until(predicate: Callable[[], T], timeout: float = DEFAULT_WAIT_S, what
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate!r}")
         time.sleep(interval)
 
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie is not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -19,7 +19,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rendezvous.etcd_server import EtcdServer, free_port
+from agent.daemon.procfs import cpu_seconds  # noqa: F401 - re-exported for the benches
+from rendezvous.etcd_server import EtcdServer
+from rendezvous.net import free_port
 from tests.waiting import alive, wait_until  # noqa: F401 - re-exported for tests and benches
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,13 +131,6 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process used so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def listener_pid(port: int) -> int | None:
     """The pid of the process listening on 127.0.0.1:``port`` (torchrun's c10d store host)."""
     inodes = set()
@@ -187,7 +182,7 @@ class Cluster:
         port = free_port()
         log_dir = self.workdir / "logs" / node_id
         args = [
-            PYTHON, "-m", "agent.cli", "start",
+            PYTHON, "-m", "agent", "start",
             "--min-nodes", str(min_nodes), "--max-nodes", str(max_nodes),
             "--nproc-per-node", str(nproc), "--etcd-endpoints", self.etcd.endpoint,
             "--job-id", self.job_id, "--node-id", node_id, "--node-addr", "127.0.0.1",

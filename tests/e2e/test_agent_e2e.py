@@ -32,7 +32,7 @@ def start_three(cluster: Cluster, steps: int = 100000, nproc: int = 1, **kw):
 
 
 def last_checkpoint_step(cluster: Cluster) -> int:
-    from agent.checkpoint import latest_step
+    from agent.worker.checkpoint import latest_step
 
     step = latest_step(cluster.checkpoint_dir)
     return -1 if step is None else step
@@ -94,7 +94,7 @@ def test_failing_worker_spends_the_job_wide_budget_then_every_agent_exits_1(clus
     for a in agents:
         assert "restart budget spent (2 of 2 used)" in a.text(), a.text()[-1500:]
     status = subprocess.run(
-        [PYTHON, "-m", "agent.cli", "status", "--etcd-endpoints", cluster.etcd.endpoint,
+        [PYTHON, "-m", "agent", "status", "--etcd-endpoints", cluster.etcd.endpoint,
          "--job-id", cluster.job_id, "--json"], capture_output=True, text=True, timeout=30)
     snap = json.loads(status.stdout)
     # Counted once per job, not once per agent (3 agents x 2 would be 6).
@@ -128,7 +128,7 @@ def test_bad_flags_exit_2_with_one_line_and_leave_no_process(tmp_path, args, mes
         if key not in args:
             flags += [key, value]
     command = [] if message == "missing command" else ["--", PYTHON, "-c", "pass"]
-    proc = subprocess.run([PYTHON, "-m", "agent.cli", "start", *flags, *args, *command],
+    proc = subprocess.run([PYTHON, "-m", "agent", "start", *flags, *args, *command],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]

@@ -75,6 +75,9 @@ def test_long_etcd_outage_fences_workers_then_training_resumes(cluster):
               for i in range(2)]
     t0 = time.monotonic()
     wait_until(lambda: cluster.first_step_after(t0, world_size=2), 90, "training")
+    from agent.worker.checkpoint import latest_step
+
+    wait_until(lambda: latest_step(cluster.checkpoint_dir) is not None, 60, "a first checkpoint")
     workers = {a.node_id: a.worker_pids() for a in agents}  # not the idle pre-started ones
     assert all(workers.values())
     cluster.etcd.kill()
@@ -87,8 +90,6 @@ def test_long_etcd_outage_fences_workers_then_training_resumes(cluster):
                                                for p in workers[agent.node_id]),
                    ttl + grace + 3 - (time.monotonic() - down), "workers stopped")
     assert time.monotonic() - down <= ttl + grace + 3
-    from agent.checkpoint import latest_step
-
     checkpoint = latest_step(cluster.checkpoint_dir)
     cluster.etcd.start()
     back = time.monotonic()
@@ -113,7 +114,7 @@ def test_a_silent_worker_is_restarted_after_the_hang_timeout(cluster):
 def test_a_truncated_newest_checkpoint_is_skipped_with_a_warning(cluster):
     agents = [cluster.start_agent(f"node-{i}", nproc=1, command=train(every=5)) for i in range(2)]
     t0 = time.monotonic()
-    from agent.checkpoint import complete_checkpoints
+    from agent.worker.checkpoint import complete_checkpoints
 
     wait_until(lambda: len(complete_checkpoints(cluster.checkpoint_dir)) >= 2, 90, "two checkpoints")
     for agent in agents:

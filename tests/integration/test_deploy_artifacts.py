@@ -19,9 +19,9 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.goodput import NodeReport, Totals, persist
-from agent.metrics import AgentMetrics
-from agent.policy import Progress
+from agent.observe.goodput import NodeReport, Totals, persist
+from agent.observe.metrics import AgentMetrics
+from agent.daemon.policy import Progress
 from rendezvous.memory_store import MemoryStore
 from rendezvous.settings import Settings
 from rendezvous.state import Assignment, Member
@@ -54,23 +54,27 @@ def promtool() -> str:
 
 def exercised_scrape(tmp_path: Path) -> str:
     """Every AgentMetrics method called at least once, then the exposition text."""
-    from agent import checkpoint  # noqa: PLC0415
+    from agent.observe import goodput  # noqa: PLC0415
+    from agent.observe.collectors import CheckpointCollector, RequestCountCollector  # noqa: PLC0415
+    from agent.worker import checkpoint  # noqa: PLC0415
 
     checkpoint.save(tmp_path, 3, {"x": b"1"}, round_number=1)
     clock = [100.0]
     counter = RequestCounter()
     counter.add("range", 2)
-    m = AgentMetrics("job", "n0", min_nodes=2, max_nodes=3, max_restarts=3, checkpoint_dir=tmp_path,
-                     alive_nodes=lambda: 1, clock=lambda: clock[0])
-    m.track_requests(counter)
+    m = AgentMetrics("job", "n0", min_nodes=2, max_nodes=3, max_restarts=3, clock=lambda: clock[0])
+    m.registry.register(RequestCountCollector(counter, m.labels))
+    m.registry.register(CheckpointCollector(tmp_path, m.labels, clock=lambda: clock[0]))
     store = MemoryStore(reap_interval=None)
     settings = Settings(job_id="job", min_nodes=2, max_nodes=3)
     persist(store, settings, "n9", NodeReport("n9", Totals(10.0, 5.0)))
-    m.resume(store, settings)
+    earlier = goodput.resume(store, settings, "n0")
+    if earlier is not None:
+        m.rebase(earlier)
     a = Assignment(1, (Member("n0", "127.0.0.1", 2), Member("n1", "127.0.0.1", 2)), "127.0.0.1", 29500)
     m.state("rendezvous")
     clock[0] += 3
-    m.rendezvous_tick()
+    m.nodes_alive(1)
     m.nodes_alive(2)
     m.rendezvous_done(3.0, a, "n0")
     m.workers_started(2)
@@ -87,7 +91,10 @@ def exercised_scrape(tmp_path: Path) -> str:
     m.rendezvous_done(1.0, a, "n0")
     m.workers_started(2)
     m.state("running")
-    m.sync(store, settings, job_wide=True)
+    used, others = goodput.sync(store, settings, m.node_report(), job_wide=True)
+    m.restarts_used(used)
+    assert others is not None
+    m.job_others(others)
     m.restarts_used(1)
     m.preemption()
     m.state("stopping")

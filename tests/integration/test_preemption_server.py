@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.preemption import (
+from agent.daemon.preemption import (
     METADATA_URL_ENV,
     AwsSource,
     AzureSource,
@@ -24,7 +24,7 @@ from agent.preemption import (
     http_fetch,
     make_source,
 )
-from rendezvous.etcd_server import free_port
+from rendezvous.net import free_port
 from tests.fakes.metadata_server import MetadataServer, remote
 
 ROOT = Path(__file__).resolve().parents[2]

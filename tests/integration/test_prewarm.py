@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.spawner import WarmWorker, WorkerGroup, prewarmable, stdout_path, stderr_path
+from agent.daemon.prewarm import WarmWorker, prewarmable
+from agent.daemon.workers import WorkerGroup, stdout_path, stderr_path
 
 SCRIPT = str(Path(__file__).resolve().parents[1] / "bin" / "show_invocation.py")
 

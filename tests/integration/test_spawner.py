@@ -1,4 +1,4 @@
-"""agent.spawner with real processes: env, logs, console prefixes, stop escalation, children."""
+"""agent.daemon.workers with real processes: env, logs, console prefixes, stop escalation, children."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import SpawnError
-from agent.spawner import WorkerGroup, error_file_path, stderr_path, stdout_path
+from agent.daemon.workers import WorkerGroup, error_file_path, stderr_path, stdout_path
 from tests.waiting import alive, wait_until
 
 BIN = Path(__file__).resolve().parents[1] / "bin"

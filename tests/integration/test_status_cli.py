@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from agent.goodput import NodeReport, Totals, persist
-from rendezvous.etcd_server import free_port
+from agent.observe.goodput import NodeReport, Totals, persist
+from rendezvous.net import free_port
 from rendezvous.etcd_store import EtcdStore
 from rendezvous.settings import Settings
 from rendezvous.state import Assignment, Member, NodeRecord, RestartCount, RoundState
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("etcd")
 
 
 def status(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent.cli", "status", *args],
+    return subprocess.run([sys.executable, "-m", "agent", "status", *args],
                           capture_output=True, text=True, timeout=timeout)
 
 

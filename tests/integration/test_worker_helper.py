@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import checkpoint as ckpt
-from agent.protocol import (
+from agent.worker import checkpoint as ckpt
+from agent.worker.protocol import (
     CHECKPOINT_DIR_ENV,
     CONTROL_FILE_ENV,
     DRAIN,
@@ -21,7 +21,7 @@ from agent.protocol import (
     PROGRESS_FILE_ENV,
     ROUND_ENV,
 )
-from rendezvous.etcd_server import free_port
+from rendezvous.net import free_port
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rendezvous.settings import Settings
-from agent.config import AgentConfig, load_config
+from agent.daemon.config import AgentConfig, load_config
 from agent.errors import ConfigError
 
 CMD = ["--", "python", "train.py", "--lr", "3e-4"]

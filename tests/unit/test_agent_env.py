@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.env import gpu_probe, resolve_nproc, visible_gpu_count, worker_env
+from agent.daemon.env import gpu_probe, resolve_nproc, visible_gpu_count, worker_env
 from agent.errors import ConfigError
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import checkpoint as ckpt
-from agent.checkpoint import CheckpointError, StaleCheckpointError
+from agent.worker import checkpoint as ckpt
+from agent.worker.checkpoint import CheckpointError, StaleCheckpointError
 
 
 def save(directory: Path, step: int, data: bytes = b"", round_number: int | None = 1) -> ckpt.Checkpoint:
@@ -55,7 +55,7 @@ def test_truncated_newest_is_skipped_with_a_warning_naming_the_file(tmp_path: Pa
     newest = save(tmp_path, 2, data=b"x" * 1000)
     state = newest.file("state.pt")
     state.write_bytes(b"x" * 10)  # a torn write
-    with caplog.at_level(logging.WARNING, logger="agent.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="agent.worker.checkpoint"):
         latest = ckpt.load_latest(tmp_path)
     assert latest is not None and latest.step == 1
     assert str(state) in caplog.text
@@ -67,7 +67,7 @@ def test_same_size_corruption_is_caught_by_sha256(tmp_path: Path, caplog) -> Non
     save(tmp_path, 1)
     newest = save(tmp_path, 2, data=b"good data")
     newest.file("state.pt").write_bytes(b"evil data")
-    with caplog.at_level(logging.WARNING, logger="agent.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="agent.worker.checkpoint"):
         assert ckpt.latest_step(tmp_path) == 1
     assert "sha256" in caplog.text and str(newest.file("state.pt")) in caplog.text
     # A sizes-only check cannot see it: documented trade-off.
@@ -78,7 +78,7 @@ def test_missing_payload_file_is_skipped(tmp_path: Path, caplog) -> None:
     save(tmp_path, 1)
     newest = save(tmp_path, 2)
     newest.file("state.pt").unlink()
-    with caplog.at_level(logging.WARNING, logger="agent.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="agent.worker.checkpoint"):
         assert ckpt.latest_step(tmp_path) == 1
     assert "missing" in caplog.text and str(newest.path / "state.pt") in caplog.text
 
@@ -87,7 +87,7 @@ def test_payload_without_manifest_is_skipped_with_a_warning(tmp_path: Path, capl
     save(tmp_path, 1)
     save(tmp_path, 2)
     (tmp_path / "step_000000000002.manifest.json").unlink()  # crash before the commit point
-    with caplog.at_level(logging.WARNING, logger="agent.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="agent.worker.checkpoint"):
         assert ckpt.latest_step(tmp_path) == 1
     assert "step_000000000002" in caplog.text and "no manifest" in caplog.text
 
@@ -113,7 +113,7 @@ def test_corrupt_manifest_is_skipped_with_a_warning(tmp_path: Path, caplog, cont
     save(tmp_path, 2)
     manifest = tmp_path / "step_000000000002.manifest.json"
     manifest.write_bytes(content)
-    with caplog.at_level(logging.WARNING, logger="agent.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="agent.worker.checkpoint"):
         latest = ckpt.load_latest(tmp_path)
     assert latest is not None and latest.step == 1
     assert str(manifest) in caplog.text and expected in caplog.text
@@ -121,7 +121,7 @@ def test_corrupt_manifest_is_skipped_with_a_warning(tmp_path: Path, caplog, cont
 
 def test_everything_corrupt_means_no_checkpoint(tmp_path: Path, caplog) -> None:
     save(tmp_path, 1).file("state.pt").write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="agent.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="agent.worker.checkpoint"):
         assert ckpt.load_latest(tmp_path) is None
 
 
@@ -224,6 +224,6 @@ def test_checkpoint_file_lookup_names_what_exists(tmp_path: Path) -> None:
 def test_importing_checkpoint_does_not_load_torch(tmp_path: Path) -> None:
     import subprocess
 
-    code = "import agent.checkpoint, agent.protocol, sys; print('torch' in sys.modules)"
+    code = "import agent.worker.checkpoint, agent.worker.protocol, sys; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "False"

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from agent.goodput import (
+from agent.observe.goodput import (
     BADPUT_REASONS,
     GoodputAccount,
     NodeReport,

@@ -1,7 +1,7 @@
 """AgentMetrics exposition: a fresh registry per test, a fake clock, exact values compared.
 
-The agent's loop is played as calls (the same calls agent.py makes); what a scrape returns is
-read with prometheus_client's own parser, or compared as exact exposition lines.
+The agent's loop is played as calls (the same calls agent/daemon/loop.py makes); what a scrape
+returns is read with prometheus_client's own parser, or compared as exact exposition lines.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import checkpoint
-from agent.goodput import NodeReport, Totals, goodput_key, persist
-from agent.metrics import AgentMetrics
-from agent.policy import Progress
+from agent.daemon.policy import Progress
+from agent.observe import goodput
+from agent.observe.collectors import CheckpointCollector, RequestCountCollector
+from agent.observe.goodput import NodeReport, Totals, goodput_key, persist
+from agent.observe.metrics import AgentMetrics
+from agent.worker import checkpoint
 from rendezvous.memory_store import MemoryStore
 from rendezvous.settings import Settings
 from rendezvous.state import Assignment, Member, RestartCount
@@ -170,19 +172,42 @@ def test_progress_steps_and_goodput_counters() -> None:
     assert s["elastic_agent_goodput_ratio"] == pytest.approx(2 / 7)
 
 
-def test_checkpoint_step_and_time_are_read_at_most_every_few_seconds(tmp_path) -> None:
-    m, clock = make(checkpoint_dir=tmp_path)
+def test_checkpoint_step_and_time_are_read_at_scrape_time_at_most_every_few_seconds(tmp_path) -> None:
+    m, clock = make()
+    m.registry.register(CheckpointCollector(tmp_path, m.labels, clock=clock))
+    assert samples(m)["elastic_agent_last_checkpoint_step"] == -1  # nothing yet
     checkpoint.save(tmp_path, 5, {"x": b"1"}, round_number=1, now=lambda: WALL - 60)
-    run_round(m, clock, assignment(1, "n0", "n1"))
+    clock.advance(6)
     s = samples(m)
     assert (s["elastic_agent_last_checkpoint_step"], s["elastic_agent_last_checkpoint_timestamp_seconds"]) == (5, WALL - 60)
     checkpoint.save(tmp_path, 10, {"x": b"2"}, round_number=1, now=lambda: WALL)
     clock.advance(1)
-    m.progress([Progress(10, WALL)])
     assert samples(m)["elastic_agent_last_checkpoint_step"] == 5  # scanned 1 s ago: not again yet
     clock.advance(5)
-    m.progress([Progress(11, WALL)])
     assert samples(m)["elastic_agent_last_checkpoint_step"] == 10
+
+
+def test_a_hung_checkpoint_directory_never_blocks_a_scrape(tmp_path, monkeypatch) -> None:
+    import threading
+    import time
+
+    from agent.worker import checkpoint as ckpt_module
+
+    release = threading.Event()
+
+    def hung(*_args, **_kw):
+        release.wait(10)
+        return []
+
+    monkeypatch.setattr(ckpt_module, "complete_checkpoints", hung)
+    m, clock = make()
+    collector = CheckpointCollector(tmp_path, m.labels, clock=clock)
+    collector.seed(7, WALL)  # what an earlier agent run saw
+    m.registry.register(collector)
+    began = time.monotonic()
+    assert samples(m)["elastic_agent_last_checkpoint_step"] == 7
+    assert time.monotonic() - began < 2
+    release.set()
 
 
 def test_preemption_notice() -> None:
@@ -197,7 +222,7 @@ def test_etcd_observer_and_request_counter() -> None:
     counter = RequestCounter()
     counter.add("range", 3)
     counter.add("txn")
-    m.track_requests(counter)
+    m.registry.register(RequestCountCollector(counter, m.labels))
     m.etcd_request("range", 0.004)
     m.etcd_request("txn", 0.2, error=RuntimeError("UNAVAILABLE"))
     m.etcd_request("lease_keepalive", 2.0, error=RuntimeError("deadline"))
@@ -213,42 +238,24 @@ def test_etcd_observer_and_request_counter() -> None:
     assert s['elastic_agent_etcd_request_duration_seconds_count{request="other"}'] == 1
 
 
-def test_alive_probe_runs_only_in_a_long_rendezvous_and_rate_limited() -> None:
-    calls = []
-
-    def probe() -> int:
-        calls.append(1)
-        return 1
-
-    m, clock = make(alive_nodes=probe)
+def test_nodes_alive_below_min_counts_as_its_own_badput() -> None:
+    m, clock = make()
     m.state("rendezvous")
-    m.rendezvous_tick()
-    clock.advance(1)
-    m.rendezvous_tick()
-    assert calls == []  # an ordinary rendezvous costs etcd nothing extra
-    clock.advance(1.5)
-    m.rendezvous_tick()
-    clock.advance(1)
-    m.rendezvous_tick()
-    assert len(calls) == 1
-    clock.advance(10)
-    m.rendezvous_tick()
-    assert len(calls) == 2
+    clock.advance(2.5)
+    m.nodes_alive(1)  # the loop's probe found fewer than min (2) nodes
+    clock.advance(11)
     s = samples(m)
     assert s["elastic_agent_nodes_alive"] == 1
     assert s['elastic_agent_badput_seconds_total{reason="below_min_nodes"}'] == 11
     assert s['elastic_agent_badput_seconds_total{reason="rendezvous"}'] == 2.5
 
 
-def test_a_failing_probe_is_ignored() -> None:
-    def probe() -> int:
-        raise OSError("etcd down")
-
-    m, clock = make(alive_nodes=probe)
-    m.state("rendezvous")
-    clock.advance(3)
-    m.rendezvous_tick()  # no exception
-    assert "elastic_agent_nodes_alive{" not in text(m)
+def sync(m: AgentMetrics, store: MemoryStore) -> None:
+    """What the loop does every ~10 s: write this node's record, feed back what etcd said."""
+    used, others = goodput.sync(store, SETTINGS, m.node_report(), job_wide=m.is_job_reporter)
+    m.restarts_used(used)
+    if others is not None:
+        m.job_others(others)
 
 
 def test_sync_writes_the_record_reads_the_budget_and_rank0_exports_the_job_ratio() -> None:
@@ -257,7 +264,7 @@ def test_sync_writes_the_record_reads_the_budget_and_rank0_exports_the_job_ratio
     store.put(SETTINGS.restarts_key, RestartCount(1, "worker_failure: x").encode())
     m, clock = make()
     run_round(m, clock, assignment(1, "n0", "n1"), rdzv=10.0)
-    m.sync(store, SETTINGS)
+    sync(m, store)
     kv, _ = store.get(goodput_key(SETTINGS, "n0"))
     assert kv is not None
     mine = NodeReport.decode(kv.key, kv.value)
@@ -271,7 +278,7 @@ def test_sync_on_another_rank_does_not_read_every_record() -> None:
     store = MemoryStore(reap_interval=None)
     m, clock = make()
     run_round(m, clock, assignment(1, "n1", "n0"))
-    m.sync(store, SETTINGS)
+    sync(m, store)
     assert "elastic_agent_job_goodput_ratio{" not in text(m)
 
 
@@ -281,12 +288,14 @@ def test_resume_continues_this_nodes_ratio_but_counters_start_at_zero() -> None:
                          checkpoint_time=WALL - 5)
     persist(store, SETTINGS, "n0", earlier)
     m, clock = make()
-    m.resume(store, SETTINGS)
+    resumed = goodput.resume(store, SETTINGS, "n0")
+    assert resumed is not None
+    m.rebase(resumed)
     run_round(m, clock, assignment(1, "n0", "n1"), rdzv=10.0)
     s = samples(m)
     assert s["elastic_agent_elapsed_seconds_total"] == 10  # a counter restarts with its process
     assert s["elastic_agent_goodput_ratio"] == pytest.approx(90 / 100)
-    report = m.node_report()
+    report = m.node_report((resumed.checkpoint_step, resumed.checkpoint_time))
     assert (report.totals.elapsed, report.totals.highest_step, report.checkpoint_step) == (100, 40, 30)
 
 

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from agent.preemption import (
+from agent.daemon.preemption import (
     AUTO_PROBE_TIMEOUT_S,
     AWS_TOKEN_TTL_S,
     METADATA_URL_ENV,
@@ -273,7 +273,7 @@ def test_auto_does_not_take_a_plain_200_for_gcp() -> None:
 
 
 def test_auto_with_no_answer_logs_one_line_and_disables(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="agent.preemption")
+    caplog.set_level(logging.INFO, logger="agent.daemon.preemption")
     assert make_source("auto", "http://md", fetch=ScriptedFetch({AWS_TOKEN: None, GCP: None, AZURE_NAME: None}), env={}) is None
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert lines == ["preemption notices disabled: no metadata service (aws|gcp|azure) answered at http://md within 0.5s"]
@@ -350,6 +350,6 @@ def test_watcher_rejects_a_nonpositive_interval() -> None:
 
 
 def test_importing_the_module_pulls_in_neither_torch_nor_requests() -> None:
-    code = ("import sys, agent.preemption; bad = {'torch', 'requests'} & set(sys.modules); "
+    code = ("import sys, agent.daemon.preemption; bad = {'torch', 'requests'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from agent.errors import ConfigError
-from agent.goodput import BADPUT_REASONS, NodeReport, Totals, persist
-from agent.status import render, snapshot
+from agent.observe.goodput import BADPUT_REASONS, NodeReport, Totals, persist
+from agent.observe.status import render, snapshot
 from rendezvous.errors import CorruptStateError
 from rendezvous.memory_store import MemoryStore
 from rendezvous.settings import Settings

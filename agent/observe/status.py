@@ -9,23 +9,18 @@ budget from the agents' records (``max_restarts``), the only place it is stored.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from typing import Any
 
+from agent.daemon.options import RaisingParser
 from agent.errors import ConfigError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:
-        raise ConfigError(message)
 
 
 def snapshot(store: Any, job_id: str, *, now: float | None = None) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (the ``--json`` output)."""
-    from agent import goodput  # noqa: PLC0415
+    from agent.observe import goodput  # noqa: PLC0415
     from rendezvous.settings import Settings  # noqa: PLC0415
     from rendezvous.state import JobStatus, NodeRecord, RestartCount, RoundState  # noqa: PLC0415
 
@@ -156,11 +151,12 @@ def render(snap: dict[str, Any]) -> str:
 
 def run_status(argv: list[str]) -> int:
     from rendezvous.errors import RendezvousError, StoreUnavailableError  # noqa: PLC0415
-    from rendezvous.etcd_store import EtcdStore, parse_endpoints  # noqa: PLC0415
+    from rendezvous.etcd_store import EtcdStore  # noqa: PLC0415
+    from rendezvous.net import parse_endpoints  # noqa: PLC0415
 
-    parser = _Parser(prog="elastic-agent status", description="Show a job as etcd sees it.")
+    parser = RaisingParser(prog="elastic-agent status", description="Show a job as etcd sees it.")
     parser.add_argument("--etcd-endpoints", required=True, help="host:port[,host:port...]")
-    parser.add_argument("--job-id", required=True)
+    parser.add_argument("--job-id", required=True, help="the job's id, as given to elastic-agent start")
     parser.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     parser.add_argument("--timeout", type=float, default=3.0,
                         help="seconds to keep trying an unreachable etcd (default 3)")

@@ -1,4 +1,4 @@
-"""agent.spawner's failure reports, from files alone: torchelastic error files and tracebacks."""
+"""agent.daemon.failures, from files alone: torchelastic error files and tracebacks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.spawner import _describe_exit, _error_file_message, _exception_line
+from agent.daemon.failures import describe_exit as _describe_exit, error_file_message as _error_file_message, exception_line as _exception_line
 
 TRACEBACK = """\
 step 1

@@ -9,10 +9,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.protocol import DRAINED_EXIT_CODE
-from rendezvous.decide import reason_kind
+from agent.worker.protocol import DRAINED_EXIT_CODE
 
-__all__ = ["Progress", "Verdict", "helper_in_use", "judge_exits", "read_progress", "reason_kind",
+
+__all__ = ["Progress", "Verdict", "helper_in_use", "judge_exits", "read_progress",
            "silent_ranks"]
 
 

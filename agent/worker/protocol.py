@@ -1,8 +1,8 @@
-"""The contract between the agent and the worker helper (``agent.worker``), as data. No torch here.
+"""The contract between the agent and the worker helper (``agent.worker.helper``), as data. No torch here.
 
 Environment variables the agent sets for each worker (absent under plain torchrun):
 
-- ``ELASTIC_AGENT_CHECKPOINT_DIR``: where checkpoints go (``agent.checkpoint`` layout).
+- ``ELASTIC_AGENT_CHECKPOINT_DIR``: where checkpoints go (``agent.worker.checkpoint`` layout).
 - ``ELASTIC_AGENT_ROUND``: the rendezvous round the worker belongs to; every checkpoint is
   stamped with it, and a save is refused when the directory already holds a complete
   checkpoint of a newer round (a zombie of an old round can never replace newer work).

@@ -14,7 +14,7 @@ it is a few lines::
             el.exit_drained()   # checkpoint of `step` written, every rank agreed: exit code 75
     el.finish()
 
-Under the agent, the environment (``agent.protocol``) names the checkpoint directory, the
+Under the agent, the environment (``agent.worker.protocol``) names the checkpoint directory, the
 round (for fencing), this worker's progress file and this node's control file. Under plain
 torchrun none of these exist: no progress is written, nothing is drained, and checkpoints
 are written only when ``checkpoint_dir`` is passed explicitly.
@@ -37,8 +37,8 @@ from typing import Any, NoReturn, TypeVar
 import torch
 import torch.distributed as dist
 
-from agent import checkpoint as ckpt
-from agent.protocol import (
+from agent.worker import checkpoint as ckpt
+from agent.worker.protocol import (
     CHECKPOINT_DIR_ENV,
     CONTROL_FILE_ENV,
     DRAIN,

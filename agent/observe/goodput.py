@@ -25,7 +25,8 @@ counter go down. Both agree when the redone steps take as long as the originals.
 
 Job-level totals survive agent restarts in etcd: each agent writes its node's totals to
 ``<root>goodput/<node-id>`` (a plain key, not leased: it outlives the agent) with
-:func:`persist`; :func:`load` reads every node's record, :func:`job_totals` sums them.
+:func:`persist`; :func:`load` reads every node's record, :func:`job_totals` sums them;
+:func:`sync` and :func:`resume` are what the agent's loop calls.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from agent.daemon.states import FINAL, State
 from rendezvous.errors import CorruptStateError, RendezvousError
 from rendezvous.settings import Settings
 from rendezvous.state import RestartCount
@@ -44,7 +46,6 @@ log = logging.getLogger(__name__)
 
 BADPUT_REASONS = ("rendezvous", "below_min_nodes", "startup", "lost_progress", "drain")
 VERSION = 1
-FINAL_STATES = frozenset({"succeeded", "failed", "stopped"})
 _PENDING = "pending"  # the bucket of time since the last step report
 
 
@@ -96,11 +97,11 @@ class GoodputAccount:
     # --- events ----------------------------------------------------------------------------
     def state(self, state: str, now: float) -> None:
         self._advance(now)
-        if state not in ("running", "restarting", "stopping") and self._pending:
+        if state not in (State.RUNNING, State.RESTARTING, State.STOPPING) and self._pending:
             # Leaving the workers' time for good: the unfinished step is lost, except at the
             # end of a successful job, where it was the final save and exit.
-            self._commit_pending("productive" if state == "succeeded" else "lost_progress")
-        if state != "rendezvous":
+            self._commit_pending("productive" if state == State.SUCCEEDED else "lost_progress")
+        if state != State.RENDEZVOUS:
             self._below_min = False
         self._state = state
 
@@ -140,7 +141,7 @@ class GoodputAccount:
     def below_min(self, below: bool, now: float) -> None:
         """Whether fewer than min nodes are alive, as last seen while waiting in a rendezvous."""
         self._advance(now)
-        self._below_min = below and self._state == "rendezvous"
+        self._below_min = below and self._state == State.RENDEZVOUS
 
     def rebase(self, base: Totals) -> None:
         """Continue from totals of earlier runs of this node (read from etcd at start)."""
@@ -168,17 +169,17 @@ class GoodputAccount:
     # --- internals -------------------------------------------------------------------------
     def _bucket(self) -> str | None:
         state = self._state
-        if state is None or state == "initializing" or state in FINAL_STATES:
+        if state is None or state == State.INITIALIZING or state in FINAL:
             return None
-        if state == "rendezvous":
+        if state == State.RENDEZVOUS:
             if self._workers:
                 return "drain"  # the agent rejoins at once while its workers drain to a checkpoint
             return "below_min_nodes" if self._below_min else "rendezvous"
-        if state == "running":
+        if state == State.RUNNING:
             if not self._workers:
                 return "rendezvous"  # workers fenced off (lease lost) and not yet back
             return "startup" if self._segment_step is None else _PENDING
-        if state in ("restarting", "stopping"):
+        if state in (State.RESTARTING, State.STOPPING):
             return "drain"
         return "rendezvous"
 
@@ -332,3 +333,28 @@ def job_totals(reports: dict[str, NodeReport] | list[NodeReport]) -> Totals:
     for report in (reports.values() if isinstance(reports, dict) else reports):
         total = total.plus(report.totals)
     return total
+
+
+def sync(store: Store, settings: Settings, report: NodeReport, *, job_wide: bool) -> tuple[int, Totals | None]:
+    """Write this node's record and read the job's restart count (one transaction); with
+    ``job_wide`` also read every node's record. Returns (restarts used, the other nodes'
+    totals or None). Raises RendezvousError; the loop calls it every ~10 s and at exit."""
+    used = persist(store, settings, report.node_id, report)
+    if not job_wide:
+        return used, None
+    reports = load(store, settings)
+    reports.pop(report.node_id, None)
+    return used, job_totals(reports)
+
+
+def resume(store: Store, settings: Settings, node_id: str) -> NodeReport | None:
+    """This node's record from an earlier agent run (one read), or None. A record that does
+    not parse is logged and ignored: goodput must not stop an agent."""
+    kv, _ = store.get(goodput_key(settings, node_id))
+    if kv is None:
+        return None
+    try:
+        return NodeReport.decode(kv.key, kv.value)
+    except CorruptStateError as exc:
+        log.warning("%s; this node's goodput starts from zero", exc)
+        return None

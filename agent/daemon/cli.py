@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 
+from agent.daemon.states import State
 from agent.errors import EXIT_FAILED, EXIT_USAGE, AgentError, ConfigError
 
 USAGE = """usage: elastic-agent start [flags] -- COMMAND [ARGS...]
@@ -31,13 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         if command == "start":
             return _start(rest)
         if command == "status":
-            from agent.status import run_status  # noqa: PLC0415
+            from agent.observe.status import run_status  # noqa: PLC0415
 
             return run_status(rest)
         if command in ("--version", "version"):
-            from agent.agent import VERSION  # noqa: PLC0415
+            from agent import __version__  # noqa: PLC0415
 
-            print(f"elastic-agent {VERSION}")
+            print(f"elastic-agent {__version__}")
             return 0
         raise ConfigError(f"unknown command {command!r}: expected 'start' or 'status'")
     except ConfigError as exc:
@@ -48,10 +49,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start(argv: list[str]) -> int:
-    from agent.config import load_config  # noqa: PLC0415
+    from agent.daemon.config import load_config  # noqa: PLC0415
 
+    if argv and argv[0] in ("-h", "--help"):
+        from agent.daemon.options import start_parser  # noqa: PLC0415
+
+        start_parser().print_help()
+        return 0
     config = load_config(argv, os.environ)
-    from agent.spawner import check_command  # noqa: PLC0415
+    from agent.daemon.spawn import check_command  # noqa: PLC0415
 
     try:
         check_command(config.command)
@@ -60,9 +66,11 @@ def _start(argv: list[str]) -> int:
     _setup_logging(config.log_level, config.node_id)
     log = logging.getLogger("elastic_agent")
 
-    from agent.agent import Agent, Signals  # noqa: PLC0415
-    from agent.http import HealthServer, loop_liveness  # noqa: PLC0415
-    from agent.metrics import AgentMetrics  # noqa: PLC0415
+    from agent.daemon.loop import Agent  # noqa: PLC0415
+    from agent.daemon.signals import Signals  # noqa: PLC0415
+    from agent.observe.collectors import CheckpointCollector, RequestCountCollector  # noqa: PLC0415
+    from agent.observe.http import HealthServer, loop_liveness  # noqa: PLC0415
+    from agent.observe.metrics import AgentMetrics  # noqa: PLC0415
     from rendezvous.errors import RendezvousError, StoreUnavailableError  # noqa: PLC0415
     from rendezvous.etcd_store import EtcdStore  # noqa: PLC0415
 
@@ -87,12 +95,13 @@ def _start(argv: list[str]) -> int:
     watcher = None
     try:
         metrics = AgentMetrics(config.job_id, config.node_id, min_nodes=config.min_nodes,
-                               max_nodes=config.max_nodes, max_restarts=config.max_restarts,
-                               checkpoint_dir=config.checkpoint_dir)
-        metrics.track_requests(store.requests)
+                               max_nodes=config.max_nodes, max_restarts=config.max_restarts)
+        metrics.registry.register(RequestCountCollector(store.requests, metrics.labels))
+        checkpoints = CheckpointCollector(config.checkpoint_dir, metrics.labels)
+        metrics.registry.register(checkpoints)
         store.observer = metrics.etcd_request
         try:
-            agent = Agent(config, store, metrics=metrics, signals=signals)
+            agent = Agent(config, store, metrics=metrics, signals=signals, checkpoints=checkpoints)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         try:
@@ -111,7 +120,7 @@ def _start(argv: list[str]) -> int:
         try:
             return agent.run()
         except StoreUnavailableError as exc:
-            if agent.state == "initializing":
+            if agent.state == State.INITIALIZING:
                 raise ConfigError(f"--etcd-endpoints ({endpoints}): {exc}") from exc
             log.error("%s", exc)
             return EXIT_FAILED
@@ -132,7 +141,7 @@ def _watch_preemption(kind: str, signals: object) -> object:
     """Poll the cloud's metadata for a preemption notice; a notice starts a graceful leave."""
     if kind == "none":
         return None
-    from agent.preemption import PreemptionWatcher, make_source  # noqa: PLC0415
+    from agent.daemon.preemption import PreemptionWatcher, make_source  # noqa: PLC0415
 
     try:
         source = make_source(kind)
@@ -148,7 +157,7 @@ def _watch_preemption(kind: str, signals: object) -> object:
 def _ready(agent: object) -> tuple[bool, str]:
     state = getattr(agent, "state", "?")
     running = getattr(agent, "running", None)
-    if state == "running" and running is not None:
+    if state == State.RUNNING and running is not None:
         return True, f"ready: running round {running.assignment.round}"
     return False, f"not ready: {state}"
 

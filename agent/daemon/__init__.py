@@ -1,0 +1,1 @@
+"""The per-node daemon behind ``elastic-agent start``: settings, the loop, the workers' processes."""

@@ -1,0 +1,243 @@
+"""The `start` subcommand's settings: layered, validated once, then frozen.
+
+Layers, lowest to highest: defaults, the TOML file named by ``--config``, the torchrun /
+Kubeflow ``PET_*`` variables, ``ELASTIC_AGENT_<FLAG>`` variables, command-line flags.
+Every value goes through the same parser whatever its source, and every mistake is a
+:class:`ConfigError` with one line naming the flag, what was found and what was expected
+(plus where it came from when that was not the command line).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import secrets
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.daemon.options import BY_FIELD, OPTIONS, PET_VARS, defaults, env_var, flag, start_parser
+from agent.daemon.values import Invalid
+from agent.errors import ConfigError
+from rendezvous.net import Endpoint, endpoints_text
+from rendezvous.settings import Settings
+
+COMMAND_LINE = "command line"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    min_nodes: int
+    max_nodes: int
+    nproc_per_node: int | str  # a positive int, or "gpu" (resolved later by agent.env.resolve_nproc)
+    etcd_endpoints: tuple[Endpoint, ...]  # empty only with --standalone
+    job_id: str
+    node_id: str
+    node_addr: str
+    checkpoint_dir: Path | None
+    max_restarts: int
+    metrics_addr: str
+    metrics_port: int
+    standalone: bool
+    prewarm: bool  # start the next workers early (interpreter + torch import) while waiting
+    log_dir: Path
+    shutdown_timeout: float
+    lease_ttl: float
+    last_call: float
+    scale_up_cooldown: float
+    drain_timeout: float
+    hang_timeout: float
+    preemption_source: str
+    monitor_interval: float
+    log_level: str
+    config_file: Path | None
+    command: tuple[str, ...]
+
+    def rendezvous_settings(self) -> Settings:
+        return Settings(
+            job_id=self.job_id, min_nodes=self.min_nodes, max_nodes=self.max_nodes,
+            lease_ttl=self.lease_ttl, last_call=self.last_call,
+            scale_up_cooldown=self.scale_up_cooldown, max_restarts=self.max_restarts,
+        )
+
+    @property
+    def endpoints_text(self) -> str:
+        """The endpoints as ``host:port,host:port``, the form etcd clients take."""
+        return endpoints_text(self.etcd_endpoints)
+
+
+class _Layer:
+    """One source's values, parsed, each remembering where it came from."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}
+
+    def set(self, field: str, raw: object, source: str) -> None:
+        try:
+            value = BY_FIELD[field].parse(raw)
+        except Invalid as exc:
+            raise ConfigError(f"{flag(field)} ({raw!r}) {exc}{_where(source)}") from None
+        self.values[field] = value
+        self.sources[field] = source
+
+    def expand_nnodes(self) -> None:
+        """``--nnodes MIN:MAX`` sets min and max; a disagreeing min/max in the same layer is an error."""
+        if "nnodes" not in self.values:
+            return
+        low, high = self.values.pop("nnodes")
+        source = self.sources.pop("nnodes")
+        for field, value in (("min_nodes", low), ("max_nodes", high)):
+            if field in self.values and self.values[field] != value:
+                raise ConfigError(
+                    f"--nnodes ({low}:{high}) conflicts with {flag(field)} ({self.values[field]})"
+                    f"{_where(source)}: give one or the other"
+                )
+            self.values[field] = value
+            self.sources[field] = source
+
+
+def _where(source: str) -> str:
+    return "" if source == COMMAND_LINE else f" (from {source})"
+
+
+def _command_line_layer(argv: list[str]) -> tuple[_Layer, str | None, tuple[str, ...]]:
+    if "--" in argv:
+        split = argv.index("--")
+        flags, command = argv[:split], tuple(argv[split + 1 :])
+    else:
+        flags, command = argv, ()
+    parsed, extras = start_parser().parse_known_args(flags)
+    for extra in extras:
+        if extra.startswith("-"):
+            raise ConfigError(f"unknown flag {extra!r} (see elastic-agent start --help)")
+        raise ConfigError(f"unexpected argument {extra!r}: put the training command after '--'")
+    given = vars(parsed)
+    config_path = given.pop("config", None)
+    layer = _Layer()
+    for field, raw in given.items():
+        layer.set(field, raw, COMMAND_LINE)
+    return layer, config_path, command
+
+
+def _file_layer(path_text: str) -> _Layer:
+    path = Path(path_text)
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"--config ({path_text!r}): cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"config file {path_text}: invalid TOML: {detail}") from None
+    known = [o.field for o in OPTIONS]
+    layer = _Layer()
+    for key, raw in data.items():
+        field = key.replace("-", "_")
+        if field not in BY_FIELD:
+            hint = difflib.get_close_matches(field, known, n=1)
+            suggestion = f"; did you mean '{hint[0].replace('_', '-')}'?" if hint else ""
+            raise ConfigError(
+                f"config file {path_text}: unknown key {key!r} "
+                f"(keys are the start flags without '--', e.g. 'min-nodes'){suggestion}"
+            )
+        layer.set(field, raw, f"config file {path_text}")
+    return layer
+
+
+def _pet_layer(environ: Mapping[str, str]) -> _Layer:
+    layer = _Layer()
+    for name, field in PET_VARS.items():
+        if environ.get(name, "").strip():
+            layer.set(field, environ[name], name)
+    return layer
+
+
+def _env_layer(environ: Mapping[str, str]) -> _Layer:
+    layer = _Layer()
+    for field in BY_FIELD:
+        name = env_var(field)
+        if environ.get(name, "").strip():
+            layer.set(field, environ[name], name)
+    return layer
+
+
+def _default_node_id(hostname: str, random_hex: str) -> str:
+    # Host names may hold characters an id may not; keep the id readable and valid.
+    base = re.sub(r"[^A-Za-z0-9_.\-]", "-", hostname).strip("-._") or "node"
+    return f"{base[: 128 - 7]}-{random_hex}"
+
+
+def load_config(
+    argv: list[str],
+    environ: Mapping[str, str],
+    *,
+    hostname: Callable[[], str] = socket.gethostname,
+    fqdn: Callable[[], str] = socket.getfqdn,
+    random_hex: Callable[[], str] = lambda: secrets.token_hex(3),
+) -> AgentConfig:
+    """Build the configuration of ``elastic-agent start`` from ``argv`` (after ``start``) and ``environ``.
+
+    ``hostname``, ``fqdn`` and ``random_hex`` are injected so tests get stable defaults.
+    """
+    cli, config_path, command = _command_line_layer(argv)
+    env = _env_layer(environ)
+    if config_path is None and environ.get(env_var("config"), "").strip():
+        config_path = environ[env_var("config")].strip()
+    layers = [_file_layer(config_path)] if config_path else []
+    layers += [_pet_layer(environ), env, cli]
+
+    values: dict[str, Any] = defaults()
+    sources: dict[str, str] = {field: "default" for field in values}
+    for layer in layers:
+        layer.expand_nnodes()
+        values.update(layer.values)
+        sources.update(layer.sources)
+
+    if not command:
+        raise ConfigError("missing command: put the training command after '--'")
+    if "max_nodes" not in values:
+        values["max_nodes"], sources["max_nodes"] = values["min_nodes"], sources["min_nodes"]
+    if values["min_nodes"] > values["max_nodes"]:
+        raise ConfigError(
+            f"--min-nodes ({_shown(values, sources, 'min_nodes')}) must be <= "
+            f"--max-nodes ({_shown(values, sources, 'max_nodes')})"
+        )
+
+    standalone = values["standalone"]
+    if standalone:
+        if "etcd_endpoints" in values:
+            raise ConfigError(
+                f"--etcd-endpoints ({_shown(values, sources, 'etcd_endpoints')}) cannot be used "
+                "with --standalone, which starts its own etcd: drop one of them"
+            )
+        values["etcd_endpoints"] = ()
+        values.setdefault("job_id", "standalone")
+        values.setdefault("node_addr", "127.0.0.1")
+    else:
+        for field in ("etcd_endpoints", "job_id"):
+            if field not in values:
+                raise ConfigError(
+                    f"{flag(field)} is required (or set {env_var(field)}, or use --standalone)"
+                )
+    if "node_id" not in values:
+        values["node_id"] = _default_node_id(hostname(), random_hex())
+    if "node_addr" not in values:
+        values["node_addr"] = fqdn()
+
+    return AgentConfig(
+        config_file=Path(config_path) if config_path else None,
+        command=command,
+        **values,
+    )
+
+
+def _shown(values: Mapping[str, Any], sources: Mapping[str, str], field: str) -> str:
+    value = values[field]
+    if field == "etcd_endpoints":
+        value = repr(endpoints_text(value))
+    source = sources.get(field, "default")
+    return f"{value}, from {source}" if source not in (COMMAND_LINE, "default") else f"{value}"

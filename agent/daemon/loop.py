@@ -1,0 +1,282 @@
+"""The agent's one loop: rendezvous, run the local workers, watch, restart, finish.
+
+Signal handlers and watch callbacks only record; this loop acts. After each look at the
+workers and the job, :func:`agent.daemon.supervise.next_action` (pure) says what to do and
+the loop does it. The clock and the worker-group factory are parameters, so the loop runs
+in-process in tests over the in-memory store with a recording fake group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+
+from agent import __version__
+from agent.daemon import policy, supervise
+from agent.daemon.config import AgentConfig
+from agent.daemon.env import resolve_nproc
+from agent.daemon.local import GroupFactory, Layout, LocalWorkers, Running, process_group
+from agent.daemon.prewarm import prewarmable
+from agent.daemon.signals import Signals
+from agent.daemon.states import State
+from agent.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_SUCCEEDED, AgentError
+from agent.daemon.bookkeeping import Bookkeeping
+from agent.observe.collectors import CheckpointCollector
+from agent.observe.metrics import AgentMetrics
+from rendezvous.clock import Clock, SystemClock
+from rendezvous.errors import JobFinishedError, LeaseLostError, RendezvousError, StoreUnavailableError
+from rendezvous.participant import Participant
+from rendezvous.reasons import Reason, reason_text
+from rendezvous.state import Assignment, NodeRecord, Outcome
+from rendezvous.store import Store
+
+log = logging.getLogger("elastic_agent")
+
+REJOIN_TIMEOUT = 600.0  # after being fenced, how long to keep trying to reach etcd again
+DRAIN_MARGIN = 5.0  # of a preemption notice's time, kept for stopping workers and leaving
+PREWARM_DELAY = 2.0  # workers run this long before the next ones are pre-started (spare the CPU)
+REASON_LIMIT = 400  # a round's reason is stored in etcd: keep it short
+
+
+class _Leave(Exception):
+    """Raised from a rendezvous wait when this node was asked to leave."""
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, store: Store, *, metrics: AgentMetrics | None = None,
+                 signals: Signals | None = None, environ: Mapping[str, str] | None = None,
+                 clock: Clock | None = None, group_factory: GroupFactory = process_group,
+                 checkpoints: CheckpointCollector | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock or SystemClock()
+        environ = dict(os.environ if environ is None else environ)
+        self.nproc = resolve_nproc(config.nproc_per_node, environ)
+        self.signals = signals or Signals()
+        self.metrics = metrics or AgentMetrics(config.job_id, config.node_id)
+        self.settings = config.rendezvous_settings()
+        me = NodeRecord(config.node_id, config.node_addr, self.nproc, host=os.uname().nodename, version=__version__)
+        self.participant = Participant(store, self.settings, me, clock=self.clock)
+        layout = Layout(tuple(config.command), self.nproc, config.node_id, config.job_id, config.log_dir,
+                        config.checkpoint_dir, config.max_restarts, config.shutdown_timeout)
+        self.local = LocalWorkers(layout, environ, self.clock, factory=group_factory,
+                                  prewarm=config.prewarm and prewarmable(config.command),
+                                  on_stopped=self.metrics.workers_stopped)
+        checkpoints = checkpoints or CheckpointCollector(config.checkpoint_dir, self.metrics.labels)
+        self.books = Bookkeeping(store, self.settings, config.node_id, self.metrics, checkpoints, self.clock)
+        self.state = State.INITIALIZING
+        self.heartbeat = self.clock.monotonic()
+
+    @property
+    def running(self) -> Running | None:
+        return self.local.running
+
+    # --- the loop ------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg = self.config
+        self._set_state(State.INITIALIZING)
+        try:
+            self.participant.start()
+        except JobFinishedError as exc:
+            return self._finished(exc.outcome, exc.reason, already=True)
+        self.books.resume()
+        self.local.fill_warm()  # the first workers import torch while the rendezvous runs
+        log.info("node %s joined job %s (min %d, max %d nodes, %d workers per node)",
+                 cfg.node_id, cfg.job_id, cfg.min_nodes, cfg.max_nodes, self.nproc)
+        try:
+            return self._loop()
+        finally:
+            self.local.stop("agent exiting")
+            self.local.discard_warm()
+            self.books.sync()
+            self.participant.close()
+
+    def _loop(self) -> int:
+        while True:
+            self._set_state(State.RENDEZVOUS)
+            try:
+                assignment = self._rendezvous()
+            except _Leave:
+                return self._leave("asked to leave during rendezvous")
+            except JobFinishedError as exc:
+                return self._finished(exc.outcome, exc.reason)
+            except LeaseLostError as exc:
+                self._fenced(str(exc))
+                continue
+            self.local.finish_stopping(lambda: self.signals.insist)
+            self.local.start(assignment)
+            self.metrics.workers_started(self.nproc)
+            self._set_state(State.RUNNING)
+            outcome = self._supervise()
+            if outcome is not None:
+                return outcome
+
+    def _rendezvous(self) -> Assignment:
+        started = self.clock.monotonic()
+        self.books.rendezvous(entered=True)
+        assignment = self.participant.next_assignment(on_tick=self._tick)
+        self.books.rendezvous(entered=False)
+        self.metrics.rendezvous_done(self.clock.monotonic() - started, assignment, self.config.node_id)
+        log.info("round %d: %d nodes, world size %d; this node is group rank %s; master %s:%d",
+                 assignment.round, len(assignment.members), assignment.world_size,
+                 assignment.group_rank(self.config.node_id), assignment.master_addr,
+                 assignment.master_port)
+        return assignment
+
+    def _tick(self) -> None:
+        """Called by the rendezvous at least every half second: stay live, advance a stop
+        in progress, and honour a leave request."""
+        self.heartbeat = self.clock.monotonic()
+        self.books.tick()
+        self.local.advance_stop(insist=self.signals.insist)
+        if self.signals.count:
+            raise _Leave()
+
+    def _supervise(self) -> int | None:
+        """Watch the workers and the job until the round ends. Returns an exit code when the
+        agent should exit, None when it should re-enter the rendezvous."""
+        run = self.local.running
+        assert run is not None
+        done_reported = False
+        while True:
+            self.heartbeat = self.clock.monotonic()
+            self.books.tick()
+            if self.clock.monotonic() - run.started_at >= PREWARM_DELAY:
+                self.local.fill_warm()
+            session = self.participant.session
+            lost = session.lost_reason if session is not None and session.lost.is_set() else None
+            notice = None
+            if lost is None and not self.signals.count:
+                notice = self.participant.poll(self.config.monitor_interval)
+            codes = tuple(run.group.poll())
+            progress = tuple(policy.read_progress(run.progress_files))
+            self.metrics.progress(progress)
+            look = supervise.Look(codes, progress, notice, self.signals.leave_requested, lost,
+                                  now=time.time(), started=run.started_wall,
+                                  hang_timeout=self.config.hang_timeout, done_reported=done_reported)
+            action = supervise.next_action(look)
+            if isinstance(action, supervise.ReportDone):
+                log.info("all %d local workers exited 0; waiting for the other nodes", len(codes))
+                done_reported = self._report_done()
+                continue
+            if not isinstance(action, supervise.Keep):
+                return self._act(action, run)
+
+    def _act(self, action: supervise.Action, run: Running) -> int | None:
+        if isinstance(action, supervise.Leave):
+            return self._leave(action.why)
+        if isinstance(action, supervise.Fence):
+            self._fenced(action.why)
+            return None
+        if isinstance(action, supervise.Finish):
+            return self._finished(action.outcome, action.reason)
+        if isinstance(action, supervise.FollowRound):
+            log.info("round %d opened (%s): restarting the local workers", action.round.number,
+                     action.round.reason)
+            self.metrics.restart(action.kind)
+            self._set_state(State.RESTARTING)
+            self.local.begin_stop(action.round.reason, drain=action.drain, budget=self.config.drain_timeout)
+            return None
+        assert isinstance(action, supervise.Fail)
+        reason = _failure_reason(action, run, self.config.node_id, self.config.hang_timeout)
+        self.metrics.restart(action.kind)
+        self._set_state(State.RESTARTING)
+        self.participant.request_new_round(reason)  # first, so the other nodes react at once
+        self.local.stop(reason)
+        return None
+
+    def _report_done(self) -> bool:
+        try:
+            self.participant.report_done()
+        except StoreUnavailableError as exc:
+            log.warning("could not report completion yet (%s); retrying", exc)
+            return False
+        return True
+
+    # --- outcomes ------------------------------------------------------------------------
+    def _finished(self, outcome: str, reason: str, already: bool = False) -> int:
+        """The job has an outcome (``already``: before this agent took part)."""
+        self.local.stop(f"job {outcome}")
+        said = f"job {self.config.job_id} {'already ' if already else ''}{outcome}"
+        said += f" ({reason}); nothing to do" if already else f": {reason}"
+        if outcome == Outcome.SUCCEEDED:
+            self._set_state(State.SUCCEEDED)
+            log.info("%s", said)
+            return EXIT_SUCCEEDED
+        self._set_state(State.FAILED)
+        log.error("%s", said)
+        return EXIT_FAILED
+
+    def _leave(self, why: str) -> int:
+        """Graceful leave: drain the workers (every rank of the job checkpoints at the same
+        step), open the next round at once, revoke our lease, exit 3."""
+        self._set_state(State.STOPPING)
+        self.metrics.preemption()
+        log.warning("leaving job %s: %s", self.config.job_id, why)
+        if self.local.running is not None:
+            budget = drain_budget(self.config.drain_timeout, self.signals.deadline, self.clock.monotonic())
+            self.local.begin_stop(why, drain=True, budget=budget)
+            self.local.finish_stopping(lambda: self.signals.insist)
+        self.participant.leave(reason="preempted")
+        self._set_state(State.STOPPED)
+        log.warning("left job %s cleanly", self.config.job_id)
+        return EXIT_PREEMPTED
+
+    def _fenced(self, why: str) -> None:
+        """Our lease is gone: others may already run a newer round without us, so our workers
+        must stop now (fencing), then we rejoin when etcd answers."""
+        log.error("lost our lease (%s): stopping local workers at once", why)
+        self.metrics.restart(Reason.LEASE_LOST)
+        self.local.stop("lease lost")
+        deadline = self.clock.monotonic() + REJOIN_TIMEOUT
+        while not _try_rejoin(self.participant, self.clock, deadline):
+            self.heartbeat = self.clock.monotonic()
+            if self.signals.count:
+                raise _Leave()
+            self.clock.sleep(1.0)
+
+    def _set_state(self, state: State) -> None:
+        self.state = state
+        self.metrics.state(state)
+
+
+def _failure_reason(action: supervise.Fail, run: Running, node: str, hang_timeout: float) -> str:
+    """The round's reason for a local failure (stored in etcd, so kept short), with the root
+    cause logged for the person reading this node's log."""
+    if action.kind == Reason.WORKER_FAILURE:
+        rank = action.ranks[0]
+        summary = run.group.failure_summary(rank)
+        log.error("worker failed: %s", summary)
+        for line in run.group.stderr_tail(rank, lines=5):
+            log.error("  [%s/%d] %s", node, rank, line)
+        reason = reason_text(Reason.WORKER_FAILURE, f"{node} {summary}")
+    else:
+        ranks = ", ".join(str(r) for r in action.ranks)
+        log.error("hang: local ranks %s reported no progress for %.0fs", ranks, hang_timeout)
+        reason = reason_text(Reason.HANG, f"{node} local ranks {ranks} silent for {hang_timeout:.0f}s")
+    return reason if len(reason) <= REASON_LIMIT else reason[: REASON_LIMIT - 3] + "..."
+
+
+def drain_budget(timeout: float, terminated_at: float | None, now: float) -> float:
+    """How long the workers get to drain: --drain-timeout, cut short by a known termination
+    time (a preemption notice) minus the time to stop them and leave."""
+    if terminated_at is None:
+        return timeout
+    return max(0.0, min(timeout, terminated_at - now - DRAIN_MARGIN))
+
+
+def _try_rejoin(participant: Participant, clock: Clock, deadline: float) -> bool:
+    """One attempt to rejoin after fencing; raises once etcd stayed away past ``deadline``."""
+    try:
+        participant.rejoin()
+    except JobFinishedError:
+        raise
+    except RendezvousError as exc:
+        if clock.monotonic() >= deadline:
+            raise AgentError(f"etcd unreachable for {REJOIN_TIMEOUT:.0f}s after losing our lease: {exc}") from exc
+        log.warning("cannot rejoin yet (%s); retrying", exc)
+        return False
+    log.info("re-registered with etcd after losing the lease")
+    return True

@@ -1,0 +1,155 @@
+"""Every setting of ``elastic-agent start`` in one table: its flag, value parser, default and
+help line. The argument parser, the environment and config-file layers, ``--help`` and the
+README's flag table (checked by a test) all come from here, so they cannot drift apart.
+
+A setting ``min_nodes`` is the flag ``--min-nodes``, the variable ``ELASTIC_AGENT_MIN_NODES``
+and the config-file key ``min-nodes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.daemon import values as v
+from agent.errors import ConfigError
+from rendezvous.settings import Settings
+
+ENV_PREFIX = "ELASTIC_AGENT_"
+PREEMPTION_SOURCES = ("none", "aws", "gcp", "azure", "auto")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+NO_DEFAULT = object()  # required, or derived from other settings (see agent.daemon.config)
+
+VALUE, SWITCH, TOGGLE = "value", "switch", "toggle"  # --flag X, --flag, --flag/--no-flag
+
+
+@dataclass(frozen=True)
+class Option:
+    field: str
+    parse: Callable[[object], Any]
+    help: str
+    default: Any = NO_DEFAULT
+    metavar: str = ""
+    kind: str = VALUE
+
+    @property
+    def flag(self) -> str:
+        return flag(self.field)
+
+    @property
+    def env_var(self) -> str:
+        return env_var(self.field)
+
+
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def env_var(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+_HOST = v.word("must be a host name or address")
+
+OPTIONS: tuple[Option, ...] = (
+    Option("min_nodes", v.int_at_least(1, "must be a positive integer"),
+           "fewest nodes the job trains with", 1, "N"),
+    Option("max_nodes", v.int_at_least(1, "must be a positive integer"),
+           "most nodes the job trains with; more wait as standbys (default: --min-nodes)", metavar="N"),
+    Option("nnodes", v.node_range, "torchrun's form of both bounds: N or MIN:MAX", metavar="MIN:MAX"),
+    Option("nproc_per_node", v.nproc, "workers on this node; 'gpu' = one per visible GPU", 1, "N|gpu"),
+    Option("etcd_endpoints", v.endpoints, "your etcd cluster: host:port[,host:port...] (required)",
+           metavar="HOST:PORT,..."),
+    Option("job_id", v.identifier, "names the job in etcd; the same on every node (required)", metavar="ID"),
+    Option("node_id", v.identifier, "unique per node (default: hostname plus a random suffix)", metavar="ID"),
+    Option("node_addr", _HOST, "address other nodes reach this node's rank-0 worker on (default: FQDN)",
+           metavar="HOST"),
+    Option("checkpoint_dir", v.path, "shared checkpoint directory, given to workers as "
+           "ELASTIC_AGENT_CHECKPOINT_DIR", None, "PATH"),
+    Option("max_restarts", v.int_at_least(0, "must be an integer >= 0"),
+           "job-wide budget of restarts caused by worker failures", 3, "N"),
+    Option("metrics_addr", _HOST, "address of /metrics, /livez and /readyz", "127.0.0.1", "HOST"),
+    Option("metrics_port", v.port, "port of /metrics, /livez and /readyz (0 = pick a free one, logged)",
+           29600, "PORT"),
+    Option("standalone", v.boolean, "single machine: start an embedded etcd on 127.0.0.1", False,
+           kind=SWITCH),
+    Option("prewarm", v.boolean, "pre-start the next workers (python SCRIPT / python -m MOD) so they "
+           "import torch while the rendezvous runs", True, kind=TOGGLE),
+    Option("log_dir", v.path, "where each worker's stdout, stderr and error file go",
+           Path("./elastic-agent-logs"), "PATH"),
+    Option("shutdown_timeout", v.seconds(0, strict=True),
+           "seconds between SIGTERM and SIGKILL when stopping workers", 10.0, "SECONDS"),
+    # The rendezvous timings default to the rendezvous's own defaults (one place to tune).
+    Option("lease_ttl", v.seconds(2, strict=False), "a node cut off from etcd this long is dropped "
+           "(and fences its workers before)", Settings.lease_ttl, "SECONDS"),
+    Option("last_call", v.seconds(0, strict=False), "after min nodes joined, close the round when no "
+           "node joined for this long", Settings.last_call, "SECONDS"),
+    Option("scale_up_cooldown", v.seconds(0, strict=False), "a waiting node must stay alive this long "
+           "before it grows the job", Settings.scale_up_cooldown, "SECONDS"),
+    Option("drain_timeout", v.seconds(0, strict=True), "how long workers get to checkpoint at a step "
+           "boundary when leaving", 60.0, "SECONDS"),
+    Option("hang_timeout", v.seconds(0, strict=False), "restart when a worker using the helper reports "
+           "no step for this long (0 = off)", 0.0, "SECONDS"),
+    Option("preemption_source", v.choice(PREEMPTION_SOURCES), "poll this cloud's metadata for a "
+           "preemption notice: " + "|".join(PREEMPTION_SOURCES), "none", "SOURCE"),
+    Option("monitor_interval", v.seconds(0, strict=True), "how often the agent polls its workers", 0.1,
+           "SECONDS"),
+    Option("log_level", v.choice(LOG_LEVELS), "agent log level: " + "|".join(LOG_LEVELS), "info", "LEVEL"),
+)
+BY_FIELD = {option.field: option for option in OPTIONS}
+CONFIG_HELP = "a TOML file of the same settings (min-nodes = 2)"
+
+# torchrun / Kubeflow PyTorchJob variables we fall back on.
+PET_VARS = {
+    "PET_NNODES": "nnodes",
+    "PET_NPROC_PER_NODE": "nproc_per_node",
+    "PET_MAX_RESTARTS": "max_restarts",
+    "PET_RDZV_ID": "job_id",
+    "PET_RDZV_ENDPOINT": "etcd_endpoints",
+}
+
+
+def defaults() -> dict[str, Any]:
+    return {o.field: o.default for o in OPTIONS if o.default is not NO_DEFAULT}
+
+
+class RaisingParser(argparse.ArgumentParser):
+    """argparse that raises :class:`ConfigError` instead of printing usage and exiting 2, so
+    every usage mistake leaves through the same one-line path."""
+
+    def error(self, message: str) -> Any:
+        message = message.removeprefix("argument ").replace("expected one argument", "expected a value")
+        raise ConfigError(message)
+
+
+def start_parser() -> RaisingParser:
+    parser = RaisingParser(
+        prog="elastic-agent start",
+        usage="elastic-agent start [flags] -- COMMAND [ARGS...]",
+        description="Run one node of an elastic training job. Every flag can also be set as "
+                    f"{ENV_PREFIX}<FLAG> or in the --config file.",
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS,
+    )
+    for option in OPTIONS:
+        shown = "" if option.default in (NO_DEFAULT, None, False, "") else f" (default: {option.default})"
+        if option.kind == SWITCH:
+            parser.add_argument(option.flag, dest=option.field, action="store_true", help=option.help)
+        elif option.kind == TOGGLE:
+            parser.add_argument(option.flag, dest=option.field, action=argparse.BooleanOptionalAction,
+                                help=option.help + shown)
+        else:
+            parser.add_argument(option.flag, dest=option.field, metavar=option.metavar,
+                                help=option.help + shown)
+    parser.add_argument("--config", dest="config", metavar="PATH", help=CONFIG_HELP)
+    return parser
+
+
+def flags() -> set[str]:
+    """Every flag ``start`` accepts, as a user types it (``--no-prewarm`` included)."""
+    out = {o.flag for o in OPTIONS} | {"--config"}
+    out |= {"--no-" + o.flag[2:] for o in OPTIONS if o.kind == TOGGLE}
+    return out

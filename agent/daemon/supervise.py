@@ -1,0 +1,109 @@
+"""What the agent does after each look at its workers and the job: a pure function.
+
+The loop gathers a :class:`Look` (the workers' exit codes and progress, what the
+rendezvous reported, whether a leave was asked for, whether the lease is lost, the time)
+and :func:`next_action` answers with one action; the loop applies it. Nothing here reads a
+clock, touches a process or talks to etcd, so every rule is table-tested.
+
+Priorities, highest first: a leave request; a lost lease (fence at once, whatever else is
+going on); the job's outcome or a new round; a local worker failure; a hang; every local
+worker done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.daemon import policy
+from agent.daemon.policy import Progress
+from rendezvous.participant import Notice, NoticeKind
+from rendezvous.reasons import Reason, reason_kind
+from rendezvous.state import RoundState
+
+
+@dataclass(frozen=True)
+class Look:
+    codes: tuple[int | None, ...]  # by local rank; None while running, negative: killed by signal
+    progress: tuple[Progress | None, ...]  # by local rank; the helper's last report
+    notice: Notice | None  # what the rendezvous reported since the last look
+    leave: str | None  # why this node was asked to leave, if it was
+    lease_lost: str | None  # why our lease is gone, if it is
+    now: float  # same clock as the progress reports' times
+    started: float  # when the workers started, same clock
+    hang_timeout: float  # 0: hang detection off
+    done_reported: bool  # this node already told etcd its workers all exited 0
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Nothing to do: look again."""
+
+
+@dataclass(frozen=True)
+class Leave:
+    why: str
+
+
+@dataclass(frozen=True)
+class Fence:
+    why: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    outcome: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class FollowRound:
+    """The job moved to a new round: restart the local workers in it. A planned change (a
+    node joining) lets them finish their step and checkpoint first."""
+
+    round: RoundState
+    kind: str  # the round's Reason
+    drain: bool
+
+
+@dataclass(frozen=True)
+class Fail:
+    """A local failure: open the next round and restart. ``ranks``: the failed local ranks,
+    first failure first (WORKER_FAILURE), or the silent ones (HANG)."""
+
+    kind: Reason
+    ranks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ReportDone:
+    """Every local worker exited 0: tell etcd (the last member to do so ends the job)."""
+
+
+Action = Keep | Leave | Fence | Finish | FollowRound | Fail | ReportDone
+
+
+def next_action(look: Look) -> Action:
+    if look.leave is not None:
+        return Leave(f"asked to leave ({look.leave})")
+    if look.lease_lost is not None:
+        return Fence(look.lease_lost)
+    notice = look.notice
+    if notice is not None:
+        if notice.kind == NoticeKind.FINISHED:
+            assert notice.status is not None
+            return Finish(notice.status.outcome, notice.status.reason)
+        if notice.kind == NoticeKind.LEASE_LOST:
+            return Fence(notice.detail)
+        assert notice.round is not None
+        kind = reason_kind(notice.round.reason)
+        return FollowRound(notice.round, kind, drain=kind == Reason.SCALE_UP)
+    verdict = policy.judge_exits(list(look.codes))
+    if verdict.failed:
+        return Fail(Reason.WORKER_FAILURE, verdict.failed)
+    silent = policy.silent_ranks(list(look.progress), list(look.codes), look.hang_timeout, look.now,
+                                 look.started)
+    if silent:
+        return Fail(Reason.HANG, tuple(silent))
+    if verdict.all_succeeded and not look.done_reported:
+        return ReportDone()
+    return Keep()

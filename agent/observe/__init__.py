@@ -1,0 +1,1 @@
+"""What operators read: Prometheus metrics, goodput accounting, health endpoints, ``status``."""

@@ -1,0 +1,188 @@
+"""The agent's loop in-process: real Agent objects (one thread each) over the in-memory store,
+with short timings and a recording fake worker group instead of processes, as torch's
+``TestAgent(SimpleElasticAgent)`` records ``_stop_workers``. What the loop decides is asserted
+through what it does to the groups, to etcd's keys and through its exit code."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.daemon.config import load_config
+from agent.daemon.loop import Agent
+from rendezvous.memory_store import MemoryStore
+from rendezvous.state import JobStatus, Outcome, RestartCount
+from tests.waiting import wait_until
+
+TIMINGS = ["--lease-ttl", "2", "--last-call", "0.1", "--scale-up-cooldown", "0.2", "--monitor-interval", "0.01"]
+
+
+class FakeGroup:
+    """A worker group that runs nothing: the test sets the exit codes."""
+
+    def __init__(self, command, envs, log_dir, prefixes, warm) -> None:
+        self.envs = envs
+        self.codes: list[int | None] = [None] * len(envs)
+        self.started = self.stopped = False
+        self.pids = [10_000 + i for i in range(len(envs))]
+
+    def start(self) -> None:
+        self.started = True
+
+    def poll(self) -> list[int | None]:
+        return list(self.codes)
+
+    def stop(self, timeout: float) -> None:
+        self.stopped = True
+        self.codes = [-15 if c is None else c for c in self.codes]
+
+    def failure_summary(self, local_rank: int) -> str:
+        return f"local rank {local_rank} exited with code {self.codes[local_rank]}"
+
+    def stderr_tail(self, local_rank: int, lines: int = 10) -> list[str]:
+        return ["boom"]
+
+    @property
+    def rank(self) -> int:
+        return int(self.envs[0]["RANK"])
+
+    @property
+    def round(self) -> int:
+        return int(self.envs[0]["ELASTIC_AGENT_ROUND"])
+
+
+class Node:
+    def __init__(self, store: MemoryStore, node_id: str, tmp: Path, *flags: str) -> None:
+        self.groups: list[FakeGroup] = []
+        argv = ["--min-nodes", "2", "--max-nodes", "3", "--job-id", "loop", "--etcd-endpoints", "127.0.0.1:1",
+                "--node-id", node_id, "--node-addr", "127.0.0.1", "--log-dir", str(tmp / node_id),
+                "--no-prewarm", "--max-restarts", "1", *TIMINGS, *flags, "--", "python", "train.py"]
+        config = load_config(argv, {})
+        self.agent = Agent(config, store, environ={"PATH": "/usr/bin"}, group_factory=self._group)
+        self.code: int | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"agent-{node_id}")
+
+    def _group(self, *args) -> FakeGroup:
+        group = FakeGroup(*args)
+        self.groups.append(group)
+        return group
+
+    def _run(self) -> None:
+        self.code = self.agent.run()
+
+    @property
+    def group(self) -> FakeGroup:
+        return self.groups[-1]
+
+    def training_in(self, round_number: int) -> bool:
+        return bool(self.groups) and self.group.round == round_number and not self.group.stopped
+
+    def finished(self, timeout: float = 10) -> int:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the agent's loop did not end"
+        assert self.code is not None
+        return self.code
+
+
+@pytest.fixture
+def store():
+    s = MemoryStore()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def nodes(store, tmp_path):
+    made: list[Node] = []
+
+    def make(node_id: str, *flags: str) -> Node:
+        node = Node(store, node_id, tmp_path, *flags)
+        made.append(node)
+        node.thread.start()
+        return node
+
+    yield make
+    for node in made:  # leave whatever is still running; never leave a thread behind
+        node.agent.signals.request("test over")
+        node.agent.signals.count = 2
+    for node in made:
+        node.thread.join(10)
+
+
+def test_two_nodes_get_ranks_and_the_torchrun_environment(nodes) -> None:
+    a, b = nodes("a"), nodes("b")
+    wait_until(lambda: a.training_in(1) and b.training_in(1), 10, "both nodes training in round 1")
+    assert {a.group.rank, b.group.rank} == {0, 1}
+    env = a.group.envs[0]
+    assert (env["WORLD_SIZE"], env["GROUP_WORLD_SIZE"], env["LOCAL_WORLD_SIZE"], env["MASTER_ADDR"]) == \
+        ("2", "2", "1", "127.0.0.1")
+    assert a.agent.state == "running"
+
+
+def test_a_worker_failure_restarts_every_node_once_and_charges_the_budget(nodes, store) -> None:
+    a, b = nodes("a"), nodes("b")
+    wait_until(lambda: a.training_in(1) and b.training_in(1), 10, "round 1")
+    first_b = b.group
+    a.group.codes = [1]
+    wait_until(lambda: a.training_in(2) and b.training_in(2), 10, "both restarted in round 2")
+    assert first_b.stopped  # b's healthy workers were stopped too: the whole group restarts
+    kv, _ = store.get(a.agent.settings.restarts_key)
+    assert kv is not None and RestartCount.decode(kv.key, kv.value).count == 1
+    assert len(a.groups) == len(b.groups) == 2  # one restart, not two
+
+
+def test_the_budget_spent_fails_the_job_on_every_node(nodes, store) -> None:
+    a, b = nodes("a"), nodes("b")
+    for round_number in (1, 2):  # --max-restarts 1: the second failure ends the job
+        wait_until(lambda: a.training_in(round_number) and b.training_in(round_number), 10, f"round {round_number}")
+        b.group.codes = [3]
+    assert a.finished() == 1 and b.finished() == 1
+    kv, _ = store.get(a.agent.settings.status_key)
+    assert kv is not None and JobStatus.decode(kv.key, kv.value).outcome == Outcome.FAILED
+
+
+def test_every_worker_done_is_success_on_every_node(nodes) -> None:
+    a, b = nodes("a"), nodes("b")
+    wait_until(lambda: a.training_in(1) and b.training_in(1), 10, "round 1")
+    a.group.codes = [0]
+    b.group.codes = [0]
+    assert a.finished() == 0 and b.finished() == 0
+    assert a.agent.state == "succeeded"
+
+
+def test_a_leave_request_stops_the_workers_opens_the_next_round_and_exits_3(nodes, store) -> None:
+    a, b, c = nodes("a"), nodes("b"), nodes("c")
+    wait_until(lambda: all(n.training_in(1) for n in (a, b, c)), 10, "three nodes in round 1")
+    c.agent.signals.request("preemption notice: test")
+    assert c.finished() == 3
+    assert c.group.stopped
+    wait_until(lambda: a.training_in(2) and b.training_in(2), 10, "the others in round 2 without c")
+    rnd = a.agent.participant.current_round
+    assert rnd is not None and rnd.reason.startswith("node_left: c")
+    assert a.group.envs[0]["WORLD_SIZE"] == "2"
+
+
+def test_a_node_joining_drains_nothing_without_the_helper_and_grows_the_world(nodes) -> None:
+    a, b = nodes("a"), nodes("b")
+    wait_until(lambda: a.training_in(1) and b.training_in(1), 10, "round 1")
+    c = nodes("c")
+    wait_until(lambda: all(n.training_in(2) for n in (a, b, c)), 10, "three nodes in round 2")
+    assert c.group.rank == 2  # a newcomer follows the survivors
+    assert a.groups[0].stopped and a.group.envs[0]["WORLD_SIZE"] == "3"
+
+
+def test_cut_off_from_etcd_the_workers_are_fenced_within_the_lease(nodes, store) -> None:
+    import time
+
+    a, b = nodes("a"), nodes("b")
+    wait_until(lambda: a.training_in(1) and b.training_in(1), 10, "round 1")
+    first = a.group
+    store.available = False
+    cut = time.monotonic()
+    wait_until(lambda: first.stopped, 5, "a's workers fenced")
+    assert time.monotonic() - cut < 2.0  # before etcd could expire the 2 s lease
+    store.available = True
+    wait_until(lambda: a.training_in(a.group.round) and b.training_in(a.group.round) and a.group.round > 1,
+               15, "both training again in a new round")

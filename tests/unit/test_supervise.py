@@ -1,0 +1,71 @@
+"""agent.daemon.supervise: the loop's decision after each look, as a table. No processes, no etcd."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.daemon import supervise as s
+from agent.daemon.policy import Progress
+from rendezvous.participant import Notice, NoticeKind
+from rendezvous.reasons import Reason
+from rendezvous.state import JobStatus, Outcome, RoundState
+
+NOW = 1000.0
+
+
+def look(codes=(None, None), progress=(None, None), notice=None, leave=None, lost=None, now=NOW,
+         started=NOW - 5, hang=0.0, done=False) -> s.Look:
+    return s.Look(tuple(codes), tuple(progress), notice, leave, lost, now=now, started=started,
+                  hang_timeout=hang, done_reported=done)
+
+
+def opened(reason: str) -> Notice:
+    rnd = RoundState(number=3, state="open", reason=reason, previous=("a", "b"))
+    return Notice(NoticeKind.ROUND, reason, round=rnd)
+
+
+FINISHED = Notice(NoticeKind.FINISHED, "job done", status=JobStatus(Outcome.SUCCEEDED, "all exited 0"))
+FAILED = Notice(NoticeKind.FINISHED, "job failed", status=JobStatus(Outcome.FAILED, "budget spent"))
+
+
+@pytest.mark.parametrize("given, expected", [
+    (look(), s.Keep()),
+    # a leave request beats everything, even a failed worker or a lost lease
+    (look(codes=(1, None), leave="signal", lost="cut off"), s.Leave("asked to leave (signal)")),
+    (look(leave="preemption notice: aws"), s.Leave("asked to leave (preemption notice: aws)")),
+    # a lost lease fences at once, whatever the workers or the rendezvous say
+    (look(codes=(1, None), notice=opened("node_lost: b"), lost="not refreshed"), s.Fence("not refreshed")),
+    (look(notice=Notice(NoticeKind.LEASE_LOST, "lease gone")), s.Fence("lease gone")),
+    (look(notice=FINISHED), s.Finish(Outcome.SUCCEEDED, "all exited 0")),
+    (look(codes=(0, 0), notice=FAILED), s.Finish(Outcome.FAILED, "budget spent")),
+    # a new round: follow it; only a node joining lets the workers drain to a checkpoint
+    (look(codes=(1, None), notice=opened("node_lost: b")), s.FollowRound(opened("node_lost: b").round, "node_lost", False)),
+    (look(notice=opened("scale_up: c is waiting")),
+     s.FollowRound(opened("scale_up: c is waiting").round, "scale_up", True)),
+    (look(notice=opened("node_left: b (preempted)")),
+     s.FollowRound(opened("node_left: b (preempted)").round, "node_left", False)),
+    # local failures: the first failed rank first; a drained exit (75) is not a failure
+    (look(codes=(None, -9)), s.Fail(Reason.WORKER_FAILURE, (1,))),
+    (look(codes=(2, 1)), s.Fail(Reason.WORKER_FAILURE, (0, 1))),
+    (look(codes=(75, None)), s.Keep()),
+    (look(codes=(75, 75)), s.Keep()),
+    # hangs only once the helper is in use, counted from the last report (or the start)
+    (look(progress=(Progress(3, NOW - 31), None), hang=30), s.Fail(Reason.HANG, (0,))),  # rank 1 started 5 s ago
+    (look(progress=(Progress(3, NOW - 31), None), started=NOW - 40, hang=30), s.Fail(Reason.HANG, (0, 1))),
+    (look(progress=(Progress(3, NOW - 31), Progress(3, NOW - 1)), hang=30), s.Fail(Reason.HANG, (0,))),
+    (look(progress=(Progress(3, NOW - 31), None), hang=0), s.Keep()),
+    (look(progress=(None, None), started=NOW - 100, hang=30), s.Keep()),
+    (look(codes=(0, None), progress=(Progress(3, NOW - 31), Progress(3, NOW - 31)), hang=30),
+     s.Fail(Reason.HANG, (1,))),
+    # every local worker done: report it once
+    (look(codes=(0, 0)), s.ReportDone()),
+    (look(codes=(0, 0), done=True), s.Keep()),
+    (look(codes=(0, None)), s.Keep()),
+])
+def test_next_action(given: s.Look, expected: s.Action) -> None:
+    assert s.next_action(given) == expected
+
+
+def test_a_failure_beats_a_hang_and_completion() -> None:
+    given = look(codes=(0, 1), progress=(Progress(1, NOW - 100), None), hang=10)
+    assert s.next_action(given) == s.Fail(Reason.WORKER_FAILURE, (1,))

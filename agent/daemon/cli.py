@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start(argv: list[str]) -> int:
-    from agent.daemon.config import load_config  # noqa: PLC0415
+    from agent.daemon.config import load_config, prepare_directories  # noqa: PLC0415
 
     if argv and argv[0] in ("-h", "--help"):
         from agent.daemon.options import start_parser  # noqa: PLC0415
@@ -63,6 +63,7 @@ def _start(argv: list[str]) -> int:
         check_command(config.command)
     except AgentError as exc:
         raise ConfigError(str(exc)) from exc
+    prepare_directories(config)
     _setup_logging(config.log_level, config.node_id)
     log = logging.getLogger("elastic_agent")
 

@@ -10,7 +10,9 @@ Every value goes through the same parser whatever its source, and every mistake 
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import tempfile
 import secrets
 import socket
 import tomllib
@@ -37,13 +39,14 @@ class AgentConfig:
     job_id: str
     node_id: str
     node_addr: str
-    checkpoint_dir: Path | None
+    checkpoint_dir: Path | None  # absolute
     max_restarts: int
     metrics_addr: str
     metrics_port: int
     standalone: bool
     prewarm: bool  # start the next workers early (interpreter + torch import) while waiting
-    log_dir: Path
+    log_dir: Path  # absolute
+    log_keep: int
     shutdown_timeout: float
     lease_ttl: float
     last_call: float
@@ -223,6 +226,10 @@ def load_config(
                 raise ConfigError(
                     f"{flag(field)} is required (or set {env_var(field)}, or use --standalone)"
                 )
+    # Absolute, so a worker that changes directory still finds them (torchrun does the same).
+    for field in ("log_dir", "checkpoint_dir"):
+        if values.get(field) is not None:
+            values[field] = Path(os.path.abspath(os.path.expanduser(values[field])))
     if "node_id" not in values:
         values["node_id"] = _default_node_id(hostname(), random_hex())
     if "node_addr" not in values:
@@ -241,3 +248,18 @@ def _shown(values: Mapping[str, Any], sources: Mapping[str, str], field: str) ->
         value = repr(endpoints_text(value))
     source = sources.get(field, "default")
     return f"{value}, from {source}" if source not in (COMMAND_LINE, "default") else f"{value}"
+
+
+def prepare_directories(config: AgentConfig) -> None:
+    """Create --log-dir and --checkpoint-dir if needed and prove they are writable, so a
+    bad path is one line at start-up, not a traceback when the first worker starts."""
+    for field, path in (("log_dir", config.log_dir), ("checkpoint_dir", config.checkpoint_dir)):
+        if path is None:
+            continue
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".elastic-agent-probe-"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{flag(field)} ({path}): cannot create or write there: "
+                              f"{exc.strerror or exc}") from None

@@ -36,8 +36,10 @@ def worker_env(
     round_number: int,
     checkpoint_dir: str | None,
     progress_file: str | None,
+    control_file: str | None = None,
 ) -> dict[str, str]:
-    """``base`` plus the variables of one worker. ``rank_offset`` is the global rank of local rank 0."""
+    """``base`` plus the variables of one worker. ``rank_offset`` is the global rank of local
+    rank 0. Paths are absolute: a worker that changes directory still finds them."""
     rank = rank_offset + local_rank
     contract = {
         # torchrun / torch.distributed.elastic
@@ -65,10 +67,13 @@ def worker_env(
     overridable = {
         "OMP_NUM_THREADS": 1,
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": 1,
+        # torchrun's default --signals-to-handle: scripts that install their own handlers read it.
+        "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT",
     }
     optional = {
         "ELASTIC_AGENT_CHECKPOINT_DIR": checkpoint_dir,
         "ELASTIC_AGENT_PROGRESS_FILE": progress_file,
+        "ELASTIC_AGENT_CONTROL_FILE": control_file,
     }
     env = dict(base)
     for name, value in overridable.items():

@@ -1,10 +1,21 @@
 """This node's workers across rounds: start a round's group, drain or stop it, and keep the
-next round's workers pre-started. Acts only; the loop decides when."""
+next round's workers pre-started. Acts only; the loop decides when.
+
+Stopping never holds up the rendezvous: the loop asks for a stop (SIGTERM now, or a drain
+to the next step boundary), joins the next round at once, and advances the stop on every
+tick (SIGKILL after --shutdown-timeout). So a node whose workers take seconds to stop is
+not left out of the round that follows, and its restart is the same restart as everyone's.
+
+Logs: ``<log-dir>/<job-id>/<node-id>/<UTC start>-round<N>/<local rank>/``, one directory per
+attempt that no other node and no later attempt touches; the oldest beyond ``log_keep``
+attempts of this node are deleted.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -17,11 +28,12 @@ from agent.daemon.env import worker_env
 from agent.daemon.prewarm import WarmWorker
 from agent.daemon.workers import WorkerGroup, error_file_path
 from agent.errors import AgentError
-from agent.worker.protocol import CONTROL_FILE_ENV, DRAIN
+from agent.worker.protocol import DRAIN
 from rendezvous.clock import Clock
 from rendezvous.state import Assignment
 
 log = logging.getLogger("elastic_agent")
+_ATTEMPT = re.compile(r"^\d{8}T\d{6}\.\d{3}Z-round\d+(-\d+)?$")
 
 
 class Group(Protocol):
@@ -34,6 +46,12 @@ class Group(Protocol):
     def poll(self) -> list[int | None]: ...
 
     def stop(self, timeout: float) -> None: ...
+
+    def terminate(self) -> None: ...
+
+    def settled(self) -> bool: ...
+
+    def kill(self) -> None: ...
 
     def failure_summary(self, local_rank: int) -> str: ...
 
@@ -61,6 +79,7 @@ class Layout:
     checkpoint_dir: Path | None
     max_restarts: int
     shutdown_timeout: float
+    log_keep: int = 100  # attempts of this node whose logs are kept
 
 
 @dataclass
@@ -74,8 +93,13 @@ class Running:
     control_file: Path
     started_at: float  # monotonic
     started_wall: float
-    draining_since: float | None = None
+    draining_since: float | None = None  # asked to checkpoint and stop at a step boundary
     drain_budget: float = 0.0
+    terminated_at: float | None = None  # SIGTERM sent; SIGKILL after --shutdown-timeout
+
+    @property
+    def stopping(self) -> bool:
+        return self.draining_since is not None or self.terminated_at is not None
 
 
 class LocalWorkers:
@@ -95,11 +119,8 @@ class LocalWorkers:
     def start(self, assignment: Assignment) -> Running:
         lay = self.layout
         node = lay.node_id
-        attempt_dir = lay.log_dir / lay.job_id / f"attempt_{self.attempt}"
+        attempt_dir = self._new_attempt_dir(assignment.round)
         self.attempt += 1
-        if attempt_dir.exists():
-            shutil.rmtree(attempt_dir, ignore_errors=True)
-        attempt_dir.mkdir(parents=True, exist_ok=True)
         group_rank = assignment.group_rank(node)
         assert group_rank is not None
         offset = assignment.rank_offset(node)
@@ -116,9 +137,8 @@ class LocalWorkers:
                 error_file=str(error_file_path(attempt_dir, local_rank)), node_id=node,
                 round_number=assignment.round,
                 checkpoint_dir=str(lay.checkpoint_dir) if lay.checkpoint_dir else None,
-                progress_file=str(progress[local_rank]),
+                progress_file=str(progress[local_rank]), control_file=str(control),
             )
-            env[CONTROL_FILE_ENV] = str(control)
             envs.append(env)
         prefixes = [f"{node}/{offset + r}" for r in range(lay.nproc)]
         warm, self.warm = self.warm[: lay.nproc], self.warm[lay.nproc:]
@@ -129,6 +149,27 @@ class LocalWorkers:
         log.info("started %d workers (global ranks %d-%d, pids %s), logs in %s", lay.nproc, offset,
                  offset + lay.nproc - 1, ",".join(map(str, group.pids)), attempt_dir)
         return self.running
+
+    def _new_attempt_dir(self, round_number: int) -> Path:
+        """A directory of this node's own that no earlier attempt (of this or an earlier agent
+        run) used; names sort by start time."""
+        node_dir = self.layout.log_dir / self.layout.job_id / self.layout.node_id
+        now = time.time()
+        base = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z-round{round_number}"
+        for n in range(1000):
+            path = node_dir / (base if n == 0 else f"{base}-{n}")
+            try:
+                path.mkdir(parents=True)
+            except FileExistsError:
+                continue
+            self._prune(node_dir, keep=path)
+            return path
+        raise AgentError(f"cannot create a new attempt directory under {node_dir}")
+
+    def _prune(self, node_dir: Path, keep: Path) -> None:
+        attempts = sorted(p for p in node_dir.iterdir() if _ATTEMPT.match(p.name) and p != keep)
+        for old in attempts[: max(0, len(attempts) + 1 - self.layout.log_keep)]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def fill_warm(self) -> None:
         """Keep one pre-started worker per local rank ready for the next round."""
@@ -150,13 +191,13 @@ class LocalWorkers:
         self.warm.clear()
 
     # --- stopping ------------------------------------------------------------------------
-    def begin_stop(self, why: str, *, drain: bool, budget: float) -> bool:
-        """Stop the workers: with ``drain``, ask them (helper users) to checkpoint at the next
-        step and stop within ``budget`` seconds, and return True while they do; otherwise
-        stop them now. Returns whether a drain is under way."""
+    def begin_stop(self, why: str, *, drain: bool, budget: float) -> None:
+        """Start stopping the workers without waiting. With ``drain``, helper users are asked
+        to checkpoint at the next step and stop within ``budget`` seconds; otherwise (or
+        without the helper) they get SIGTERM now. :meth:`advance_stop` takes it from there."""
         run = self.running
-        if run is None or run.draining_since is not None:
-            return run is not None
+        if run is None or run.stopping:
+            return
         if drain and policy.helper_in_use(run.progress_files) and any(c is None for c in run.group.poll()):
             log.info("asking workers to checkpoint and stop at the next step within %.0fs (%s)", budget, why)
             tmp = run.control_file.with_suffix(".tmp")
@@ -164,36 +205,57 @@ class LocalWorkers:
             os.replace(tmp, run.control_file)  # workers never see a half-written request
             run.draining_since = self.clock.monotonic()
             run.drain_budget = budget
-            return True
-        self.stop(why)
-        return False
+            return
+        self._terminate(run, why)
+
+    def _terminate(self, run: Running, why: str) -> None:
+        log.info("stopping local workers (%s)", why)
+        run.group.terminate()
+        run.terminated_at = self.clock.monotonic()
+        self.advance_stop()
 
     def advance_stop(self, *, insist: bool = False) -> None:
-        """A drain in progress ends when every worker exited, its budget ran out, or on ``insist``."""
+        """Move a stop in progress on, never blocking for long: a drain ends when every worker
+        exited, its budget ran out, or on ``insist``; then SIGTERM; then SIGKILL once
+        --shutdown-timeout has passed."""
         run = self.running
-        if run is None or run.draining_since is None:
+        if run is None or not run.stopping:
             return
-        over = self.clock.monotonic() - run.draining_since >= run.drain_budget
-        if all(c is not None for c in run.group.poll()) or over or insist:
+        now = self.clock.monotonic()
+        if run.terminated_at is None:
+            assert run.draining_since is not None
+            over = now - run.draining_since >= run.drain_budget
+            if not (all(c is not None for c in run.group.poll()) or over or insist):
+                return
             if over:
                 log.warning("workers did not drain within %.0fs; stopping them", run.drain_budget)
-            self.stop("drained")
+            self._terminate(run, "drained")
+            return
+        if run.group.settled():
+            self._stopped(run, "they exited")
+        elif insist or now - run.terminated_at >= self.layout.shutdown_timeout:
+            run.group.kill()
+            self._stopped(run, f"SIGKILL after {now - run.terminated_at:.1f}s")
 
     def finish_stopping(self, insist: Callable[[], bool] = lambda: False) -> None:
-        """Block until a drain in progress is over (bounded by its budget)."""
-        while self.running is not None and self.running.draining_since is not None:
+        """Block until a stop in progress is over (bounded by the drain budget and
+        --shutdown-timeout)."""
+        while self.running is not None and self.running.stopping:
             self.advance_stop(insist=insist())
             if self.running is not None:
-                self.clock.sleep(0.05)
+                self.clock.sleep(0.02)
 
     def stop(self, why: str) -> bool:
-        """SIGTERM, then SIGKILL after --shutdown-timeout. Returns whether anything was running."""
+        """Stop now: SIGTERM, SIGKILL after --shutdown-timeout. Returns whether anything ran."""
         run = self.running
         if run is None:
             return False
         began = self.clock.monotonic()
         run.group.stop(self.layout.shutdown_timeout)
+        self._stopped(run, f"{why}, in {self.clock.monotonic() - began:.2f}s")
+        return True
+
+    def _stopped(self, run: Running, how: str) -> None:
         self.running = None
         self.on_stopped()
-        log.info("stopped local workers (%s) in %.2fs", why, self.clock.monotonic() - began)
-        return True
+        log.info("stopped local workers of round %d (%s)", run.assignment.round, how)

@@ -60,7 +60,7 @@ class Agent:
         me = NodeRecord(config.node_id, config.node_addr, self.nproc, host=os.uname().nodename, version=__version__)
         self.participant = Participant(store, self.settings, me, clock=self.clock)
         layout = Layout(tuple(config.command), self.nproc, config.node_id, config.job_id, config.log_dir,
-                        config.checkpoint_dir, config.max_restarts, config.shutdown_timeout)
+                        config.checkpoint_dir, config.max_restarts, config.shutdown_timeout, config.log_keep)
         self.local = LocalWorkers(layout, environ, self.clock, factory=group_factory,
                                   prewarm=config.prewarm and prewarmable(config.command),
                                   on_stopped=self.metrics.workers_stopped)
@@ -184,7 +184,7 @@ class Agent:
         self.metrics.restart(action.kind)
         self._set_state(State.RESTARTING)
         self.participant.request_new_round(reason)  # first, so the other nodes react at once
-        self.local.stop(reason)
+        self.local.begin_stop(reason, drain=False, budget=0.0)
         return None
 
     def _report_done(self) -> bool:

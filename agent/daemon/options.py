@@ -78,8 +78,10 @@ OPTIONS: tuple[Option, ...] = (
            kind=SWITCH),
     Option("prewarm", v.boolean, "pre-start the next workers (python SCRIPT / python -m MOD) so they "
            "import torch while the rendezvous runs", True, kind=TOGGLE),
-    Option("log_dir", v.path, "where each worker's stdout, stderr and error file go",
-           Path("./elastic-agent-logs"), "PATH"),
+    Option("log_dir", v.path, "where each worker's stdout, stderr and error file go, under "
+           "<job-id>/<node-id>/<attempt>/", Path("./elastic-agent-logs"), "PATH"),
+    Option("log_keep", v.int_at_least(1, "must be a positive integer"), "attempts of this node whose "
+           "logs are kept; the oldest beyond are deleted", 100, "N"),
     Option("shutdown_timeout", v.seconds(0, strict=True),
            "seconds between SIGTERM and SIGKILL when stopping workers", 10.0, "SECONDS"),
     # The rendezvous timings default to the rendezvous's own defaults (one place to tune).

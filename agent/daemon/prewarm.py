@@ -57,7 +57,7 @@ class WarmWorker:
     """A worker process started ahead of its round; :class:`WorkerGroup` adopts it."""
 
     def __init__(self, python: str, env: dict[str, str]) -> None:
-        self.process, self.sinks, self.readers = spawn([python, "-c", _WARM_BOOT], env, stdin=subprocess.PIPE)
+        self.process, self.sinks, self.readers = spawn([python, "-c", _WARM_BOOT], env, stdin_pipe=True)
 
     def alive(self) -> bool:
         return self.process.poll() is None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from agent.daemon import procfs
+from agent.daemon.keeper import KeptProcess
 from agent.daemon.failures import describe_exit, error_file_message, exception_line
 from agent.daemon.prewarm import WarmWorker
 from agent.daemon.spawn import check_command, spawn
@@ -50,7 +50,7 @@ def stderr_path(log_dir: Path, local_rank: int) -> Path:
 class _Worker:
     """One worker process, its log files and output readers."""
 
-    def __init__(self, local_rank: int, process: subprocess.Popen[bytes], prefix: str) -> None:
+    def __init__(self, local_rank: int, process: KeptProcess, prefix: str) -> None:
         self.local_rank = local_rank
         self.process = process
         self.prefix = prefix
@@ -115,7 +115,7 @@ class WorkerGroup:
             warm.launch(env, self.command[1:])
             process, sinks, readers = warm.process, warm.sinks, warm.readers
         else:
-            process, sinks, readers = spawn(self.command, env, stdin=subprocess.DEVNULL)
+            process, sinks, readers = spawn(self.command, env)
         worker = _Worker(local_rank, process, self.console_prefix[local_rank])
         worker.stderr_start = stderr_start
         sinks[0].attach(stdout_path(self.log_dir, local_rank), worker.prefix, self.console)
@@ -144,20 +144,36 @@ class WorkerGroup:
 
         Idempotent; returns once every group is gone or, after SIGKILL, a bounded wait ran out.
         """
-        # A group confirmed empty is never signalled again: its number may be reused one day.
-        pending = [pid for pid in self.pids if pid not in self._gone]
-        live = self._signal_groups(signal.SIGTERM, pending)
-        live = self._wait_groups(live, time.monotonic() + timeout)
-        if live:
-            live = self._signal_groups(signal.SIGKILL, live)
-            live = self._wait_groups(live, time.monotonic() + _KILL_WAIT_S)
-        self._gone.update(pid for pid in pending if pid not in live)
+        self.terminate()
+        self._wait_groups(self._live(), time.monotonic() + timeout)
+        self.kill()
+
+    def terminate(self) -> None:
+        """SIGTERM every worker's process group now, without waiting (see :meth:`settled`)."""
+        self._signal_groups(signal.SIGTERM, self._live())
+
+    def settled(self) -> bool:
+        """Whether every worker's process group is empty now. Never blocks."""
+        return not self._live()
+
+    def kill(self) -> None:
+        """SIGKILL what is left, wait (bounded) for the kernel to tear it down, drain output."""
+        live = self._signal_groups(signal.SIGKILL, self._live())
+        self._wait_groups(live, time.monotonic() + _KILL_WAIT_S)
         self.poll()
         # Output drains once every writer is gone; one shared deadline bounds the whole wait.
         deadline = time.monotonic() + _READER_JOIN_S
         for worker in self._workers:
             for reader in worker.readers:
                 reader.join(max(0.0, deadline - time.monotonic()))
+
+    def _live(self) -> list[int]:
+        """Process groups not yet seen empty. A group confirmed empty is never signalled
+        again: its number may be reused one day."""
+        self.poll()
+        live = [pid for pid in self.pids if pid not in self._gone and procfs.group_alive(pid)]
+        self._gone.update(pid for pid in self.pids if pid not in live)
+        return live
 
     def _signal_groups(self, sig: signal.Signals, pgids: list[int]) -> list[int]:
         live = []

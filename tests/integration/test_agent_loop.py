@@ -6,6 +6,7 @@ through what it does to the groups, to etcd's keys and through its exit code."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,21 +21,44 @@ TIMINGS = ["--lease-ttl", "2", "--last-call", "0.1", "--scale-up-cooldown", "0.2
 
 
 class FakeGroup:
-    """A worker group that runs nothing: the test sets the exit codes."""
+    """A worker group that runs nothing: the test sets the exit codes. After SIGTERM its
+    workers take ``stop_seconds`` to exit, as slow GPU workers do."""
 
-    def __init__(self, command, envs, log_dir, prefixes, warm) -> None:
+    def __init__(self, command, envs, log_dir, prefixes, warm, stop_seconds: float = 0.0) -> None:
         self.envs = envs
         self.codes: list[int | None] = [None] * len(envs)
         self.started = self.stopped = False
         self.pids = [10_000 + i for i in range(len(envs))]
+        self.stop_seconds = stop_seconds
+        self.terminated_at: float | None = None
 
     def start(self) -> None:
         self.started = True
 
     def poll(self) -> list[int | None]:
+        if self.terminated_at is not None and time.monotonic() - self.terminated_at >= self.stop_seconds:
+            self._exit()
         return list(self.codes)
 
+    def terminate(self) -> None:
+        self.stopped = True
+        if self.terminated_at is None:
+            self.terminated_at = time.monotonic()
+
+    def settled(self) -> bool:
+        return None not in self.poll()
+
+    def kill(self) -> None:
+        self._exit()
+
     def stop(self, timeout: float) -> None:
+        """Blocks, as the real group does, until the workers exited or ``timeout``."""
+        self.terminate()
+        assert self.terminated_at is not None
+        wait_until(self.settled, min(timeout, self.stop_seconds) + 1, "the fake workers to exit")
+        self.kill()
+
+    def _exit(self) -> None:
         self.stopped = True
         self.codes = [-15 if c is None else c for c in self.codes]
 
@@ -54,8 +78,9 @@ class FakeGroup:
 
 
 class Node:
-    def __init__(self, store: MemoryStore, node_id: str, tmp: Path, *flags: str) -> None:
+    def __init__(self, store: MemoryStore, node_id: str, tmp: Path, *flags: str, stop_seconds: float = 0.0) -> None:
         self.groups: list[FakeGroup] = []
+        self.stop_seconds = stop_seconds
         argv = ["--min-nodes", "2", "--max-nodes", "3", "--job-id", "loop", "--etcd-endpoints", "127.0.0.1:1",
                 "--node-id", node_id, "--node-addr", "127.0.0.1", "--log-dir", str(tmp / node_id),
                 "--no-prewarm", "--max-restarts", "1", *TIMINGS, *flags, "--", "python", "train.py"]
@@ -65,7 +90,7 @@ class Node:
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"agent-{node_id}")
 
     def _group(self, *args) -> FakeGroup:
-        group = FakeGroup(*args)
+        group = FakeGroup(*args, stop_seconds=self.stop_seconds)
         self.groups.append(group)
         return group
 
@@ -97,8 +122,8 @@ def store():
 def nodes(store, tmp_path):
     made: list[Node] = []
 
-    def make(node_id: str, *flags: str) -> Node:
-        node = Node(store, node_id, tmp_path, *flags)
+    def make(node_id: str, *flags: str, stop_seconds: float = 0.0) -> Node:
+        node = Node(store, node_id, tmp_path, *flags, stop_seconds=stop_seconds)
         made.append(node)
         node.thread.start()
         return node
@@ -131,6 +156,22 @@ def test_a_worker_failure_restarts_every_node_once_and_charges_the_budget(nodes,
     kv, _ = store.get(a.agent.settings.restarts_key)
     assert kv is not None and RestartCount.decode(kv.key, kv.value).count == 1
     assert len(a.groups) == len(b.groups) == 2  # one restart, not two
+
+
+def test_a_node_slow_to_stop_stays_in_the_next_round_one_restart_charged_once(nodes, store) -> None:
+    # b's workers take 1.5 s to stop, much longer than --last-call (0.1 s): b joins the next
+    # round at once and stops its workers meanwhile, so it is not left out of it (which
+    # would cost a second restart to grow the job back) and the failure is charged.
+    a, b = nodes("a", "--min-nodes", "1"), nodes("b", "--min-nodes", "1", stop_seconds=1.5)
+    wait_until(lambda: a.training_in(1) and b.training_in(1) and a.group.envs[0]["WORLD_SIZE"] == "2", 10,
+               "round 1 with both")
+    a.group.codes = [1]
+    wait_until(lambda: a.training_in(2) and b.training_in(2), 10, "both in round 2")
+    assert a.group.envs[0]["WORLD_SIZE"] == "2"
+    time.sleep(1.0)  # a window for what must not happen: a scale-up round (0.2 s cool-down)
+    assert a.training_in(2) and b.training_in(2) and len(a.groups) == len(b.groups) == 2
+    kv, _ = store.get(a.agent.settings.restarts_key)
+    assert kv is not None and RestartCount.decode(kv.key, kv.value).count == 1
 
 
 def test_the_budget_spent_fails_the_job_on_every_node(nodes, store) -> None:

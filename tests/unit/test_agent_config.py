@@ -45,7 +45,7 @@ def test_defaults() -> None:
     assert config.max_restarts == 3
     assert (config.metrics_addr, config.metrics_port) == ("127.0.0.1", 29600)
     assert config.standalone is False
-    assert config.log_dir == Path("elastic-agent-logs")
+    assert config.log_dir == Path.cwd() / "elastic-agent-logs"  # absolute: workers may chdir
     assert config.shutdown_timeout == 10.0
     assert config.lease_ttl == 10.0
     assert config.last_call == Settings.last_call == 0.5

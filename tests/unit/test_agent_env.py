@@ -57,6 +57,7 @@ def test_two_nodes_by_four_processes_second_node_rank_three() -> None:
         "TORCHELASTIC_ERROR_FILE": "/logs/3/error.json",
         "OMP_NUM_THREADS": "1",
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT",
         "ELASTIC_AGENT_NODE_ID": "node-b",
         "ELASTIC_AGENT_ROUND": "7",
         "ELASTIC_AGENT_CHECKPOINT_DIR": "/ckpt",

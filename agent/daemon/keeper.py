@@ -1,0 +1,145 @@
+"""The agent's side of the keeper (agent.daemon.keeper_main): start it, ask it to spawn
+workers, learn their exits. A :class:`KeptProcess` answers ``pid``, ``poll()`` and ``wait()``
+as a ``subprocess.Popen`` would, so the worker group does not care who the parent is."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO
+
+from agent.errors import SpawnError
+
+log = logging.getLogger(__name__)
+
+KEEPER = Path(__file__).with_name("keeper_main.py")
+SPAWN_TIMEOUT_S = 10.0
+_MAX_MESSAGE = 1 << 16
+
+
+class KeptProcess:
+    def __init__(self, keeper: Keeper, pid: int) -> None:
+        self.keeper = keeper
+        self.pid = pid
+        self.returncode: int | None = None
+        self.stdin: IO[bytes] | None = None  # our end of its stdin, when it was given a pipe
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.keeper.exit_code(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self.keeper.wait_exit(self.pid, timeout):
+            raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
+        code = self.poll()
+        assert code is not None
+        return code
+
+
+class Keeper:
+    """One keeper process and the thread that reads its reports."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-S", "-I", str(KEEPER), str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        except OSError as exc:
+            ours.close()
+            raise SpawnError(f"cannot start the worker keeper: {exc.strerror or exc}") from exc
+        finally:
+            theirs.close()
+        self._sock = ours
+        self._cond = threading.Condition()
+        self._exits: dict[int, int] = {}
+        self._replies: dict[int, dict] = {}
+        self._next_id = 0
+        self._gone = False
+        self._send_lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True, name="keeper-reports").start()
+
+    @property
+    def alive(self) -> bool:
+        return not self._gone
+
+    def spawn(self, argv: list[str], env: dict[str, str], cwd: str, fds: tuple[int, int, int]) -> KeptProcess:
+        with self._cond:
+            self._next_id += 1
+            request_id = self._next_id
+        message = json.dumps({"op": "spawn", "id": request_id, "argv": argv, "env": env, "cwd": cwd}).encode()
+        try:
+            with self._send_lock:
+                socket.send_fds(self._sock, [message], list(fds))
+        except OSError as exc:
+            raise SpawnError(f"cannot start worker command {argv[0]!r}: the keeper is gone ({exc})") from exc
+        with self._cond:
+            if not self._cond.wait_for(lambda: request_id in self._replies or self._gone, SPAWN_TIMEOUT_S):
+                raise SpawnError(f"cannot start worker command {argv[0]!r}: the keeper did not answer")
+            reply = self._replies.pop(request_id, None)
+        if reply is None:
+            raise SpawnError(f"cannot start worker command {argv[0]!r}: the keeper exited")
+        if reply["op"] != "spawned":
+            raise SpawnError(f"cannot start worker command {argv[0]!r}: {reply.get('error')}")
+        return KeptProcess(self, int(reply["pid"]))
+
+    def exit_code(self, pid: int) -> int | None:
+        """The worker's exit code (negative: killed by that signal), None while it runs. If
+        the keeper itself died, its workers died with it (PR_SET_PDEATHSIG=SIGKILL)."""
+        with self._cond:
+            return self._exits.get(pid, -9 if self._gone else None)
+
+    def wait_exit(self, pid: int, timeout: float | None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: pid in self._exits or self._gone, timeout)
+
+    def close(self) -> None:
+        """Ends the keeper: it kills whatever is left below it, then exits."""
+        self._sock.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(_MAX_MESSAGE)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            message = json.loads(data)
+            with self._cond:
+                if message["op"] == "exited":
+                    self._exits[int(message["pid"])] = int(message["code"])
+                else:
+                    self._replies[int(message["id"])] = message
+                self._cond.notify_all()
+        with self._cond:
+            self._gone = True
+            self._cond.notify_all()
+        if self.process.poll() is None or self.process.returncode != 0:
+            log.debug("worker keeper ended (exit %s)", self.process.poll())
+
+
+_shared: Keeper | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_keeper() -> Keeper:
+    """The keeper of this agent process, started on first use (and again if it died)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or not _shared.alive:
+            _shared = Keeper()
+        return _shared

@@ -1,0 +1,153 @@
+"""The keeper: one small process per agent that is the parent of every worker, so that no
+worker outlives its agent, whatever wraps the trainer (``bash run.sh``, ``uv run``, a
+launcher that forks and exits).
+
+Run by the agent as ``python -S -I keeper_main.py FD`` with one end of a socket pair on FD;
+standard library only, no agent imports (it starts in milliseconds and shares nothing).
+
+- It is a child subreaper (``PR_SET_CHILD_SUBREAPER``): whatever a worker forks and abandons
+  is re-parented to the keeper, not to init, so it is still found below the keeper.
+- It forks each worker on request: the child starts a new session, gets
+  ``PR_SET_PDEATHSIG=SIGKILL`` (it dies if the keeper dies abruptly), takes the three file
+  descriptors the agent sent (stdin, stdout, stderr) and execs the command.
+- It reaps its children and reports every exit to the agent (``-N``: killed by signal N).
+- When the agent goes away (the socket reaches end of file: a clean exit or a ``kill -9``),
+  it SIGKILLs every process below it, waits for them, and exits.
+
+Messages are JSON, one per datagram (SOCK_SEQPACKET), file descriptors alongside
+(SCM_RIGHTS). Agent -> keeper: ``{"op": "spawn", "id", "argv", "env", "cwd"}`` with 3 fds.
+Keeper -> agent: ``{"op": "spawned", "id", "pid"}``, ``{"op": "failed", "id", "error"}``,
+``{"op": "exited", "pid", "code"}``.
+"""
+
+import ctypes
+import json
+import os
+import select
+import signal
+import socket
+import sys
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+MAX_MESSAGE = 1 << 20  # a worker's environment and arguments fit with room to spare
+KILL_ROUNDS = 50  # each round SIGKILLs what is left and waits up to 0.1 s
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def send(sock, message):
+    try:
+        sock.send(json.dumps(message).encode())
+    except OSError:
+        pass  # the agent is gone; the main loop notices at its next read
+
+
+def spawn(sock, request, fds):
+    keeper = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != keeper:  # the keeper died before prctl took effect
+                os._exit(137)
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+            os.closerange(3, 65536)
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):  # ignored ones survive exec
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            os.chdir(request["cwd"])
+            os.execvpe(request["argv"][0], request["argv"], request["env"])
+        except OSError as exc:
+            os.write(2, f"cannot start worker command {request['argv'][0]!r}: {exc.strerror}\n".encode())
+        finally:
+            os._exit(127)
+    for fd in fds:
+        os.close(fd)
+    send(sock, {"op": "spawned", "id": request["id"], "pid": pid})
+
+
+def reap(sock):
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        if sock is not None:
+            send(sock, {"op": "exited", "pid": pid, "code": code})
+
+
+def descendants():
+    """Every process below the keeper, found by walking parent links in /proc."""
+    parents = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        parents[int(name)] = int(stat[stat.rfind(b")") + 2:].split()[1])
+    below, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - below
+        below |= frontier
+    return below
+
+
+def kill_everything():
+    for _ in range(KILL_ROUNDS):
+        left = descendants()
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        select.select([], [], [], 0.1)
+        reap(None)
+
+
+def main():
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the agent's going away ends the keeper
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    while True:
+        ready, _, _ = select.select([sock, wake_r], [], [])
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+        reap(sock)
+        if sock not in ready:
+            continue
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 3)
+        except OSError:
+            data, fds = b"", []
+        if not data:  # the agent is gone
+            break
+        request = json.loads(data)
+        if request.get("op") == "spawn":
+            try:
+                spawn(sock, request, fds)
+            except OSError as exc:
+                for fd in fds:
+                    os.close(fd)
+                send(sock, {"op": "failed", "id": request["id"], "error": exc.strerror or str(exc)})
+    kill_everything()
+
+
+if __name__ == "__main__":
+    main()

@@ -205,7 +205,9 @@ def test_save_from_an_older_round_is_refused_and_writes_nothing(tmp_path: Path) 
     save(tmp_path, 11, round_number=4)
     save(tmp_path, 12, round_number=5)
     save(tmp_path, 13, round_number=None)
-    assert ckpt.latest_step(tmp_path) == 13
+    # No round sorts below every round: round 5's step 12 is the latest, not the higher step 13.
+    assert ckpt.latest_step(tmp_path) == 12
+    assert [c.step for c in ckpt.complete_checkpoints(tmp_path)] == [13, 10, 11, 12]
 
 
 def test_an_incomplete_newer_round_checkpoint_does_not_fence(tmp_path: Path) -> None:

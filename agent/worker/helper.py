@@ -19,12 +19,14 @@ round (for fencing), this worker's progress file and this node's control file. U
 torchrun none of these exist: no progress is written, nothing is drained, and checkpoints
 are written only when ``checkpoint_dir`` is passed explicitly.
 
-Call ``load`` after ``torch.distributed.init_process_group`` (or without one, single
-process), and call ``step`` at the same step on every rank: it runs one tiny collective.
+Call ``load`` on every rank after ``torch.distributed.init_process_group`` (or without one,
+single process): global rank 0 chooses the checkpoint and every rank loads that one. Call
+``step`` at the same step on every rank: it runs one tiny collective.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -38,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from agent.worker import checkpoint as ckpt
+from agent.worker import choice
 from agent.worker.protocol import (
     CHECKPOINT_DIR_ENV,
     CONTROL_FILE_ENV,
@@ -124,14 +127,25 @@ class Elastic:
     ) -> tuple[int, T]:
         """``(start_step, state)``: the step after the latest complete checkpoint and its state
         (``torch.load``), or ``(0, default)`` (``default()`` if callable) when there is none.
-        Every rank reads the checkpoint itself; the directory must be shared by all nodes."""
-        found = ckpt.load_latest(self.checkpoint_dir) if self.checkpoint_dir is not None else None
+
+        Collective under a process group: call on every rank. Global rank 0 chooses the
+        checkpoint (newest by round, then step; its file read once and its sha256 checked)
+        and every other rank loads exactly that one (``agent.worker.choice``); the directory
+        must be shared by all nodes. Under the agent, rank 0 also fences the directory
+        against late saves of older rounds."""
+        collective = _TorchCollective(self) if self.distributed and self.world_size > 1 else None
+
+        def deserialize(loaded: choice.Loaded) -> Any:
+            return torch.load(io.BytesIO(loaded.payload[STATE_FILE]), map_location=map_location, **torch_load_kwargs)
+
+        found = choice.load_agreed(self.checkpoint_dir, self.round_number, rank=self.rank, names=(STATE_FILE,),
+                                   deserialize=deserialize, collective=collective)
         if found is None:
             state = default() if callable(default) else default
             return 0, state
-        state = torch.load(found.file(STATE_FILE), map_location=map_location, **torch_load_kwargs)
-        self.last_saved_step = found.step
-        return found.step + 1, state
+        checkpoint, state = found
+        self.last_saved_step = checkpoint.step
+        return checkpoint.step + 1, state
 
     # -- the per-step call -----------------------------------------------------------------
 
@@ -243,3 +257,20 @@ class Elastic:
             else:
                 self._group, self._device = None, torch.device("cuda", torch.cuda.current_device())
         return self._group, self._device
+
+
+class _TorchCollective:
+    """What ``agent.worker.choice`` needs from torch.distributed, on the helper's agreement group
+    (the default group under gloo, a gloo side group under NCCL when there is one)."""
+
+    def __init__(self, elastic: Elastic) -> None:
+        self._elastic = elastic
+
+    def broadcast(self, obj: Any) -> Any:
+        group, device = self._elastic._agreement_group()
+        objects = [obj]
+        dist.broadcast_object_list(objects, src=0, group=group, device=device)
+        return objects[0]
+
+    def agree(self, flag: bool) -> bool:
+        return self._elastic._agree(flag)

@@ -31,10 +31,6 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 DEADLINE_S = 30.0
 
 
-
-
-
-
 def read_progress(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -53,22 +49,24 @@ def procs() -> Iterator[list[subprocess.Popen]]:
 
 
 def start_ranks(procs: list[subprocess.Popen], tmp_path: Path, args: list[str], *, agent: bool,
-                world_size: int = 2, round_number: int = 1) -> list[Path]:
-    """One process per rank, each as if on its own node (own control and progress file)."""
+                world_size: int = 2, round_number: int = 1, script: Path = LOOP,
+                checkpoint_dirs: list[Path] | None = None) -> list[Path]:
+    """One process per rank of ``script``, each as if on its own node (own control and progress
+    file); every rank's checkpoint directory is ``tmp_path/ckpt`` unless ``checkpoint_dirs`` says."""
     port = free_port()
     outputs = []
     for rank in range(world_size):
         env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIC_AGENT_")}
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK="0",
                    WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
-        env[CHECKPOINT_DIR_ENV] = str(tmp_path / "ckpt")
+        env[CHECKPOINT_DIR_ENV] = str(checkpoint_dirs[rank] if checkpoint_dirs else tmp_path / "ckpt")
         if agent:
             env[ROUND_ENV] = str(round_number)
             env[PROGRESS_FILE_ENV] = str(tmp_path / f"progress-{rank}.json")
             env[CONTROL_FILE_ENV] = str(tmp_path / f"control-{rank}")
         out = tmp_path / f"out-{rank}-{len(procs)}.txt"
         with open(out, "w") as handle:
-            procs.append(subprocess.Popen([sys.executable, str(LOOP), *args], env=env, cwd=tmp_path,
+            procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=tmp_path,
                                           stdout=handle, stderr=subprocess.STDOUT))
         outputs.append(out)
     return outputs

@@ -1,8 +1,9 @@
 """What training scripts import: ``from agent.worker import Elastic``.
 
-``agent.worker.checkpoint`` (atomic checkpoints) and ``agent.worker.protocol`` (the names the
-agent and its workers share) never import torch, so the agent reads them freely; only the
-helper (``agent.worker.helper``) does, and it is imported on first use of its names.
+``agent.worker.checkpoint`` (atomic checkpoints; ``manifest``, ``fence`` and ``choice`` below it)
+and ``agent.worker.protocol`` (the names the agent and its workers share) never import torch,
+so the agent reads them freely; only the helper (``agent.worker.helper``) does, and it is
+imported on first use of its names.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ Environment variables the agent sets for each worker (absent under plain torchru
 
 - ``ELASTIC_AGENT_CHECKPOINT_DIR``: where checkpoints go (``agent.worker.checkpoint`` layout).
 - ``ELASTIC_AGENT_ROUND``: the rendezvous round the worker belongs to; every checkpoint is
-  stamped with it, and a save is refused when the directory already holds a complete
-  checkpoint of a newer round (a zombie of an old round can never replace newer work).
+  stamped with it, "latest" means the newest round, then the highest step, global rank 0
+  records it in the directory's fence file once it has chosen the checkpoint to resume from,
+  and a save is refused when the fence or a complete checkpoint names a newer round (a
+  zombie of an old round can never replace newer work).
 - ``ELASTIC_AGENT_PROGRESS_FILE``: one per worker. After each step the helper replaces it
   (temp file + ``os.replace``) with ``{"v": 1, "step": N, "time": <unix time>, "pid": P,
   "phase": "train" | "checkpointed" | "drained" | "finished"}``; ``step`` is the last

@@ -226,6 +226,7 @@ def test_checkpoint_file_lookup_names_what_exists(tmp_path: Path) -> None:
 def test_importing_checkpoint_does_not_load_torch(tmp_path: Path) -> None:
     import subprocess
 
-    code = "import agent.worker.checkpoint, agent.worker.protocol, sys; print('torch' in sys.modules)"
+    code = ("import agent.worker.checkpoint, agent.worker.choice, agent.worker.protocol, sys; "
+            "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "False"

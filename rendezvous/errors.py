@@ -34,3 +34,8 @@ class CorruptStateError(RendezvousError):
         self.key = key
         self.expected = expected
         self.found = found
+
+
+class StoreConfigError(RendezvousError):
+    """etcd refused how we connect or who we are (TLS certificates, user, password, permission
+    on the job's keys). Retrying cannot help: the message names what to fix."""

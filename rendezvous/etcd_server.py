@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rendezvous.errors import RendezvousError
@@ -36,11 +37,32 @@ def etcd_binary() -> Path:
     return binary
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """PEM files for an etcd that speaks TLS to clients and to its peers. ``cert`` must be
+    valid for 127.0.0.1 as a server and as a client (members use it both ways, and so does
+    the readiness check). With ``client_cert_auth`` every client must present a certificate
+    signed by ``ca``."""
+
+    ca: str
+    cert: str
+    key: str
+    client_cert_auth: bool = True
+
+    def args(self) -> list[str]:
+        return [
+            "--trusted-ca-file", self.ca, "--cert-file", self.cert, "--key-file", self.key,
+            "--peer-trusted-ca-file", self.ca, "--peer-cert-file", self.cert, "--peer-key-file", self.key,
+            "--peer-client-cert-auth", *(["--client-cert-auth"] if self.client_cert_auth else []),
+        ]
+
+
 class EtcdServer:
     """One etcd member on 127.0.0.1 with free ports and a temporary data dir."""
 
     def __init__(self, data_dir: str | None = None, client_port: int | None = None,
-                 log_path: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
+                 log_path: str | None = None, extra_args: tuple[str, ...] = (),
+                 tls: ServerTls | None = None) -> None:
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="elastic-agent-etcd-")
         os.makedirs(self.data_dir, exist_ok=True)
@@ -48,30 +70,42 @@ class EtcdServer:
         self.peer_port = free_port()
         self.log_path = log_path or os.path.join(self.data_dir, "etcd.log")
         self.extra_args = extra_args
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
         return host_port("127.0.0.1", self.client_port)
 
-    def start(self, timeout: float = 20.0) -> EtcdServer:
-        client = f"http://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
+    @property
+    def url(self) -> str:
+        """The client URL: ``https://`` when the server speaks TLS."""
+        return f"{self._scheme}://{self.endpoint}"
+
+    @property
+    def _scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    def start(self, timeout: float = 20.0, check_health: bool = True) -> EtcdServer:
+        """Start and wait until it answers ``/health`` (or, with ``check_health=False``, until its
+        client port accepts connections: for a test's etcd whose certificate is broken on purpose)."""
+        client = self.url
+        peer = f"{self._scheme}://127.0.0.1:{self.peer_port}"
         args = [
             str(etcd_binary()), "--name", "default",
             "--data-dir", os.path.join(self.data_dir, "member-data"),
             "--listen-client-urls", client, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"default={peer}",
-            "--log-level", "warn", *self.extra_args,
+            "--log-level", "warn", *(self.tls.args() if self.tls else []), *self.extra_args,
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
-        self._wait_ready(timeout)
+        self._wait_ready(timeout, check_health)
         return self
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, timeout: float, check_health: bool) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
@@ -79,7 +113,7 @@ class EtcdServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.client_port), timeout=0.2):
                     pass
-                if self._healthy():
+                if not check_health or self._healthy():
                     return
             except OSError:
                 pass
@@ -90,8 +124,19 @@ class EtcdServer:
     def _healthy(self) -> bool:
         import urllib.request  # noqa: PLC0415
 
+        context = None
+        if self.tls:
+            import ssl  # noqa: PLC0415
+
+            # Readiness of our own child, not a security check: a test may give it a broken
+            # (expired) certificate on purpose, so its certificate is not verified here.
+            context = ssl.create_default_context(cafile=self.tls.ca)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            if self.tls.client_cert_auth:
+                context.load_cert_chain(self.tls.cert, self.tls.key)
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.client_port}/health", timeout=0.5) as r:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=0.5, context=context) as r:
                 return b'"health":"true"' in r.read()
         except OSError:
             return False

@@ -5,7 +5,8 @@ not its client class: its watch thread dies on a lost stream and it refuses a fa
 for five minutes (see docs/architecture.md). This adapter owns endpoint failover, gRPC
 keepalive (so a hung server or a cut link is noticed), bounded retries (tenacity), request
 counting, and translating every client error into ours. Its watch and keep-alive streams
-are in :mod:`rendezvous.etcd_streams`.
+are in :mod:`rendezvous.etcd_streams`; TLS, users and what etcd's refusals mean, in
+:mod:`rendezvous.etcd_auth` and :mod:`rendezvous.etcd_tls`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import math
 import time
 from typing import Any, Callable, TypeVar
 
-import grpc
 import tenacity
-from etcd3 import etcdrpc
 
 from rendezvous.errors import LeaseLostError, RendezvousError, StoreUnavailableError
-from rendezvous.etcd_streams import EtcdChannel, EtcdWatch, KeepAliveStream, WatchStream
+from rendezvous.etcd_auth import Connector, Credentials, Watches
+from rendezvous.etcd_grpc import etcdrpc, grpc
+from rendezvous.etcd_streams import EtcdChannel, EtcdWatch, KeepAliveStream, WatchDeniedError, WatchStream
 from rendezvous.net import Endpoint, endpoints_text, parse_endpoints, uses_tls
 from rendezvous.store import KV, ErrorCallback, EventsCallback, RequestCounter, TxnResult
 
@@ -44,24 +45,25 @@ def _kv(kv: Any) -> KV:
 
 
 class EtcdStore:
-    """A :class:`~rendezvous.store.Store` backed by an etcd v3 cluster."""
+    """A :class:`~rendezvous.store.Store` backed by an etcd v3 cluster. ``https://`` endpoints
+    or TLS ``credentials`` make every connection TLS (never a fallback to plaintext)."""
 
-    def __init__(self, endpoints: tuple[Endpoint, ...] | str, *, request_timeout: float = 2.0,
-                 retry_for: float = 5.0, counter: RequestCounter | None = None,
+    def __init__(self, endpoints: tuple[Endpoint, ...] | str, *, credentials: Credentials | None = None,
+                 request_timeout: float = 2.0, retry_for: float = 5.0, counter: RequestCounter | None = None,
                  observer: Callable[[str, float, BaseException | None], None] | None = None) -> None:
-        if isinstance(endpoints, str) and uses_tls(endpoints):  # never fall back to plaintext
-            raise ValueError(f"etcd endpoints ({endpoints}): https:// is not supported (no TLS client yet)")
+        https = isinstance(endpoints, str) and uses_tls(endpoints)
         self.endpoints = (parse_endpoints(endpoints) if isinstance(endpoints, str)
                           else tuple(Endpoint(*e) for e in endpoints))  # (host, port) pairs too
         self.request_timeout = request_timeout
         self.retry_for = retry_for
         self.requests = counter or RequestCounter()
         self.observer = observer  # (request kind, seconds, error or None) after every attempt
-        self._channel = EtcdChannel(self.endpoints)
+        self._connector = Connector(credentials or Credentials(), request_timeout, https)  # checks TLS files now
+        self._channel = EtcdChannel(self.endpoints, self._connector.open)
         # Under load (a thousand watches opened at once) confirmations queue up: wait as long
         # as a retried request would.
-        self._watches = WatchStream(lambda: self._channel.stubs().watch, self._channel.fail_over, self.requests,
-                                    confirm_timeout=max(retry_for, request_timeout))
+        self._watches = Watches(lambda: WatchStream(lambda: self._channel.stubs().watch, self._channel.fail_over,
+                                                    self.requests, confirm_timeout=max(retry_for, request_timeout)))
         self._keepalives = KeepAliveStream(lambda: self._channel.stubs().lease, self._channel.fail_over)
 
     # --- plumbing ----------------------------------------------------------------------
@@ -80,6 +82,9 @@ class EtcdStore:
                 result = fn(*self._channel.stubs())
             except grpc.RpcError as exc:
                 self._observe(kind, began, exc)
+                refused = self._connector.refusal(kind, exc, self.endpoint)
+                if refused is not None:  # TLS, login or permission: retrying cannot help
+                    raise refused from exc
                 if exc.code() in _RETRYABLE:
                     self._channel.fail_over()
                     raise _Retry(f"{kind} on {self.endpoint}: {exc.code().name}: {exc.details()}") from exc
@@ -217,7 +222,11 @@ class EtcdStore:
     def watch(self, key: str, on_events: EventsCallback, on_error: ErrorCallback,
               start_revision: int, prefix: bool = False) -> EtcdWatch:
         raw = key.encode()
-        return self._watches.add(raw, _range_end(raw) if prefix else b"", start_revision, on_events, on_error)
+        try:
+            return self._watches.add(raw, _range_end(raw) if prefix else b"", start_revision, on_events, on_error,
+                                     renew=self._connector.forget_token)
+        except WatchDeniedError as exc:
+            raise self._connector.denied("watch") from exc
 
     def close(self) -> None:
         self._watches.close()

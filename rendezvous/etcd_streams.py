@@ -5,7 +5,8 @@ finds it unavailable. Every watch of a store shares one Watch stream and every l
 one LeaseKeepAlive stream, each read by a thread of its own: opening a stream per watch or
 per refresh costs etcd more than the request itself. A broken stream fails whoever waits on
 it, fails the channel over, and is opened again on the next use. Part of the etcd adapter:
-with :mod:`rendezvous.etcd_store`, the only modules that import grpc.
+with :mod:`rendezvous.etcd_store` and :mod:`rendezvous.etcd_auth`, the only modules that
+use grpc (imported quietly, from :mod:`rendezvous.etcd_grpc`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple
 
-import grpc
-from etcd3 import etcdrpc
-from etcd3.etcdrpc import kv_pb2
-
 from rendezvous.errors import StoreUnavailableError
+from rendezvous.etcd_grpc import etcdrpc, grpc
 from rendezvous.net import Endpoint
 from rendezvous.store import DELETE, PUT, ErrorCallback, Event, EventsCallback, RequestCounter
 
@@ -41,11 +39,18 @@ class Stubs(NamedTuple):
     watch: Any
 
 
-class EtcdChannel:
-    """A gRPC channel to the current endpoint, opened on first use."""
+def insecure_channel(target: str) -> grpc.Channel:
+    return grpc.insecure_channel(target, options=GRPC_OPTIONS)
 
-    def __init__(self, endpoints: tuple[Endpoint, ...]) -> None:
+
+class EtcdChannel:
+    """A gRPC channel to the current endpoint, opened on first use by ``open_channel``
+    (plaintext, or TLS and auth: :class:`rendezvous.etcd_auth.Connector`)."""
+
+    def __init__(self, endpoints: tuple[Endpoint, ...],
+                 open_channel: Callable[[str], grpc.Channel] = insecure_channel) -> None:
         self.endpoints = endpoints
+        self._open = open_channel
         self._lock = threading.Lock()
         self._index = 0
         self._channel: grpc.Channel | None = None
@@ -61,7 +66,7 @@ class EtcdChannel:
             if self._closed:
                 raise StoreUnavailableError("etcd store is closed")
             if self._stubs is None:
-                self._channel = grpc.insecure_channel(self.endpoint, options=GRPC_OPTIONS)
+                self._channel = self._open(self.endpoint)
                 self._stubs = Stubs(etcdrpc.KVStub(self._channel), etcdrpc.LeaseStub(self._channel),
                                     etcdrpc.WatchStub(self._channel))
             return self._stubs
@@ -82,6 +87,17 @@ class EtcdChannel:
             self._channel.close()
         self._channel = None
         self._stubs = None
+
+
+class WatchDeniedError(StoreUnavailableError):
+    """etcd refused to create a watch as not permitted: a real refusal, or a stale auth token
+    (etcd 3.5 says "permission denied" for both)."""
+
+
+def _watch_refused(reason: str) -> StoreUnavailableError:
+    if "permission denied" in reason or "invalid auth token" in reason:
+        return WatchDeniedError(f"etcd refused the watch: {reason}")
+    return StoreUnavailableError(f"etcd refused the watch: {reason or 'compacted'}")
 
 
 @dataclass(eq=False)
@@ -119,6 +135,7 @@ class WatchStream:
         self._requests: queue.Queue[Any] | None = None
         self._pending: collections.deque[EtcdWatch] = collections.deque()
         self._active: dict[int, EtcdWatch] = {}
+        self._call: Any = None  # the current gRPC stream, to cancel
         self._closed = False
 
     def add(self, key: bytes, range_end: bytes, start_revision: int,
@@ -162,10 +179,27 @@ class WatchStream:
         with self._lock:
             watch.dead = True
 
+    def abandon(self, why: str) -> None:
+        """End the stream now, as a broken one ends: each of its watches gets ``on_error``
+        (their owners watch again, on the store's next stream)."""
+        with self._lock:
+            self._closed = True
+            call, self._call = self._call, None
+            if self._requests is not None:
+                self._requests.put(None)
+            self._requests = None
+            victims = list(self._pending) + list(self._active.values())
+            self._pending.clear()
+            self._active.clear()
+        if call is not None:
+            call.cancel()  # etcd keeps a half-closed watch stream open: cancel it
+        _fail(victims, StoreUnavailableError(f"etcd watch stream ended: {why}"))
+
     def _open_locked(self) -> None:
         requests: queue.Queue[Any] = queue.Queue()
         self._requests = requests
         responses = self._stub().Watch(iter(requests.get, None))
+        self._call = responses
         threading.Thread(target=self._read, args=(requests, responses), daemon=True,
                          name="etcd-watch").start()
 
@@ -189,14 +223,7 @@ class WatchStream:
             self._active.clear()
         if error is not None:
             self._fail_over()
-        err = error or StoreUnavailableError("etcd watch stream ended")
-        for watch in victims:
-            if not watch.created.is_set():
-                watch.create_error = err
-                watch.created.set()
-            elif not watch.dead:
-                watch.dead = True
-                watch.on_error(err)
+        _fail(victims, error or StoreUnavailableError("etcd watch stream ended"))
 
     def _handle(self, resp: Any) -> None:
         if resp.created:
@@ -206,8 +233,7 @@ class WatchStream:
                     return
                 watch.watch_id = resp.watch_id
                 if resp.canceled:
-                    watch.create_error = StoreUnavailableError(
-                        f"etcd refused the watch: {resp.cancel_reason or 'compacted'}")
+                    watch.create_error = _watch_refused(resp.cancel_reason)
                 elif watch.dead:
                     self._counter.add("watch_cancel")
                     assert self._requests is not None
@@ -231,10 +257,20 @@ class WatchStream:
             return
         if resp.events:
             watch.on_events([
-                Event(DELETE if ev.type == kv_pb2.Event.DELETE else PUT, ev.kv.key.decode(),
+                Event(DELETE if ev.type == etcdrpc.kv_pb2.Event.DELETE else PUT, ev.kv.key.decode(),
                       bytes(ev.kv.value), ev.kv.create_revision, ev.kv.mod_revision)
                 for ev in resp.events
             ])
+
+
+def _fail(victims: list[EtcdWatch], err: StoreUnavailableError) -> None:
+    for watch in victims:
+        if not watch.created.is_set():
+            watch.create_error = err
+            watch.created.set()
+        elif not watch.dead:
+            watch.dead = True
+            watch.on_error(err)
 
 
 class KeepAliveStream:

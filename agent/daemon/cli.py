@@ -57,6 +57,9 @@ def _start(argv: list[str]) -> int:
         start_parser().print_help()
         return 0
     config = load_config(argv, os.environ)
+    from agent.daemon.config import PASSWORD_VAR  # noqa: PLC0415
+
+    os.environ.pop(PASSWORD_VAR, None)  # read: workers inherit our environment, not our etcd password
     from agent.daemon.spawn import check_command  # noqa: PLC0415
 
     try:
@@ -72,8 +75,8 @@ def _start(argv: list[str]) -> int:
     from agent.observe.collectors import CheckpointCollector, RequestCountCollector  # noqa: PLC0415
     from agent.observe.http import HealthServer, loop_liveness  # noqa: PLC0415
     from agent.observe.metrics import AgentMetrics  # noqa: PLC0415
-    from rendezvous.errors import RendezvousError, StoreUnavailableError  # noqa: PLC0415
-    from rendezvous.etcd_store import EtcdStore  # noqa: PLC0415
+    from agent.daemon.connect import open_store, usage_error  # noqa: PLC0415
+    from rendezvous.errors import RendezvousError, StoreConfigError, StoreUnavailableError  # noqa: PLC0415
 
     signals = Signals()
     signals.install()  # from here on a SIGTERM is a request to leave, not a crash
@@ -91,7 +94,7 @@ def _start(argv: list[str]) -> int:
         endpoints = config.endpoints_text
     # Requests retry for at most a quarter of the lease TTL, so the loop is never blocked on
     # etcd long enough to miss fencing (see rendezvous.session's margin).
-    store = EtcdStore(endpoints, retry_for=min(5.0, max(0.5, config.lease_ttl / 4)))
+    store = open_store(config, endpoints, retry_for=min(5.0, max(0.5, config.lease_ttl / 4)))
     http = None
     watcher = None
     try:
@@ -120,6 +123,8 @@ def _start(argv: list[str]) -> int:
         watcher = _watch_preemption(config.preemption_source, signals)
         try:
             return agent.run()
+        except StoreConfigError as exc:  # TLS, login or permission refused: fix the settings
+            raise usage_error(exc) from exc
         except StoreUnavailableError as exc:
             if agent.state == State.INITIALIZING:
                 raise ConfigError(f"--etcd-endpoints ({endpoints}): {exc}") from exc

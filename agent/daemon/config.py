@@ -9,6 +9,7 @@ Every value goes through the same parser whatever its source, and every mistake 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
@@ -21,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.daemon.options import BY_FIELD, OPTIONS, PET_VARS, defaults, env_var, flag, start_parser
+from agent.daemon.options import (
+    BY_FIELD, CONNECTION_FIELDS, OPTIONS, PET_VARS, defaults, env_var, flag, start_parser,
+)
 from agent.daemon.values import Invalid
 from agent.errors import ConfigError
 from rendezvous.net import Endpoint, endpoints_text
@@ -56,8 +59,14 @@ class AgentConfig:
     preemption_source: str
     monitor_interval: float
     log_level: str
+    etcd_cacert: Path | None  # TLS and authentication to etcd: docs/security.md
+    etcd_cert: Path | None
+    etcd_key: Path | None
+    etcd_user: str | None
+    etcd_password_file: Path | None
     config_file: Path | None
     command: tuple[str, ...]
+    etcd_password: str | None = dataclasses.field(default=None, repr=False)  # never shown: see etcd_password()
 
     def rendezvous_settings(self) -> Settings:
         return Settings(
@@ -115,6 +124,8 @@ def _command_line_layer(argv: list[str]) -> tuple[_Layer, str | None, tuple[str,
         flags, command = argv, ()
     parsed, extras = start_parser().parse_known_args(flags)
     for extra in extras:
+        if extra.split("=")[0] == flag("etcd_password"):
+            raise ConfigError(NO_PASSWORD_FLAG)
         if extra.startswith("-"):
             raise ConfigError(f"unknown flag {extra!r} (see elastic-agent start --help)")
         raise ConfigError(f"unexpected argument {extra!r}: put the training command after '--'")
@@ -140,6 +151,9 @@ def _file_layer(path_text: str) -> _Layer:
     layer = _Layer()
     for key, raw in data.items():
         field = key.replace("-", "_")
+        if field == "etcd_password":
+            raise ConfigError(f"config file {path_text}: key 'etcd-password' is not accepted: "
+                              f"set {PASSWORD_VAR} or etcd-password-file")
         if field not in BY_FIELD:
             hint = difflib.get_close_matches(field, known, n=1)
             suggestion = f"; did you mean '{hint[0].replace('_', '-')}'?" if hint else ""
@@ -217,6 +231,12 @@ def load_config(
                 f"--etcd-endpoints ({_shown(values, sources, 'etcd_endpoints')}) cannot be used "
                 "with --standalone, which starts its own etcd: drop one of them"
             )
+        secured = [f for f in CONNECTION_FIELDS if values.get(f) is not None]
+        if secured:
+            raise ConfigError(
+                f"{flag(secured[0])} ({_shown(values, sources, secured[0])}) cannot be used with "
+                "--standalone, whose embedded etcd serves plaintext on 127.0.0.1 only: drop one of them"
+            )
         values["etcd_endpoints"] = ()
         values.setdefault("job_id", "standalone")
         values.setdefault("node_addr", "127.0.0.1")
@@ -238,8 +258,40 @@ def load_config(
     return AgentConfig(
         config_file=Path(config_path) if config_path else None,
         command=command,
+        etcd_password=etcd_password(values.get("etcd_user"), values.get("etcd_password_file"), environ),
         **values,
     )
+
+
+PASSWORD_VAR = env_var("etcd_password")
+NO_PASSWORD_FLAG = (f"--etcd-password is not accepted: a command line is visible to every user of "
+                     f"this machine (ps); set {PASSWORD_VAR} or --etcd-password-file")
+
+
+def etcd_password(user: str | None, password_file: Path | None, environ: Mapping[str, str]) -> str | None:
+    """--etcd-user's password, from ``ELASTIC_AGENT_ETCD_PASSWORD`` or --etcd-password-file
+    (one line; the newline that ends it is not part of it). Never a flag, never in a config
+    file. Errors name where the password was looked for, never the password."""
+    from_env = environ.get(PASSWORD_VAR) or None
+    if from_env is not None and password_file is not None:
+        raise ConfigError(f"{PASSWORD_VAR} and --etcd-password-file ({password_file}) are both set: "
+                          "give the password one way")
+    password, source = from_env, PASSWORD_VAR
+    if password_file is not None:
+        source = f"--etcd-password-file ({password_file})"
+        try:
+            password = password_file.read_text(encoding="utf-8").rstrip("\r\n") or None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{source}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+        if password is None:
+            raise ConfigError(f"{source} is empty: write --etcd-user's password in it")
+    if password is not None and not user:
+        raise ConfigError(f"a password is set ({source}) but --etcd-user is not: give the user it belongs to")
+    if user and password is None:
+        raise ConfigError(f"--etcd-user ({user}) needs a password: set {PASSWORD_VAR} or --etcd-password-file "
+                          "(a certificate-only user needs no --etcd-user: etcd takes it from the "
+                          "certificate's CN)")
+    return password
 
 
 def _shown(values: Mapping[str, Any], sources: Mapping[str, str], field: str) -> str:

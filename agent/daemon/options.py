@@ -100,8 +100,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("monitor_interval", v.seconds(0, strict=True), "how often the agent polls its workers", 0.1,
            "SECONDS"),
     Option("log_level", v.choice(LOG_LEVELS), "agent log level: " + "|".join(LOG_LEVELS), "info", "LEVEL"),
+    # Connecting to a secured etcd (docs/security.md). The password is never a flag: see
+    # agent.daemon.config.etcd_password.
+    Option("etcd_cacert", v.path, "CA certificate that signed etcd's server certificate; turns on "
+           "TLS (as do https:// endpoints)", None, "PATH"),
+    Option("etcd_cert", v.path, "client certificate, for an etcd with --client-cert-auth (with "
+           "--etcd-key)", None, "PATH"),
+    Option("etcd_key", v.path, "private key (unencrypted PEM) of --etcd-cert", None, "PATH"),
+    Option("etcd_user", v.word("must be an etcd user name"), "etcd user; its password comes from "
+           "ELASTIC_AGENT_ETCD_PASSWORD or --etcd-password-file", None, "NAME"),
+    Option("etcd_password_file", v.path, "file holding --etcd-user's password (one line)", None, "PATH"),
 )
 BY_FIELD = {option.field: option for option in OPTIONS}
+# How to reach a secured etcd: ``status`` takes these too (agent.daemon.connect).
+CONNECTION_FIELDS = ("etcd_cacert", "etcd_cert", "etcd_key", "etcd_user", "etcd_password_file")
 CONFIG_HELP = "a TOML file of the same settings (min-nodes = 2)"
 
 # torchrun / Kubeflow PyTorchJob variables we fall back on.

@@ -154,13 +154,21 @@ def node_range(raw: object) -> tuple[int, int]:
     return low, high
 
 
+class TlsEndpoints(tuple):  # type: ignore[type-arg]
+    """Endpoints given as ``https://``: the connection must use TLS. A tuple of Endpoint that
+    compares equal to the plain tuple."""
+
+
 def endpoints(raw: object) -> tuple[Endpoint, ...]:
     form = "must be host:port[,host:port...]"
     if not isinstance(raw, (str, list)):
         raise Invalid(form)
     try:
-        if uses_tls(raw):  # type: ignore[arg-type]
-            raise ValueError("https")
-        return parse_endpoints(raw)  # type: ignore[arg-type]
+        tls = uses_tls(raw)  # type: ignore[arg-type]
+    except ValueError:
+        raise Invalid("must use one scheme for every member: all http:// or all https://") from None
+    try:
+        parsed = parse_endpoints(raw)  # type: ignore[arg-type]
     except ValueError:
         raise Invalid(form) from None
+    return TlsEndpoints(parsed) if tls else parsed

@@ -113,8 +113,12 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
+# Text in etcd is written by whoever may write the job's keys: never let it drive the terminal.
+_CONTROL = {c: "?" for c in (*range(32), *range(127, 160)) if c != ord("\n")}
+
+
 def render(snap: dict[str, Any]) -> str:
-    """The person's view: a few aligned lines."""
+    """The person's view: a few aligned lines (control characters from etcd shown as ``?``)."""
     head = f"job {snap['job_id']}: {snap['state']}"
     if snap["outcome"]:
         head += f" ({snap['outcome_reason']})"
@@ -146,28 +150,34 @@ def render(snap: dict[str, Any]) -> str:
         bad = ", ".join(f"{k} {v:.0f}s" for k, v in snap["badput_node_seconds"].items() if v >= 0.5)
         lines.append(f"goodput: {snap['goodput_ratio']:.1%} of {snap['elapsed_node_seconds']:.0f} node-seconds"
                      + (f" (badput: {bad})" if bad else ""))
-    return "\n".join(lines)
+    return "\n".join(lines).translate(_CONTROL)
 
 
 def run_status(argv: list[str]) -> int:
-    from rendezvous.errors import RendezvousError, StoreUnavailableError  # noqa: PLC0415
-    from rendezvous.etcd_store import EtcdStore  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    from agent.daemon import connect  # noqa: PLC0415
+    from rendezvous.errors import RendezvousError, StoreConfigError, StoreUnavailableError  # noqa: PLC0415
     from rendezvous.net import parse_endpoints  # noqa: PLC0415
 
     parser = RaisingParser(prog="elastic-agent status", description="Show a job as etcd sees it.")
-    parser.add_argument("--etcd-endpoints", required=True, help="host:port[,host:port...]")
+    parser.add_argument("--etcd-endpoints", required=True, help="host:port[,host:port...]; https:// for TLS")
     parser.add_argument("--job-id", required=True, help="the job's id, as given to elastic-agent start")
     parser.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     parser.add_argument("--timeout", type=float, default=3.0,
                         help="seconds to keep trying an unreachable etcd (default 3)")
+    connect.add_flags(parser)
     args = parser.parse_args(argv)
     try:
-        endpoints = parse_endpoints(args.etcd_endpoints)
+        parse_endpoints(args.etcd_endpoints)
     except ValueError as exc:
         raise ConfigError(f"--etcd-endpoints ({args.etcd_endpoints!r}): {exc}") from exc
-    store = EtcdStore(endpoints, retry_for=max(0.1, args.timeout), request_timeout=min(2.0, max(0.1, args.timeout)))
+    store = connect.status_store(args, os.environ, retry_for=max(0.1, args.timeout),
+                                 request_timeout=min(2.0, max(0.1, args.timeout)))
     try:
         snap = snapshot(store, args.job_id)
+    except StoreConfigError as exc:
+        raise connect.usage_error(exc) from exc
     except StoreUnavailableError as exc:
         raise ConfigError(f"--etcd-endpoints ({args.etcd_endpoints}): {exc}") from exc
     except RendezvousError as exc:

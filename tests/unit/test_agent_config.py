@@ -164,7 +164,7 @@ def test_default_node_id_is_sanitised() -> None:
         (["--nproc-per-node", "0"] + CLUSTER + CMD, {}, "--nproc-per-node ('0') must be a positive integer or 'gpu'"),
         (["--etcd-endpoints", "a:b", "--job-id", "j"] + CMD, {}, "--etcd-endpoints ('a:b') must be host:port[,host:port...]"),
         (["--etcd-endpoints", "a:1,", "--job-id", "j"] + CMD, {}, "--etcd-endpoints ('a:1,') must be host:port[,host:port...]"),
-        (["--etcd-endpoints", "https://a:1", "--job-id", "j"] + CMD, {}, "--etcd-endpoints ('https://a:1') must be host:port[,host:port...]"),
+        (["--etcd-endpoints", "https://a:1,http://b:1", "--job-id", "j"] + CMD, {}, "--etcd-endpoints ('https://a:1,http://b:1') must use one scheme for every member: all http:// or all https://"),
         (["--etcd-endpoints", "a:70000", "--job-id", "j"] + CMD, {}, "--etcd-endpoints ('a:70000') must be host:port[,host:port...]"),
         (CLUSTER, {}, "missing command: put the training command after '--'"),
         (CLUSTER + ["--"], {}, "missing command: put the training command after '--'"),

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.daemon.procfs import cpu_seconds  # noqa: F401 - re-exported for the benches
-from rendezvous.etcd_server import EtcdServer
+from rendezvous.etcd_server import EtcdServer, ServerTls
 from rendezvous.net import free_port
 from tests.waiting import alive, wait_until  # noqa: F401 - re-exported for tests and benches
 
@@ -155,14 +155,16 @@ def listener_pid(port: int) -> int | None:
 
 
 class Cluster:
-    """An etcd and the agents of one job."""
+    """An etcd and the agents of one job. ``etcd_tls`` and ``etcd_args`` go to the etcd server
+    (a TLS etcd; e.g. ``--auth-token-ttl``); the agents' TLS flags go in ``start_agent(extra=)``."""
 
-    def __init__(self, job_id: str = "e2e", workdir: str | None = None) -> None:
+    def __init__(self, job_id: str = "e2e", workdir: str | None = None, *, etcd_tls: ServerTls | None = None,
+                 etcd_args: tuple[str, ...] = ()) -> None:
         self.job_id = job_id
         self._own = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="elastic-agent-e2e-"))
         self.checkpoint_dir = self.workdir / "ckpt"
-        self.etcd = EtcdServer(data_dir=str(self.workdir / "etcd"))
+        self.etcd = EtcdServer(data_dir=str(self.workdir / "etcd"), tls=etcd_tls, extra_args=etcd_args)
         self.agents: dict[str, AgentProc] = {}
 
     def __enter__(self) -> Cluster:

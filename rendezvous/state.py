@@ -57,6 +57,22 @@ def _field(key: str, data: dict[str, Any], name: str, kind: type | tuple[type, .
     return value
 
 
+def _ranged(key: str, data: dict[str, Any], name: str, low: int, high: int | None = None) -> int:
+    """An integer field within [low, high]: a port, a count, a number of processes."""
+    value = _field(key, data, name, int)
+    if value < low or (high is not None and value > high):
+        bounds = f"{low}..{high}" if high is not None else f">= {low}"
+        raise CorruptStateError(key, f"field {name!r} in {bounds}", repr(value))
+    return value
+
+
+def _text(key: str, data: dict[str, Any], name: str) -> str:
+    value = _field(key, data, name, str)
+    if not value.strip():
+        raise CorruptStateError(key, f"field {name!r} non-empty", repr(value))
+    return value
+
+
 def _one_of(key: str, data: dict[str, Any], name: str, kind: type[StrEnum]) -> Any:
     value = _field(key, data, name, str)
     try:
@@ -90,9 +106,9 @@ class NodeRecord:
     def decode(cls, key: str, raw: bytes) -> NodeRecord:
         d = _load(key, raw, "node")
         return cls(
-            node_id=_field(key, d, "node_id", str),
-            addr=_field(key, d, "addr", str),
-            nproc=_field(key, d, "nproc", int),
+            node_id=_text(key, d, "node_id"),
+            addr=_text(key, d, "addr"),
+            nproc=_ranged(key, d, "nproc", 1),
             host=d.get("host", "") if isinstance(d.get("host", ""), str) else "",
             version=d.get("version", "") if isinstance(d.get("version", ""), str) else "",
         )
@@ -120,10 +136,10 @@ class JoinRecord:
     def decode(cls, key: str, raw: bytes) -> JoinRecord:
         d = _load(key, raw, "join")
         return cls(
-            node_id=_field(key, d, "node_id", str),
-            addr=_field(key, d, "addr", str),
-            nproc=_field(key, d, "nproc", int),
-            master_port=_field(key, d, "master_port", int),
+            node_id=_text(key, d, "node_id"),
+            addr=_text(key, d, "addr"),
+            nproc=_ranged(key, d, "nproc", 1),
+            master_port=_ranged(key, d, "master_port", 1, 65535),
         )
 
 
@@ -200,7 +216,7 @@ class RoundState:
     @classmethod
     def decode(cls, key: str, raw: bytes) -> RoundState:
         d = _load(key, raw, "round")
-        number = _field(key, d, "number", int)
+        number = _ranged(key, d, "number", 1)
         state = _one_of(key, d, "state", RoundPhase)
         previous = tuple(_strings(key, d.get("previous", []), "previous"))
         assignment = None
@@ -217,12 +233,17 @@ class RoundState:
                 if type(node_id) is not str or type(addr) is not str or type(nproc) is not int:
                     raise CorruptStateError(key, "member node_id and addr strings, nproc an integer",
                                             repr(item))
+                if not node_id or not addr or nproc < 1:
+                    raise CorruptStateError(key, "members with a node_id, an addr and nproc >= 1", repr(item))
                 members.append(Member(node_id, addr, nproc))
+            if not members or len({m.node_id for m in members}) != len(members):
+                raise CorruptStateError(key, "a closed round with members, each node once",
+                                        repr([m.node_id for m in members]))
             assignment = Assignment(
                 round=number,
                 members=tuple(members),
-                master_addr=_field(key, d, "master_addr", str),
-                master_port=_field(key, d, "master_port", int),
+                master_addr=_text(key, d, "master_addr"),
+                master_port=_ranged(key, d, "master_port", 1, 65535),
                 standbys=tuple(_strings(key, d.get("standbys", []), "standbys")),
             )
         reason = d.get("reason", "")
@@ -266,5 +287,5 @@ class RestartCount:
     def decode(cls, key: str, raw: bytes) -> RestartCount:
         d = _load(key, raw, "restarts")
         reason = d.get("last_reason", "")
-        return cls(count=_field(key, d, "count", int),
+        return cls(count=_ranged(key, d, "count", 0),
                    last_reason=reason if isinstance(reason, str) else "")

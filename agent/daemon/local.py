@@ -92,7 +92,6 @@ class Running:
     progress_files: list[Path]
     control_file: Path
     started_at: float  # monotonic
-    started_wall: float
     draining_since: float | None = None  # asked to checkpoint and stop at a step boundary
     drain_budget: float = 0.0
     terminated_at: float | None = None  # SIGTERM sent; SIGKILL after --shutdown-timeout
@@ -114,6 +113,9 @@ class LocalWorkers:
         self.prewarm = prewarm
         self.running: Running | None = None
         self.attempt = 0
+        # Once a round's workers reported through the helper, later rounds run the same script:
+        # a leave right after a restart, before any report, still drains rather than loses steps.
+        self.helper_seen = False
         self.warm: list[WarmWorker] = []
 
     def start(self, assignment: Assignment) -> Running:
@@ -144,8 +146,7 @@ class LocalWorkers:
         warm, self.warm = self.warm[: lay.nproc], self.warm[lay.nproc:]
         group = self.factory(lay.command, envs, attempt_dir, prefixes, warm)
         group.start()
-        self.running = Running(assignment, group, attempt_dir, progress, control, self.clock.monotonic(),
-                               time.time())
+        self.running = Running(assignment, group, attempt_dir, progress, control, self.clock.monotonic())
         log.info("started %d workers (global ranks %d-%d, pids %s), logs in %s", lay.nproc, offset,
                  offset + lay.nproc - 1, ",".join(map(str, group.pids)), attempt_dir)
         return self.running
@@ -198,7 +199,8 @@ class LocalWorkers:
         run = self.running
         if run is None or run.stopping:
             return
-        if drain and policy.helper_in_use(run.progress_files) and any(c is None for c in run.group.poll()):
+        self.helper_seen = self.helper_seen or policy.helper_in_use(run.progress_files)
+        if drain and self.helper_seen and any(c is None for c in run.group.poll()):
             log.info("asking workers to checkpoint and stop at the next step within %.0fs (%s)", budget, why)
             tmp = run.control_file.with_suffix(".tmp")
             tmp.write_text(DRAIN)

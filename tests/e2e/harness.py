@@ -26,6 +26,9 @@ from tests.waiting import alive, wait_until  # noqa: F401 - re-exported for test
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
+# The console script a user runs; `python -m agent` where the project was never installed.
+_SCRIPT = Path(sys.executable).with_name("elastic-agent")
+ELASTIC_AGENT = [str(_SCRIPT)] if _SCRIPT.exists() else [PYTHON, "-m", "agent"]
 TRAIN = REPO / "docs" / "examples" / "train_ddp.py"
 STEP_RE = re.compile(r"\bstep (\d+) world_size (\d+)")
 RESUME_RE = re.compile(r"(?:resumed from step|starting from step) (\d+)")
@@ -42,7 +45,7 @@ class AgentProc:
     node_id: str
     proc: subprocess.Popen[str]
     metrics_port: int
-    log_dir: Path
+    log_dir: Path  # this node's own directory of attempts under the shared default --log-dir
     lines: list[Line] = field(default_factory=list)
     _reader: threading.Thread | None = None
 
@@ -86,21 +89,27 @@ class AgentProc:
                 return [int(p) for p in line.text.split("pids ")[1].split(")")[0].split(",")]
         return []
 
-    def children(self) -> list[int]:
-        """Pids of the agent's child processes (its workers)."""
-        out: list[int] = []
-        for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):
-            try:
-                out += [int(p) for p in (task / "children").read_text().split()]
-            except OSError:
-                pass
-        return out
+    def descendants(self) -> list[int]:
+        """Pids of every process below the agent (its keeper, workers and what they started)."""
+        found: list[int] = []
+        frontier = [self.proc.pid]
+        while frontier:
+            pid = frontier.pop()
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    kids = [int(p) for p in (task / "children").read_text().split()]
+                except OSError:
+                    continue
+                found += kids
+                frontier += kids
+        return found
 
     def kill_node(self, with_workers: bool = False) -> list[int]:
         """``kill -9`` of the agent. Our workers must die with it on their own (they run in
         their own sessions, so only the agent's doing can stop them); ``with_workers`` also
-        kills them here, for launchers that do not (torchrun). Returns the workers' pids."""
-        workers = self.children()
+        kills them here, for launchers that do not (torchrun). Returns the pids that were
+        below the agent (its keeper, workers, and whatever those started)."""
+        workers = self.descendants()
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -113,6 +122,25 @@ class AgentProc:
                     pass
         self.proc.wait(timeout=10)
         return workers
+
+    def freeze(self) -> list[int]:
+        """SIGSTOP the whole node, agent and everything below it: no socket closes, nothing
+        answers (a frozen kernel, a reclaimed machine). Returns what was frozen, for thaw."""
+        frozen = [self.proc.pid, *self.descendants()]
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        return frozen
+
+    @staticmethod
+    def thaw(frozen: list[int]) -> None:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     def scrape(self, path: str = "/metrics") -> tuple[int, str]:
         try:
@@ -159,17 +187,26 @@ class Cluster:
     (a TLS etcd; e.g. ``--auth-token-ttl``); the agents' TLS flags go in ``start_agent(extra=)``."""
 
     def __init__(self, job_id: str = "e2e", workdir: str | None = None, *, etcd_tls: ServerTls | None = None,
-                 etcd_args: tuple[str, ...] = ()) -> None:
+                 etcd_args: tuple[str, ...] = (), endpoints: str | None = None, start_etcd: bool = True) -> None:
+        """``endpoints``: an etcd cluster the test runs itself (no etcd of our own is started);
+        ``start_etcd=False``: the test starts ``self.etcd`` later (etcd down while agents boot)."""
         self.job_id = job_id
+        self._endpoints = endpoints
+        self._start_etcd = start_etcd and endpoints is None
         self._own = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="elastic-agent-e2e-"))
         self.checkpoint_dir = self.workdir / "ckpt"
         self.etcd = EtcdServer(data_dir=str(self.workdir / "etcd"), tls=etcd_tls, extra_args=etcd_args)
         self.agents: dict[str, AgentProc] = {}
 
+    @property
+    def endpoints(self) -> str:
+        return self._endpoints or self.etcd.endpoint
+
     def __enter__(self) -> Cluster:
         try:
-            self.etcd.start()
+            if self._start_etcd:
+                self.etcd.start()
         except BaseException:
             self.close()  # leave no temp dir behind when etcd does not come up
             raise
@@ -181,22 +218,24 @@ class Cluster:
     def start_agent(self, node_id: str, *, min_nodes: int = 2, max_nodes: int = 4, nproc: int = 2,
                     command: list[str] | None = None, extra: list[str] | None = None,
                     env: dict[str, str] | None = None) -> AgentProc:
+        """An agent started as the README shows, in the cluster's one working directory (so
+        every agent shares the default --log-dir) with one shared --checkpoint-dir. Only what
+        differs between hosts on a real cluster is given per agent: the node id, the address
+        its peers reach it on, and (all agents share this one host) its metrics port."""
         port = free_port()
-        log_dir = self.workdir / "logs" / node_id
         args = [
-            PYTHON, "-m", "agent", "start",
+            *ELASTIC_AGENT, "start",
             "--min-nodes", str(min_nodes), "--max-nodes", str(max_nodes),
-            "--nproc-per-node", str(nproc), "--etcd-endpoints", self.etcd.endpoint,
-            "--job-id", self.job_id, "--node-id", node_id, "--node-addr", "127.0.0.1",
-            "--metrics-addr", "127.0.0.1", "--metrics-port", str(port),
-            "--log-dir", str(log_dir), "--checkpoint-dir", str(self.checkpoint_dir),
+            "--nproc-per-node", str(nproc), "--etcd-endpoints", self.endpoints,
+            "--job-id", self.job_id, "--checkpoint-dir", str(self.checkpoint_dir),
+            "--node-id", node_id, "--node-addr", "127.0.0.1", "--metrics-port", str(port),
             *(extra or []), "--",
             *(command or [PYTHON, str(TRAIN), "--steps", "100000"]),
         ]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=full_env, cwd=str(self.workdir), start_new_session=True)
-        agent = AgentProc(node_id, proc, port, log_dir)
+        agent = AgentProc(node_id, proc, port, self.workdir / "elastic-agent-logs" / self.job_id / node_id)
         agent.start_reader()
         self.agents[node_id] = agent
         return agent
@@ -252,11 +291,14 @@ class Cluster:
 
     def close(self) -> None:
         for agent in self.agents.values():
-            if agent.proc.poll() is None:
+            # Everything below the agent too, by pid: a frozen keeper cannot clean up after it.
+            below = agent.descendants() if agent.proc.poll() is None else []
+            for pid in [agent.proc.pid, *below]:
                 try:
-                    os.killpg(agent.proc.pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            if agent.proc.poll() is None or agent.proc.returncode is None:
                 agent.proc.wait(timeout=10)
         self.etcd.stop()
         if self._own:

@@ -109,3 +109,30 @@ def test_assignment_helpers() -> None:
     assert (a.rank_offset("a"), a.rank_offset("b")) == (0, 2)
     with pytest.raises(KeyError):
         a.rank_offset("z")
+
+
+def _round(**over: object) -> bytes:
+    record = {"v": 1, "number": 2, "state": "closed", "reason": "", "previous": [],
+              "members": [{"node_id": "a", "addr": "10.0.0.1", "nproc": 8}], "master_addr": "10.0.0.1",
+              "master_port": 29500, "standbys": []}
+    record.update(over)
+    return json.dumps(record).encode()
+
+
+@pytest.mark.parametrize("cls, raw, fragment", [
+    (NodeRecord, b'{"v":1,"node_id":"a","addr":"h","nproc":0}', "field 'nproc' in >= 1"),
+    (NodeRecord, b'{"v":1,"node_id":"","addr":"h","nproc":1}', "field 'node_id' non-empty"),
+    (JoinRecord, b'{"v":1,"node_id":"a","addr":"h","nproc":1,"master_port":70000}', "field 'master_port' in 1..65535"),
+    (JoinRecord, b'{"v":1,"node_id":"a","addr":"h","nproc":-2,"master_port":1}', "field 'nproc' in >= 1"),
+    (RoundState, _round(number=0), "field 'number' in >= 1"),
+    (RoundState, _round(master_port=0), "field 'master_port' in 1..65535"),
+    (RoundState, _round(master_addr=" "), "field 'master_addr' non-empty"),
+    (RoundState, _round(members=[{"node_id": "a", "addr": "h", "nproc": 0}]), "nproc >= 1"),
+    (RoundState, _round(members=[]), "a closed round with members"),
+    (RoundState, _round(members=[{"node_id": "a", "addr": "h", "nproc": 1}] * 2), "each node once"),
+    (RestartCount, b'{"v":1,"count":-1}', "field 'count' in >= 0"),
+])
+def test_values_out_of_range_are_typed_errors_naming_the_key(cls: type, raw: bytes, fragment: str) -> None:
+    with pytest.raises(CorruptStateError) as info:
+        cls.decode("/elastic-agent/j/some-key", raw)
+    assert "'/elastic-agent/j/some-key'" in str(info.value) and fragment in str(info.value)

@@ -65,13 +65,14 @@ class Coordination:
             return
         self.role = Role.COORDINATOR
         joined, rev = self.store.get_prefix(prefix)
-        nodes, nodes_rev = self.store.get_prefix(self.settings.nodes_prefix)
+        # "Alive" is present: a member that went silent is not waited for.
+        nodes, nodes_rev = self.store.get_prefix(self.settings.presence_prefix)
         self._joined = {kv.key: decide.Joiner(JoinRecord.decode(kv.key, kv.value), kv.create_revision)
                         for kv in joined}
         self._alive = {kv.key.rsplit("/", 1)[-1] for kv in nodes}
         self._last_join_seen = self.clock.monotonic()
         self.inbox.watch(prefix, ItemKind.JOINED, rev + 1, prefix=True)
-        self.inbox.watch(self.settings.nodes_prefix, ItemKind.NODES, nodes_rev + 1, prefix=True)
+        self.inbox.watch(self.settings.presence_prefix, ItemKind.NODES, nodes_rev + 1, prefix=True)
 
     def _close(self, rnd: RoundState, round_rev: int, action: decide.Close, view: decide.RoundView) -> None:
         """Write the assignment by compare-and-swap, charging the restart budget in the same

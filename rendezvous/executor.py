@@ -7,17 +7,21 @@ served, the reopen it still owes, and the wait in progress.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 from rendezvous import decide
 from rendezvous.clock import Clock
 from rendezvous.coordination import Coordination
+from rendezvous.errors import StoreUnavailableError
 from rendezvous.inbox import Inbox
 from rendezvous.reasons import Reason, reason_text
 from rendezvous.rounds import MemberWatch, open_next_round, open_round_after
 from rendezvous.settings import Settings
 from rendezvous.state import Assignment, JoinRecord, NodeRecord, RoundState
 from rendezvous.store import Store
+
+log = logging.getLogger(__name__)
 
 
 class StepExecutor:
@@ -44,6 +48,14 @@ class StepExecutor:
     def restart_coordination(self) -> None:
         """A fresh one: the old one's watches ended with their phase."""
         self.coordination = Coordination(self.store, self.settings, self.inbox, self.clock)
+
+    def request_reopen(self, after: int, reason: str) -> None:
+        """Open the round after ``after`` now if etcd answers; else keep trying on every step."""
+        self.reopen = decide.Reopen(after, reason)
+        try:
+            open_next_round(self.store, self.settings, reason, after)
+        except StoreUnavailableError as exc:
+            log.warning("could not open the next round yet (%s); will retry", exc)
 
     def take_step(self, rnd: RoundState, round_rev: int, lease: int) -> Assignment | float | None:
         """The assignment this node now holds, or else when to decide again without an event

@@ -22,7 +22,7 @@ from rendezvous.errors import (
 from rendezvous.inbox import Inbox, InboxItem, ItemKind
 from rendezvous.session import Session
 from rendezvous.settings import Settings
-from rendezvous.state import JobStatus, NodeRecord, Outcome, RoundState
+from rendezvous.state import Assignment, JobStatus, NodeRecord, Outcome, RoundState
 from rendezvous.store import DELETE, KV, Event, Store
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,12 @@ class JobView:
         deadline = self.clock.monotonic() + wait
         while True:
             result = self.store.commit([(key, 0)], [(key, node.encode())], lease=session.lease,
-                                       reads=(s.round_key, s.status_key))
-            round_kv, status_kv = result.reads
+                                       reads=(s.round_key, s.status_key, key))
+            round_kv, status_kv, ours = result.reads
             _raise_if_finished(status_kv)
-            if result.succeeded:
+            # A retry after a reply was lost finds the key already there, on our own lease:
+            # that is our own registration, not a live agent of the same id.
+            if result.succeeded or (ours is not None and ours.lease == session.lease):
                 break
             if self.clock.monotonic() >= deadline:
                 raise RendezvousError(
@@ -91,6 +93,17 @@ class JobView:
                     raise LeaseLostError(session.lost_reason) from exc
                 log.warning("etcd unavailable while re-syncing (%s); retrying", exc)
                 self.clock.sleep(RESYNC_PAUSE)
+
+    def report_done(self, node_id: str, assignment: Assignment) -> bool:
+        """This node's workers all exited 0 in ``assignment``'s round; the member that sees
+        every member done records the job's success. Returns whether it did."""
+        prefix = self.settings.done_prefix(assignment.round)
+        self.store.put(f"{prefix}{node_id}", b"1")
+        if self.store.count_prefix(prefix) < len(assignment.members):
+            return False
+        self.finish(Outcome.SUCCEEDED,
+                    f"all {len(assignment.members)} nodes' workers exited 0 in round {assignment.round}")
+        return True
 
     def finish(self, outcome: Outcome, reason: str) -> JobStatus:
         """Record the job's outcome once; the first writer wins. Returns the recorded outcome."""

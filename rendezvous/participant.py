@@ -34,6 +34,7 @@ from rendezvous.executor import StepExecutor
 from rendezvous.inbox import Inbox, InboxItem, ItemKind
 from rendezvous.job_view import JobView
 from rendezvous.net import free_port
+from rendezvous.leases import NodeLeases
 from rendezvous.reasons import Reason, reason_text
 from rendezvous.rounds import MemberWatch, open_next_round
 from rendezvous.session import Session
@@ -75,12 +76,17 @@ class Participant:
         self.settings = settings
         self.node = node
         self.clock = clock or SystemClock()
-        self.session: Session | None = None
         self.assignment: Assignment | None = None
         self._inbox = Inbox(store)
+        self.leases = NodeLeases(store, settings, node.node_id, self.clock, self._inbox.lease_lost)
         self._job = JobView(store, settings, self._inbox, self.clock)
         self._member = MemberWatch(store, settings, self._inbox)
         self._steps = StepExecutor(store, settings, node, self._inbox, self._member, self.clock, port_reserver)
+
+    @property
+    def session(self) -> Session | None:
+        """The membership lease: when it is lost, this node's workers must stop."""
+        return self.leases.session
 
     @property
     def node_id(self) -> str:
@@ -94,15 +100,11 @@ class Participant:
     def start(self, timeout: float | None = None) -> None:
         """Take a lease, register this node, read the job's state and start watching it.
         Raises JobFinishedError when the job already has an outcome."""
-        # A request may block for the store's retry time; the lease is declared lost that much
-        # (and half a second) early, so fencing still happens within the TTL.
-        margin = getattr(self.store, "retry_for", 0.0) + 0.5
-        self.session = Session(self.store, self.settings.lease_ttl, self.clock, margin=margin,
-                               on_lost=self._inbox.lease_lost).start()
+        session = self.leases.start()
         try:
-            self._job.register(self.session, self.node, timeout)
+            self._job.register(session, self.node, timeout)
         except BaseException:
-            self.session.revoke()
+            self.leases.close(revoke=True)
             raise
 
     def rejoin(self, timeout: float | None = None) -> None:
@@ -133,14 +135,12 @@ class Participant:
             except RendezvousError as exc:
                 log.warning("could not open the next round while leaving: %s", exc)
         self._cancel_all()
-        if self.session is not None:
-            self.session.revoke()
+        self.leases.close(revoke=True)
 
     def close(self) -> None:
         """Stop watching and refreshing, without revoking (the lease expires on its own)."""
         self._cancel_all()
-        if self.session is not None:
-            self.session.close()
+        self.leases.close(revoke=False)
 
     def _cancel_all(self) -> None:
         self._inbox.cancel_all()
@@ -194,11 +194,7 @@ class Participant:
         """Ask for a new round after our current assignment (a local failure, a hang).
         The next :meth:`next_assignment` keeps trying to open it until the round moves on."""
         assert self.assignment is not None
-        self._steps.reopen = decide.Reopen(self.assignment.round, reason)
-        try:
-            self.open_next_round(reason, self.assignment.round)
-        except StoreUnavailableError as exc:
-            log.warning("could not open the next round yet (%s); will retry", exc)
+        self._steps.request_reopen(self.assignment.round, reason)
 
     def open_next_round(self, reason: str, after: int) -> bool:
         """Open round ``after + 1`` unless someone already moved past ``after``."""
@@ -256,13 +252,7 @@ class Participant:
         """Our workers all exited 0 in the current round. When every member has said so, the
         job is marked succeeded (each member checks after writing, so the last one sees all)."""
         assert self.assignment is not None
-        n = self.assignment.round
-        self.store.put(f"{self.settings.done_prefix(n)}{self.node_id}", b"1")
-        if self.store.count_prefix(self.settings.done_prefix(n)) >= len(self.assignment.members):
-            self.finish(Outcome.SUCCEEDED,
-                        f"all {len(self.assignment.members)} nodes' workers exited 0 in round {n}")
-            return True
-        return False
+        return self._job.report_done(self.node_id, self.assignment)
 
     def finish(self, outcome: Outcome, reason: str) -> JobStatus:
         """Record the job's outcome once; the first writer wins. Returns the recorded outcome."""

@@ -44,8 +44,9 @@ def open_round_after(store: Store, settings: Settings, current: RoundState, mod_
 
 
 class MemberWatch:
-    """A watch on one member's node key; its deletion opens the round after ``after``.
-    The watch belongs to the inbox's current phase and ends with it."""
+    """A watch on one member's presence key (rendezvous.presence); its deletion (the member went
+    silent, or left) opens the round after ``after``. The watch belongs to the inbox's
+    current phase and ends with it."""
 
     def __init__(self, store: Store, settings: Settings, inbox: Inbox) -> None:
         self.store = store
@@ -65,7 +66,7 @@ class MemberWatch:
         self.node_id, self.after, self._phase_gen = node_id or "", after, self.inbox.phase_gen
         if not node_id:
             return
-        key = self.settings.node_key(node_id)
+        key = self.settings.presence_key(node_id)
         kv, rev = self.store.get(key)
         if kv is None:  # gone before we looked
             self._lost()
@@ -74,7 +75,7 @@ class MemberWatch:
 
     def apply(self, item: InboxItem) -> None:
         if any(ev.kind == DELETE for ev in item.events):
-            log.warning("member %s lost its lease; opening round %d", self.node_id, self.after + 1)
+            log.warning("member %s went silent (no presence); opening round %d", self.node_id, self.after + 1)
             self._lost()
 
     def _lost(self) -> None:

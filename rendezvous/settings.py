@@ -19,8 +19,12 @@ class Settings:
     job_id: str
     min_nodes: int
     max_nodes: int
-    # A node's lease: its keys vanish this long after it stops refreshing (silent failure bound).
+    # A node's lease: its membership keys vanish this long after it stops refreshing, and it
+    # fences its own workers before (the bound of invariant 2).
     lease_ttl: float = 10.0
+    # A node's presence: a second, short lease whose key its peers watch. A node silent this
+    # long (frozen, cut off, reclaimed) is replaced; it is not fenced until lease_ttl.
+    presence_ttl: float = 2.0
     # After min nodes joined, close once no new node joined for this long.
     last_call: float = 0.5
     # A standby waits this long (steadily alive) before it opens a round to raise the world size.
@@ -39,6 +43,9 @@ class Settings:
             raise ValueError(f"min nodes ({self.min_nodes}) must be <= max nodes ({self.max_nodes})")
         if self.lease_ttl < 2:
             raise ValueError(f"lease ttl ({self.lease_ttl}) must be >= 2 seconds")
+        if not 2 <= self.presence_ttl <= self.lease_ttl:
+            raise ValueError(f"presence ttl ({self.presence_ttl}) must be >= 2 seconds and <= the lease ttl "
+                             f"({self.lease_ttl})")
         if self.last_call < 0:
             raise ValueError(f"last call ({self.last_call}) must be >= 0 seconds")
         if self.max_restarts is not None and self.max_restarts < 0:
@@ -57,6 +64,13 @@ class Settings:
     @property
     def nodes_prefix(self) -> str:
         return f"{self.root}nodes/"
+
+    def presence_key(self, node_id: str) -> str:
+        return f"{self.root}presence/{node_id}"
+
+    @property
+    def presence_prefix(self) -> str:
+        return f"{self.root}presence/"
 
     @property
     def round_key(self) -> str:

@@ -1,7 +1,13 @@
-"""The loop's etcd chores for observability: this node's goodput record (written every
-``GOODPUT_SYNC_INTERVAL`` seconds and at exit, read back at start) and, in a long
-rendezvous, how many nodes are alive. Errors are logged, never raised: bookkeeping must not
-stop an agent. The metrics object only records what these calls learn."""
+"""The loop's etcd chores for observability: this node's goodput record (read back at start;
+written when the agent's state changed, at most every ``SYNC_ON_CHANGE`` seconds, otherwise
+every ``SYNC_EVERY`` seconds, and at exit) and, in a long rendezvous, how many nodes are
+alive. Errors are logged, never raised: bookkeeping must not stop an agent. The metrics
+object only records what these calls learn.
+
+Why so rarely: every write is a new revision that etcd keeps until it compacts. A record of
+~0.4 KB every 10 s from 1,024 nodes was ~4 GB of history a day, past etcd's default 2 GB
+quota within a day; every 60 s it is ~0.6 GB, which etcd's auto-compaction (on in the
+embedded etcd and in every manifest we ship, see docs/operations.md) keeps bounded."""
 
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ from rendezvous.store import Store
 
 log = logging.getLogger("elastic_agent")
 
-GOODPUT_SYNC_INTERVAL = 10.0  # how often this node's goodput record is written to etcd
+SYNC_EVERY = 60.0  # seconds between writes of this node's goodput record while nothing changes
+SYNC_ON_CHANGE = 5.0  # a state change is written this soon, at the earliest
 ALIVE_PROBE_GRACE = 2.0  # a rendezvous shorter than this never asks etcd how many nodes are alive
 ALIVE_PROBE_INTERVAL = 5.0
 
@@ -27,7 +34,8 @@ class Bookkeeping:
                  checkpoints: CheckpointCollector, clock: Clock) -> None:
         self.store, self.settings, self.node_id = store, settings, node_id
         self.metrics, self.checkpoints, self.clock = metrics, checkpoints, clock
-        self._next_sync = 0.0
+        self._synced_at: float | None = None
+        self._synced_state = ""
         self._rendezvous_since: float | None = None
         self._probed_at: float | None = None
 
@@ -45,12 +53,15 @@ class Bookkeeping:
     def tick(self) -> None:
         """Called on every pass of the loop: sync when due, probe when due."""
         now = self.clock.monotonic()
-        if now >= self._next_sync:
-            self._next_sync = now + GOODPUT_SYNC_INTERVAL
+        since = None if self._synced_at is None else now - self._synced_at
+        changed = self.metrics.current_state != self._synced_state
+        if since is None or since >= SYNC_EVERY or (changed and since >= SYNC_ON_CHANGE):
             self.sync()
         self._probe_alive(now)
 
     def sync(self) -> None:
+        self._synced_at = self.clock.monotonic()
+        self._synced_state = self.metrics.current_state
         report = self.metrics.node_report(self.checkpoints.latest())
         try:
             used, others = goodput.sync(self.store, self.settings, report, job_wide=self.metrics.is_job_reporter)

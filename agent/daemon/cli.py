@@ -125,9 +125,7 @@ def _start(argv: list[str]) -> int:
             return agent.run()
         except StoreConfigError as exc:  # TLS, login or permission refused: fix the settings
             raise usage_error(exc) from exc
-        except StoreUnavailableError as exc:
-            if agent.state == State.INITIALIZING:
-                raise ConfigError(f"--etcd-endpoints ({endpoints}): {exc}") from exc
+        except StoreUnavailableError as exc:  # an operational problem, not a usage error: exit 1
             log.error("%s", exc)
             return EXIT_FAILED
         except (AgentError, RendezvousError) as exc:

@@ -52,6 +52,8 @@ class AgentConfig:
     log_keep: int
     shutdown_timeout: float
     lease_ttl: float
+    presence_ttl: float
+    etcd_wait: float
     last_call: float
     scale_up_cooldown: float
     drain_timeout: float
@@ -71,7 +73,7 @@ class AgentConfig:
     def rendezvous_settings(self) -> Settings:
         return Settings(
             job_id=self.job_id, min_nodes=self.min_nodes, max_nodes=self.max_nodes,
-            lease_ttl=self.lease_ttl, last_call=self.last_call,
+            lease_ttl=self.lease_ttl, presence_ttl=self.presence_ttl, last_call=self.last_call,
             scale_up_cooldown=self.scale_up_cooldown, max_restarts=self.max_restarts,
         )
 
@@ -218,6 +220,11 @@ def load_config(
         raise ConfigError("missing command: put the training command after '--'")
     if "max_nodes" not in values:
         values["max_nodes"], sources["max_nodes"] = values["min_nodes"], sources["min_nodes"]
+    if values["presence_ttl"] > values["lease_ttl"]:
+        raise ConfigError(
+            f"--presence-ttl ({_shown(values, sources, 'presence_ttl')}) must be <= "
+            f"--lease-ttl ({_shown(values, sources, 'lease_ttl')})"
+        )
     if values["min_nodes"] > values["max_nodes"]:
         raise ConfigError(
             f"--min-nodes ({_shown(values, sources, 'min_nodes')}) must be <= "

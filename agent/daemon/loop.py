@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Mapping
 
 from agent import __version__
@@ -21,21 +20,22 @@ from agent.daemon.local import GroupFactory, Layout, LocalWorkers, Running, proc
 from agent.daemon.prewarm import prewarmable
 from agent.daemon.signals import Signals
 from agent.daemon.states import State
-from agent.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_SUCCEEDED, AgentError
+from agent.errors import EXIT_PREEMPTED
+from agent.daemon import reconnect
 from agent.daemon.bookkeeping import Bookkeeping
+from agent.daemon.endings import Endings
+from agent.daemon.fence_guard import FenceGuard
 from agent.observe.collectors import CheckpointCollector
 from agent.observe.metrics import AgentMetrics
 from rendezvous.clock import Clock, SystemClock
-from rendezvous.errors import JobFinishedError, LeaseLostError, RendezvousError, StoreUnavailableError
+from rendezvous.errors import CorruptStateError, JobFinishedError, LeaseLostError, StoreUnavailableError
 from rendezvous.participant import Participant
 from rendezvous.reasons import Reason, reason_text
-from rendezvous.state import Assignment, NodeRecord, Outcome
+from rendezvous.state import Assignment, NodeRecord
 from rendezvous.store import Store
 
 log = logging.getLogger("elastic_agent")
 
-REJOIN_TIMEOUT = 600.0  # after being fenced, how long to keep trying to reach etcd again
-DRAIN_MARGIN = 5.0  # of a preemption notice's time, kept for stopping workers and leaving
 PREWARM_DELAY = 2.0  # workers run this long before the next ones are pre-started (spare the CPU)
 REASON_LIMIT = 400  # a round's reason is stored in etcd: keep it short
 
@@ -68,6 +68,8 @@ class Agent:
         self.books = Bookkeeping(store, self.settings, config.node_id, self.metrics, checkpoints, self.clock)
         self.state = State.INITIALIZING
         self.heartbeat = self.clock.monotonic()
+        self.end = Endings(config, self.local, self.participant, self.metrics, self.signals, self.clock,
+                           self._set_state, self._beat)
 
     @property
     def running(self) -> Running | None:
@@ -78,16 +80,24 @@ class Agent:
         cfg = self.config
         self._set_state(State.INITIALIZING)
         try:
-            self.participant.start()
+            if not reconnect.start_when_etcd_answers(self.participant, self.clock, cfg.etcd_wait,
+                                                     cfg.endpoints_text or "the embedded etcd",
+                                                     lambda: bool(self.signals.count), self._beat):
+                self._set_state(State.STOPPED)
+                log.warning("asked to leave before etcd answered; nothing to hand over")
+                return EXIT_PREEMPTED
         except JobFinishedError as exc:
-            return self._finished(exc.outcome, exc.reason, already=True)
+            return self.end.finished(exc.outcome, exc.reason, already=True)
         self.books.resume()
         self.local.fill_warm()  # the first workers import torch while the rendezvous runs
+        guard = FenceGuard(lambda: self.participant.session, self._running_pgids, cfg.shutdown_timeout,
+                           self.clock).start()
         log.info("node %s joined job %s (min %d, max %d nodes, %d workers per node)",
                  cfg.node_id, cfg.job_id, cfg.min_nodes, cfg.max_nodes, self.nproc)
         try:
             return self._loop()
         finally:
+            guard.close()
             self.local.stop("agent exiting")
             self.local.discard_warm()
             self.books.sync()
@@ -99,11 +109,13 @@ class Agent:
             try:
                 assignment = self._rendezvous()
             except _Leave:
-                return self._leave("asked to leave during rendezvous")
+                return self.end.leave("asked to leave during rendezvous")
             except JobFinishedError as exc:
-                return self._finished(exc.outcome, exc.reason)
+                return self.end.finished(exc.outcome, exc.reason)
             except LeaseLostError as exc:
-                self._fenced(str(exc))
+                code = self.end.fenced(str(exc))
+                if code is not None:
+                    return code
                 continue
             self.local.finish_stopping(lambda: self.signals.insist)
             self.local.start(assignment)
@@ -118,6 +130,10 @@ class Agent:
         self.books.rendezvous(entered=True)
         assignment = self.participant.next_assignment(on_tick=self._tick)
         self.books.rendezvous(entered=False)
+        mine = next(m for m in assignment.members if m.node_id == self.config.node_id)
+        if mine.nproc != self.nproc:  # someone else wrote this assignment: never run a wrong world
+            raise CorruptStateError(self.settings.round_key, f"{mine.node_id} with nproc {self.nproc}",
+                                    f"nproc {mine.nproc} in round {assignment.round}")
         self.metrics.rendezvous_done(self.clock.monotonic() - started, assignment, self.config.node_id)
         log.info("round %d: %d nodes, world size %d; this node is group rank %s; master %s:%d",
                  assignment.round, len(assignment.members), assignment.world_size,
@@ -154,7 +170,7 @@ class Agent:
             progress = tuple(policy.read_progress(run.progress_files))
             self.metrics.progress(progress)
             look = supervise.Look(codes, progress, notice, self.signals.leave_requested, lost,
-                                  now=time.time(), started=run.started_wall,
+                                  now=self.clock.monotonic(), started=run.started_at,
                                   hang_timeout=self.config.hang_timeout, done_reported=done_reported)
             action = supervise.next_action(look)
             if isinstance(action, supervise.ReportDone):
@@ -166,12 +182,11 @@ class Agent:
 
     def _act(self, action: supervise.Action, run: Running) -> int | None:
         if isinstance(action, supervise.Leave):
-            return self._leave(action.why)
+            return self.end.leave(action.why)
         if isinstance(action, supervise.Fence):
-            self._fenced(action.why)
-            return None
+            return self.end.fenced(action.why)
         if isinstance(action, supervise.Finish):
-            return self._finished(action.outcome, action.reason)
+            return self.end.finished(action.outcome, action.reason)
         if isinstance(action, supervise.FollowRound):
             log.info("round %d opened (%s): restarting the local workers", action.round.number,
                      action.round.reason)
@@ -195,47 +210,12 @@ class Agent:
             return False
         return True
 
-    # --- outcomes ------------------------------------------------------------------------
-    def _finished(self, outcome: str, reason: str, already: bool = False) -> int:
-        """The job has an outcome (``already``: before this agent took part)."""
-        self.local.stop(f"job {outcome}")
-        said = f"job {self.config.job_id} {'already ' if already else ''}{outcome}"
-        said += f" ({reason}); nothing to do" if already else f": {reason}"
-        if outcome == Outcome.SUCCEEDED:
-            self._set_state(State.SUCCEEDED)
-            log.info("%s", said)
-            return EXIT_SUCCEEDED
-        self._set_state(State.FAILED)
-        log.error("%s", said)
-        return EXIT_FAILED
+    def _beat(self) -> None:
+        self.heartbeat = self.clock.monotonic()
 
-    def _leave(self, why: str) -> int:
-        """Graceful leave: drain the workers (every rank of the job checkpoints at the same
-        step), open the next round at once, revoke our lease, exit 3."""
-        self._set_state(State.STOPPING)
-        self.metrics.preemption()
-        log.warning("leaving job %s: %s", self.config.job_id, why)
-        if self.local.running is not None:
-            budget = drain_budget(self.config.drain_timeout, self.signals.deadline, self.clock.monotonic())
-            self.local.begin_stop(why, drain=True, budget=budget)
-            self.local.finish_stopping(lambda: self.signals.insist)
-        self.participant.leave(reason="preempted")
-        self._set_state(State.STOPPED)
-        log.warning("left job %s cleanly", self.config.job_id)
-        return EXIT_PREEMPTED
-
-    def _fenced(self, why: str) -> None:
-        """Our lease is gone: others may already run a newer round without us, so our workers
-        must stop now (fencing), then we rejoin when etcd answers."""
-        log.error("lost our lease (%s): stopping local workers at once", why)
-        self.metrics.restart(Reason.LEASE_LOST)
-        self.local.stop("lease lost")
-        deadline = self.clock.monotonic() + REJOIN_TIMEOUT
-        while not _try_rejoin(self.participant, self.clock, deadline):
-            self.heartbeat = self.clock.monotonic()
-            if self.signals.count:
-                raise _Leave()
-            self.clock.sleep(1.0)
+    def _running_pgids(self) -> list[int]:
+        run = self.local.running
+        return list(run.group.pids) if run is not None else []
 
     def _set_state(self, state: State) -> None:
         self.state = state
@@ -257,26 +237,3 @@ def _failure_reason(action: supervise.Fail, run: Running, node: str, hang_timeou
         log.error("hang: local ranks %s reported no progress for %.0fs", ranks, hang_timeout)
         reason = reason_text(Reason.HANG, f"{node} local ranks {ranks} silent for {hang_timeout:.0f}s")
     return reason if len(reason) <= REASON_LIMIT else reason[: REASON_LIMIT - 3] + "..."
-
-
-def drain_budget(timeout: float, terminated_at: float | None, now: float) -> float:
-    """How long the workers get to drain: --drain-timeout, cut short by a known termination
-    time (a preemption notice) minus the time to stop them and leave."""
-    if terminated_at is None:
-        return timeout
-    return max(0.0, min(timeout, terminated_at - now - DRAIN_MARGIN))
-
-
-def _try_rejoin(participant: Participant, clock: Clock, deadline: float) -> bool:
-    """One attempt to rejoin after fencing; raises once etcd stayed away past ``deadline``."""
-    try:
-        participant.rejoin()
-    except JobFinishedError:
-        raise
-    except RendezvousError as exc:
-        if clock.monotonic() >= deadline:
-            raise AgentError(f"etcd unreachable for {REJOIN_TIMEOUT:.0f}s after losing our lease: {exc}") from exc
-        log.warning("cannot rejoin yet (%s); retrying", exc)
-        return False
-    log.info("re-registered with etcd after losing the lease")
-    return True

@@ -85,8 +85,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("shutdown_timeout", v.seconds(0, strict=True),
            "seconds between SIGTERM and SIGKILL when stopping workers", 10.0, "SECONDS"),
     # The rendezvous timings default to the rendezvous's own defaults (one place to tune).
-    Option("lease_ttl", v.seconds(2, strict=False), "a node cut off from etcd this long is dropped "
-           "(and fences its workers before)", Settings.lease_ttl, "SECONDS"),
+    Option("lease_ttl", v.seconds(2, strict=False), "a node cut off from etcd this long loses its "
+           "membership; it stops (fences) its own workers before", Settings.lease_ttl, "SECONDS"),
+    Option("presence_ttl", v.seconds(2, strict=False), "a node silent this long (frozen, cut off, "
+           "reclaimed) is replaced: the others restart without it", Settings.presence_ttl, "SECONDS"),
+    Option("etcd_wait", v.seconds(0, strict=False), "at start, how long to wait for etcd to answer "
+           "(with backoff) before giving up with exit 1", 300.0, "SECONDS"),
     Option("last_call", v.seconds(0, strict=False), "after min nodes joined, close the round when no "
            "node joined for this long", Settings.last_call, "SECONDS"),
     Option("scale_up_cooldown", v.seconds(0, strict=False), "a waiting node must stay alive this long "

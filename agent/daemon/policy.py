@@ -37,7 +37,10 @@ def judge_exits(codes: list[int | None]) -> Verdict:
 @dataclass(frozen=True)
 class Progress:
     step: int
-    time: float  # the worker's wall clock when it reported (same host as the agent)
+    time: float  # the worker's wall clock when it reported: for people and dashboards only
+    # The worker's time.monotonic() when it reported. CLOCK_MONOTONIC is one clock for every
+    # process of a host and never steps with NTP, so deadlines compare this, never ``time``.
+    mono: float | None = None
 
 
 def read_progress(files: list[Path]) -> list[Progress | None]:
@@ -46,7 +49,9 @@ def read_progress(files: list[Path]) -> list[Progress | None]:
     for path in files:
         try:
             data = json.loads(path.read_bytes())
-            out.append(Progress(int(data["step"]), float(data["time"])))
+            mono = data.get("mono")
+            out.append(Progress(int(data["step"]), float(data["time"]),
+                                float(mono) if isinstance(mono, (int, float)) and not isinstance(mono, bool) else None))
         except (OSError, ValueError, KeyError, TypeError):
             out.append(None)
     return out
@@ -58,11 +63,15 @@ def helper_in_use(files: list[Path]) -> bool:
 
 def silent_ranks(progress: list[Progress | None], codes: list[int | None], timeout: float,
                  now: float, started: float) -> list[int]:
-    """Running ranks with no progress for ``timeout`` seconds. Applies only once the helper is
-    seen in use (some rank has reported); a rank that never reported counts from the start."""
+    """Running ranks with no progress for ``timeout`` seconds, by the host's monotonic clock
+    (``now``, ``started`` and the reports' ``mono``). Applies only once the helper is seen in
+    use (some rank has reported); a rank that never reported counts from the start; a report
+    without a monotonic time (a helper too old to write one) is never called silent."""
     if timeout <= 0 or not any(p is not None for p in progress):
         return []
-    return [
-        rank for rank, (p, code) in enumerate(zip(progress, codes))
-        if code is None and now - (p.time if p is not None else started) >= timeout
-    ]
+    silent = []
+    for rank, (p, code) in enumerate(zip(progress, codes)):
+        since = started if p is None else p.mono
+        if code is None and since is not None and now - since >= timeout:
+            silent.append(rank)
+    return silent

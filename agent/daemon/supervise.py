@@ -28,7 +28,7 @@ class Look:
     notice: Notice | None  # what the rendezvous reported since the last look
     leave: str | None  # why this node was asked to leave, if it was
     lease_lost: str | None  # why our lease is gone, if it is
-    now: float  # same clock as the progress reports' times
+    now: float  # the host's monotonic clock (the progress reports' ``mono``)
     started: float  # when the workers started, same clock
     hang_timeout: float  # 0: hang detection off
     done_reported: bool  # this node already told etcd its workers all exited 0

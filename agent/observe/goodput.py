@@ -338,7 +338,7 @@ def job_totals(reports: dict[str, NodeReport] | list[NodeReport]) -> Totals:
 def sync(store: Store, settings: Settings, report: NodeReport, *, job_wide: bool) -> tuple[int, Totals | None]:
     """Write this node's record and read the job's restart count (one transaction); with
     ``job_wide`` also read every node's record. Returns (restarts used, the other nodes'
-    totals or None). Raises RendezvousError; the loop calls it every ~10 s and at exit."""
+    totals or None). Raises RendezvousError; the loop calls it every ~60 s, on state changes, and at exit."""
     used = persist(store, settings, report.node_id, report)
     if not job_wide:
         return used, None

@@ -3,7 +3,7 @@
 Read in three requests: one transaction for ``round``, ``status`` and ``restarts``, and one
 range each for the live nodes and the agents' goodput records (agent.goodput). What etcd
 does not hold is not shown: etcd keeps no timestamps, so a node's "last report" age comes
-from the wall clock its agent wrote into its goodput record (every ~10 s), and the restart
+from the wall clock its agent wrote into its goodput record (on state changes and every ~60 s), and the restart
 budget from the agents' records (``max_restarts``), the only place it is stored.
 """
 

@@ -85,6 +85,7 @@ class Elastic:
         keep_last: int | None = None,
         environ: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         env = os.environ if environ is None else environ
         if checkpoint_every < 0:
@@ -101,6 +102,7 @@ class Elastic:
         self._env_rank = _env_int(env, "RANK", 0)
         self._env_world_size = _env_int(env, "WORLD_SIZE", 1)
         self._clock = clock
+        self._monotonic = monotonic
         self._group: Any = None  # the group of the per-step agreement, made on first use
         self._device: torch.device | None = None
         self.last_saved_step: int | None = None
@@ -220,7 +222,8 @@ class Elastic:
         self._last_step = step
         if self.progress_file is None:
             return
-        record = {"v": PROGRESS_VERSION, "step": step, "time": self._clock(), "pid": os.getpid(), "phase": phase}
+        record = {"v": PROGRESS_VERSION, "step": step, "time": self._clock(), "mono": self._monotonic(),
+                  "pid": os.getpid(), "phase": phase}
         temp = self.progress_file.with_name(f".{self.progress_file.name}.{os.getpid()}.tmp")
         try:
             temp.write_text(json.dumps(record))

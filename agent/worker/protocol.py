@@ -9,7 +9,8 @@ Environment variables the agent sets for each worker (absent under plain torchru
   and a save is refused when the fence or a complete checkpoint names a newer round (a
   zombie of an old round can never replace newer work).
 - ``ELASTIC_AGENT_PROGRESS_FILE``: one per worker. After each step the helper replaces it
-  (temp file + ``os.replace``) with ``{"v": 1, "step": N, "time": <unix time>, "pid": P,
+  (temp file + ``os.replace``) with ``{"v": 1, "step": N, "time": <unix time>, "mono": <the
+  host's time.monotonic(), what hang detection compares>, "pid": P,
   "phase": "train" | "checkpointed" | "drained" | "finished"}``; ``step`` is the last
   completed step. Readers must ignore keys they do not know.
 - ``ELASTIC_AGENT_CONTROL_FILE``: one per node. When it exists and contains ``drain``, every

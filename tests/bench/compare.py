@@ -15,6 +15,9 @@ One repetition per launcher is a chain of events on one job:
   sigterm      SIGTERM to a node (not the master)   -> first step at world size 3; steps lost
   kill         kill -9 of a node (not the store)    -> first step at world size 2
   (a node is added back, world size 3)
+  freeze       SIGSTOP of a whole node (agent and workers, not the store): no socket closes
+                                                    -> first step at world size 2
+  (the frozen node is killed, a node is added back, world size 3)
   kill_store   kill -9 of the node hosting torchrun's c10d store (for elastic-agent: group
                rank 0, the master)                  -> first step at world size 2, or never
 A recovery not seen within --give-up seconds is "never". Steps lost by a SIGTERM = last step
@@ -145,11 +148,18 @@ class Runner:
             rep.measures["kill"] = self.wait_step(at, 2)
             if rep.measures["kill"] is NEVER:
                 return self._finish(rep, t0)
-            at = time.monotonic()
-            self.add()
-            if self.wait_step(at, 3) is NEVER:
+            if not self._back_to_three(rep, t0):
                 return self._finish(rep, t0)
-            time.sleep(2.0)
+
+            victim = self.not_store_host()
+            at = time.monotonic()
+            rep.events.append((at - t0, "freeze"))
+            frozen = victim.freeze()
+            rep.measures["freeze"] = self.wait_step(at, 2)
+            victim.thaw(frozen)
+            victim.kill_node(with_workers=True)
+            if rep.measures["freeze"] is NEVER or not self._back_to_three(rep, t0):
+                return self._finish(rep, t0)
 
             victim = self.store_host()
             at = time.monotonic()
@@ -157,6 +167,14 @@ class Runner:
             victim.kill_node(with_workers=True)
             rep.measures["kill_store"] = self.wait_step(at, 2)
             return self._finish(rep, t0)
+
+    def _back_to_three(self, rep: Rep, t0: float) -> bool:
+        at = time.monotonic()
+        self.add()
+        if self.wait_step(at, 3) is NEVER:
+            return False
+        time.sleep(2.0)
+        return True
 
     def _finish(self, rep: Rep, t0: float) -> Rep:
         rep.timeline = [(t - t0, s) for t, s, w in self.cluster.steps()]
@@ -167,6 +185,7 @@ ROWS = [
     ("start", "start to first step (s)"),
     ("kill", "kill -9 of a node -> resumed (s)"),
     ("kill_store", "kill -9 of the store host / rank 0 -> resumed (s)"),
+    ("freeze", "a node frozen whole (SIGSTOP) -> resumed (s)"),
     ("sigterm", "SIGTERM of a node -> resumed (s)"),
     ("sigterm_steps_lost", "completed steps lost by that SIGTERM"),
     ("scale_up", "node added -> training at the new size (s)"),

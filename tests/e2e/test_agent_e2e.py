@@ -112,13 +112,27 @@ def test_all_workers_finish_then_every_agent_exits_0_and_a_late_agent_too(cluste
     assert "started" not in late.text().split("already succeeded")[0].split("joined job")[-1]
 
 
+def test_an_etcd_that_never_answers_is_waited_for_then_exit_1_not_2(tmp_path):
+    began = time.monotonic()
+    proc = subprocess.run([PYTHON, "-m", "agent", "start", "--job-id", "j", "--etcd-endpoints", "127.0.0.1:1",
+                           "--metrics-port", "0", "--etcd-wait", "5", "--", PYTHON, "-c", "pass"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert 5 <= time.monotonic() - began < 30
+    assert "waiting for etcd at 127.0.0.1:1" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "etcd at 127.0.0.1:1 did not answer for 5s (--etcd-wait)" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--min-nodes", "5", "--max-nodes", "4"], "--min-nodes (5) must be <= --max-nodes (4)"),
         (["--nproc-per-node", "x"], "--nproc-per-node"),
         ([], "missing command"),
-        (["--etcd-endpoints", "127.0.0.1:1"], "--etcd-endpoints (127.0.0.1:1)"),
+        (["--log-dir", "/proc/x"], "--log-dir (/proc/x): cannot create or write there"),
+        (["--checkpoint-dir", "/proc/x/ckpt"], "--checkpoint-dir (/proc/x/ckpt): cannot create or write there"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line_and_leave_no_process(tmp_path, args, message):

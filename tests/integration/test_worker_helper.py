@@ -170,11 +170,11 @@ def test_single_process_helper_reports_progress_and_drains(tmp_path: Path) -> No
 
     env = {CHECKPOINT_DIR_ENV: str(tmp_path / "ckpt"), ROUND_ENV: "4",
            PROGRESS_FILE_ENV: str(tmp_path / "progress.json"), CONTROL_FILE_ENV: str(tmp_path / "control")}
-    el = Elastic(checkpoint_every=2, environ=env, clock=lambda: 99.5)
+    el = Elastic(checkpoint_every=2, environ=env, clock=lambda: 99.5, monotonic=lambda: 7.25)
     assert el.load(default=lambda: {"w": 0}) == (0, {"w": 0})
     assert el.step(0, lambda: {"w": 0}) is False
-    assert read_progress(tmp_path / "progress.json") == {"v": 1, "step": 0, "time": 99.5, "pid": os.getpid(),
-                                                         "phase": "train"}
+    assert read_progress(tmp_path / "progress.json") == {"v": 1, "step": 0, "time": 99.5, "mono": 7.25,
+                                                         "pid": os.getpid(), "phase": "train"}
     assert el.step(1, lambda: {"w": 1}) is False  # periodic checkpoint of step 1
     assert ckpt.latest_step(tmp_path / "ckpt") == 1
     (tmp_path / "control").write_text("")  # exists but not (yet) a drain: keep going

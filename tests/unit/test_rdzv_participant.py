@@ -46,7 +46,7 @@ class Cluster:
 
     def __init__(self, min_nodes: int, max_nodes: int, *, last_call: float = 0.0, cooldown: float = 0.0,
                  max_restarts: int | None = None) -> None:
-        self.settings = Settings(job_id="job", min_nodes=min_nodes, max_nodes=max_nodes, lease_ttl=TTL,
+        self.settings = Settings(job_id="job", min_nodes=min_nodes, max_nodes=max_nodes, lease_ttl=TTL, presence_ttl=TTL,
                                  last_call=last_call, scale_up_cooldown=cooldown, max_restarts=max_restarts)
         self.etcd_clock = FakeClock()
         self.store = MemoryStore(clock=self.etcd_clock, reap_interval=None)
@@ -137,6 +137,7 @@ class Cluster:
         self.etcd_clock.advance(1)
         for node in self.live():
             self.store.keepalive(node.p.session.lease)  # type: ignore[union-attr]
+            self.store.keepalive(node.p.leases.presence.lease)  # type: ignore[union-attr]
         self.etcd_clock.advance(TTL - 0.5)
         self.store.expire_leases()
 
@@ -145,6 +146,7 @@ class Cluster:
         self.etcd_clock.advance(1)
         for node in self.live():
             self.store.keepalive(node.p.session.lease)  # type: ignore[union-attr]
+            self.store.keepalive(node.p.leases.presence.lease)  # type: ignore[union-attr]
         self.etcd_clock.advance(TTL - 0.5)
         self.store.expire_leases()
 

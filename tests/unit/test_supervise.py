@@ -50,12 +50,12 @@ FAILED = Notice(NoticeKind.FINISHED, "job failed", status=JobStatus(Outcome.FAIL
     (look(codes=(75, None)), s.Keep()),
     (look(codes=(75, 75)), s.Keep()),
     # hangs only once the helper is in use, counted from the last report (or the start)
-    (look(progress=(Progress(3, NOW - 31), None), hang=30), s.Fail(Reason.HANG, (0,))),  # rank 1 started 5 s ago
-    (look(progress=(Progress(3, NOW - 31), None), started=NOW - 40, hang=30), s.Fail(Reason.HANG, (0, 1))),
-    (look(progress=(Progress(3, NOW - 31), Progress(3, NOW - 1)), hang=30), s.Fail(Reason.HANG, (0,))),
-    (look(progress=(Progress(3, NOW - 31), None), hang=0), s.Keep()),
+    (look(progress=(Progress(3, 0.0, NOW - 31), None), hang=30), s.Fail(Reason.HANG, (0,))),  # rank 1 started 5 s ago
+    (look(progress=(Progress(3, 0.0, NOW - 31), None), started=NOW - 40, hang=30), s.Fail(Reason.HANG, (0, 1))),
+    (look(progress=(Progress(3, 0.0, NOW - 31), Progress(3, 0.0, NOW - 1)), hang=30), s.Fail(Reason.HANG, (0,))),
+    (look(progress=(Progress(3, 0.0, NOW - 31), None), hang=0), s.Keep()),
     (look(progress=(None, None), started=NOW - 100, hang=30), s.Keep()),
-    (look(codes=(0, None), progress=(Progress(3, NOW - 31), Progress(3, NOW - 31)), hang=30),
+    (look(codes=(0, None), progress=(Progress(3, 0.0, NOW - 31), Progress(3, 0.0, NOW - 31)), hang=30),
      s.Fail(Reason.HANG, (1,))),
     # every local worker done: report it once
     (look(codes=(0, 0)), s.ReportDone()),
@@ -67,5 +67,5 @@ def test_next_action(given: s.Look, expected: s.Action) -> None:
 
 
 def test_a_failure_beats_a_hang_and_completion() -> None:
-    given = look(codes=(0, 1), progress=(Progress(1, NOW - 100), None), hang=10)
+    given = look(codes=(0, 1), progress=(Progress(1, 0.0, NOW - 100), None), hang=10)
     assert s.next_action(given) == s.Fail(Reason.WORKER_FAILURE, (1,))

@@ -9,6 +9,12 @@ class StoreUnavailableError(RendezvousError):
     """The store (etcd) could not be reached, or did not answer in time."""
 
 
+class StoreFullError(StoreUnavailableError):
+    """etcd is out of space (its NOSPACE alarm is raised): it refuses writes until an operator
+    compacts, defragments and disarms it. Handled as an outage (what needed the write is tried
+    again), but named as what it is in every log line and in its own metric."""
+
+
 class LeaseLostError(RendezvousError):
     """Our lease expired or was revoked: our keys are gone and others may have moved on."""
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 
 import tenacity
 
-from rendezvous.errors import LeaseLostError, RendezvousError, StoreUnavailableError
+from rendezvous.errors import StoreFullError, LeaseLostError, RendezvousError, StoreUnavailableError
 from rendezvous.etcd_auth import Connector, Credentials, Watches
 from rendezvous.etcd_grpc import etcdrpc, grpc
 from rendezvous.etcd_streams import EtcdChannel, EtcdWatch, KeepAliveStream, WatchDeniedError, WatchStream
@@ -81,7 +81,10 @@ class EtcdStore:
             try:
                 result = fn(*self._channel.stubs())
             except grpc.RpcError as exc:
-                self._observe(kind, began, exc)
+                full = _out_of_space(kind, exc)
+                self._observe(kind, began, full or exc)
+                if full is not None:  # not retried here: the caller says so, loudly, and tries later
+                    raise full from exc
                 refused = self._connector.refusal(kind, exc, self.endpoint)
                 if refused is not None:  # TLS, login or permission: retrying cannot help
                     raise refused from exc
@@ -236,6 +239,15 @@ class EtcdStore:
 
 class _Retry(Exception):
     pass
+
+
+def _out_of_space(kind: str, exc: grpc.RpcError) -> StoreFullError | None:
+    details = exc.details() or ""
+    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED and "database space exceeded" not in details:
+        return None
+    return StoreFullError(
+        f"etcd is out of space ({kind} refused: {details or exc.code().name}): it takes no writes until it is "
+        "compacted, defragmented and its NOSPACE alarm disarmed (docs/operations.md, 'etcd is full')")
 
 
 def _translate(kind: str, exc: grpc.RpcError) -> RendezvousError:

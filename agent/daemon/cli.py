@@ -16,6 +16,8 @@ import sys
 from agent.daemon.states import State
 from agent.errors import EXIT_FAILED, EXIT_USAGE, AgentError, ConfigError
 
+EMBEDDED_ETCD_ARGS = ("--auto-compaction-mode", "periodic", "--auto-compaction-retention", "10m")
+
 USAGE = """usage: elastic-agent start [flags] -- COMMAND [ARGS...]
        elastic-agent status --etcd-endpoints HOST:PORT[,...] --job-id ID [--json]
 
@@ -85,7 +87,8 @@ def _start(argv: list[str]) -> int:
         from rendezvous.etcd_server import EtcdServer  # noqa: PLC0415
 
         try:
-            server = EtcdServer().start()
+            # Auto-compaction: the agents write a record per node every minute; keep history bounded.
+            server = EtcdServer(extra_args=EMBEDDED_ETCD_ARGS).start()
         except RendezvousError as exc:
             raise ConfigError(f"--standalone: could not start the embedded etcd: {exc}") from exc
         log.info("standalone: embedded etcd on %s (data in %s, removed at exit)", server.endpoint, server.data_dir)

@@ -30,6 +30,7 @@ from agent.daemon.policy import Progress
 from agent.daemon.states import FINAL, State
 from agent.observe.collectors import ETCD_REQUESTS, GoodputCollector, minus
 from agent.observe.goodput import GoodputAccount, NodeReport, Totals
+from rendezvous.errors import StoreFullError
 from rendezvous.reasons import FAILURES, Reason
 from rendezvous.state import Assignment
 
@@ -95,6 +96,9 @@ class _Series:
                                   labels + ("request",), buckets=_ETCD_BUCKETS, registry=r)
         self.etcd_err = Counter("elastic_agent_etcd_errors", "Failed etcd request attempts, by request type.",
                                 labels + ("request",), registry=r)
+        self.out_of_space = gauge("elastic_agent_etcd_out_of_space",
+                                  "1 while etcd refuses this agent's writes because it is out of space (NOSPACE)."
+                                  ).labels(*lv)
         self.keepalive_fail = Counter("elastic_agent_etcd_lease_keepalive_failures",
                                       "Lease keep-alives that failed (etcd unreachable, slow, or lease gone).",
                                       labels, registry=r).labels(*lv)
@@ -213,6 +217,10 @@ class AgentMetrics:
         """EtcdStore observer: one request attempt of type ``kind`` took ``seconds``; ``error``
         is what it raised (None: it succeeded). Thread-safe (called from gRPC threads)."""
         kind = kind if kind in ETCD_REQUESTS else "other"
+        if isinstance(error, StoreFullError):
+            self._s.out_of_space.set(1)
+        elif error is None and kind in ("put", "txn"):
+            self._s.out_of_space.set(0)
         self._s.etcd_dur.labels(*self._lv, kind).observe(max(0.0, seconds))
         if error is not None:
             self._s.etcd_err.labels(*self._lv, kind).inc()

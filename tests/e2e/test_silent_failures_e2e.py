@@ -87,3 +87,46 @@ def test_sigterm_while_etcd_is_away_leaves_with_exit_3(cluster, when):
     leaver.signal(signal.SIGTERM)
     assert leaver.wait(timeout=90) == 3, leaver.text()[-3000:]
     assert no_agent_traceback(leaver), leaver.text()[-3000:]
+
+
+def test_a_full_etcd_is_reported_as_such_and_the_job_resumes_once_it_is_fixed():
+    from rendezvous.errors import StoreFullError
+    from rendezvous.etcd_server import etcd_binary
+    from rendezvous.etcd_store import EtcdStore
+
+    quota = str(2 * 1024 * 1024)
+    with Cluster(job_id="nospace", etcd_args=("--quota-backend-bytes", quota)) as cluster:
+        agents = [cluster.start_agent(f"node-{i}", nproc=1, command=train()) for i in range(3)]
+        t0 = time.monotonic()
+        wait_until(lambda: cluster.first_step_after(t0, world_size=3), 90, "training")
+        filler = EtcdStore(cluster.endpoints)
+        try:
+            with pytest.raises(StoreFullError):
+                for i in range(100):  # fill the quota until etcd raises its NOSPACE alarm
+                    filler.put(f"/filler/{i}", b"x" * 256 * 1024)
+            for i in range(100):
+                filler.delete(f"/filler/{i}")
+        finally:
+            filler.close()
+        victim = next(a for a in agents if a.group_rank() == 2)
+        killed = time.monotonic()
+        victim.kill_node()
+        survivors = [a for a in agents if a is not victim]
+        # Not a silent hang: the agents say what is wrong, and the metric says it too.
+        wait_until(lambda: any("etcd is out of space" in a.text() for a in survivors), 30, "the NOSPACE report")
+        wait_until(lambda: any("elastic_agent_etcd_out_of_space{" in line and line.endswith(" 1.0")
+                               for a in survivors for line in a.scrape()[1].splitlines()), 30, "the metric at 1")
+        assert cluster.first_step_after(killed + 5, world_size=2) is None  # no round could be written
+        etcdctl = [str(etcd_binary().with_name("etcdctl")), "--endpoints", cluster.endpoints]
+        import json
+        import subprocess
+
+        status = json.loads(subprocess.run([*etcdctl, "endpoint", "status", "-w", "json"], capture_output=True,
+                                           text=True, timeout=30, check=True).stdout)
+        revision = status[0]["Status"]["header"]["revision"]
+        for fix in (["compact", str(revision)], ["defrag"], ["alarm", "disarm"]):  # docs/runbooks.md
+            subprocess.run([*etcdctl, *fix], capture_output=True, text=True, timeout=30, check=True)
+        fixed = time.monotonic()
+        wait_until(lambda: cluster.first_step_after(fixed, world_size=2), 60, "training again once etcd is fixed")
+        for agent in survivors:
+            assert agent.proc.poll() is None and no_agent_traceback(agent), agent.text()[-3000:]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.daemon.console import DEFAULT_TEMPLATE, PerRank
 from agent.daemon.options import (
     BY_FIELD, CONNECTION_FIELDS, OPTIONS, PET_VARS, defaults, env_var, flag, start_parser,
 )
@@ -69,6 +70,14 @@ class AgentConfig:
     config_file: Path | None
     command: tuple[str, ...]
     etcd_password: str | None = dataclasses.field(default=None, repr=False)  # never shown: see etcd_password()
+    # What of the workers' output reaches the console (agent.daemon.console), and torch.distributed.launch's
+    # --local-rank=N argument.
+    redirects: PerRank = dataclasses.field(default_factory=PerRank)
+    tee: PerRank = dataclasses.field(default_factory=PerRank)
+    local_ranks_filter: frozenset[int] | None = None
+    log_line_prefix_template: str = DEFAULT_TEMPLATE
+    log_line_prefix: bool = True
+    local_rank_arg: bool = False
 
     def rendezvous_settings(self) -> Settings:
         return Settings(

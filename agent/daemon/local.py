@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.daemon import policy
+from agent.daemon.console import ConsoleSettings, Route
 from agent.daemon.env import worker_env
 from agent.daemon.prewarm import WarmWorker
+from agent.daemon.spawn import with_local_rank_arg
 from agent.daemon.workers import WorkerGroup, error_file_path
 from agent.errors import AgentError
 from agent.worker.protocol import DRAIN
@@ -58,13 +60,13 @@ class Group(Protocol):
     def stderr_tail(self, local_rank: int, lines: int = 10) -> list[str]: ...
 
 
-# (command, envs, log dir, console prefixes, pre-started workers) -> a group, not yet started.
-GroupFactory = Callable[[Sequence[str], list[dict[str, str]], Path, list[str], list[WarmWorker]], Group]
+# (command, envs, log dir, console routes, pre-started workers) -> a group, not yet started.
+GroupFactory = Callable[[Sequence[str], list[dict[str, str]], Path, list[Route], list[WarmWorker]], Group]
 
 
-def process_group(command: Sequence[str], envs: list[dict[str, str]], log_dir: Path, prefixes: list[str],
+def process_group(command: Sequence[str], envs: list[dict[str, str]], log_dir: Path, routes: list[Route],
                   warm: list[WarmWorker]) -> Group:
-    return WorkerGroup(command, envs, log_dir, prefixes, warm=warm)
+    return WorkerGroup(command, envs, log_dir, routes, warm=warm)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class Layout:
     max_restarts: int
     shutdown_timeout: float
     log_keep: int = 100  # attempts of this node whose logs are kept
+    console: ConsoleSettings = ConsoleSettings()  # what of the workers' output the console shows
+    local_rank_arg: bool = False  # pass --local-rank=N, as torch.distributed.launch did
 
 
 @dataclass
@@ -142,9 +146,11 @@ class LocalWorkers:
                 progress_file=str(progress[local_rank]), control_file=str(control),
             )
             envs.append(env)
-        prefixes = [f"{node}/{offset + r}" for r in range(lay.nproc)]
+        routes = [lay.console.route(local_rank=r, rank=offset + r, node_id=node, role_name=envs[r]["ROLE_NAME"])
+                  for r in range(lay.nproc)]
+        command = with_local_rank_arg(lay.command) if lay.local_rank_arg else lay.command
         warm, self.warm = self.warm[: lay.nproc], self.warm[lay.nproc:]
-        group = self.factory(lay.command, envs, attempt_dir, prefixes, warm)
+        group = self.factory(command, envs, attempt_dir, routes, warm)
         group.start()
         self.running = Running(assignment, group, attempt_dir, progress, control, self.clock.monotonic())
         log.info("started %d workers (global ranks %d-%d, pids %s), logs in %s", lay.nproc, offset,

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from agent import __version__
 from agent.daemon import policy, supervise
 from agent.daemon.config import AgentConfig
+from agent.daemon.console import ConsoleSettings
 from agent.daemon.env import resolve_nproc
 from agent.daemon.local import GroupFactory, Layout, LocalWorkers, Running, process_group
 from agent.daemon.prewarm import prewarmable
@@ -60,7 +61,8 @@ class Agent:
         me = NodeRecord(config.node_id, config.node_addr, self.nproc, host=os.uname().nodename, version=__version__)
         self.participant = Participant(store, self.settings, me, clock=self.clock)
         layout = Layout(tuple(config.command), self.nproc, config.node_id, config.job_id, config.log_dir,
-                        config.checkpoint_dir, config.max_restarts, config.shutdown_timeout, config.log_keep)
+                        config.checkpoint_dir, config.max_restarts, config.shutdown_timeout, config.log_keep,
+                        ConsoleSettings.of(config), config.local_rank_arg)
         self.local = LocalWorkers(layout, environ, self.clock, factory=group_factory,
                                   prewarm=config.prewarm and prewarmable(config.command),
                                   on_stopped=self.metrics.workers_stopped)

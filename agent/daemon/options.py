@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.daemon import console as c
 from agent.daemon import values as v
 from agent.errors import ConfigError
 from rendezvous.settings import Settings
@@ -82,6 +83,21 @@ OPTIONS: tuple[Option, ...] = (
            "<job-id>/<node-id>/<attempt>/", Path("./elastic-agent-logs"), "PATH"),
     Option("log_keep", v.int_at_least(1, "must be a positive integer"), "attempts of this node whose "
            "logs are kept; the oldest beyond are deleted", 100, "N"),
+    # What of the workers' output reaches the console, with torchrun's meaning (agent.daemon.console).
+    Option("redirects", c.per_rank_streams, "worker streams kept off the console (log files only): 0 "
+           "none, 1 stdout, 2 stderr, 3 both, or per local rank 0:1,1:2 (torchrun's --redirects)",
+           c.PerRank(), "SPEC"),
+    Option("tee", c.per_rank_streams, "worker streams shown on the console even when --redirects "
+           "names them (torchrun's --tee; same forms)", c.PerRank(), "SPEC"),
+    Option("local_ranks_filter", c.local_ranks, "only these local ranks' output reaches the console, "
+           "e.g. 0 or 0,1 (default: every rank); the log files get all of it", None, "RANKS"),
+    Option("log_line_prefix_template", c.prefix_template, "what each worker line on the console starts "
+           "with: ${node_id}, ${rank}, ${local_rank}, ${role_name}; empty = nothing (torchrun's "
+           "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE)", c.DEFAULT_TEMPLATE, "TEMPLATE"),
+    Option("log_line_prefix", v.boolean, "start each worker line on the console with "
+           "--log-line-prefix-template; --no-log-line-prefix shows lines as written", True, kind=TOGGLE),
+    Option("local_rank_arg", v.boolean, "pass --local-rank=N to the script, as torch.distributed.launch "
+           "did, for scripts that parse it", False, kind=SWITCH),
     Option("shutdown_timeout", v.seconds(0, strict=True),
            "seconds between SIGTERM and SIGKILL when stopping workers", 10.0, "SECONDS"),
     # The rendezvous timings default to the rendezvous's own defaults (one place to tune).
@@ -127,6 +143,7 @@ PET_VARS = {
     "PET_MAX_RESTARTS": "max_restarts",
     "PET_RDZV_ID": "job_id",
     "PET_RDZV_ENDPOINT": "etcd_endpoints",
+    "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "log_line_prefix_template",  # torchrun reads it too
 }
 
 

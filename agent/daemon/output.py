@@ -1,6 +1,7 @@
-"""Where a worker's output goes: its log files and, line by line with a ``[prefix] `` tag,
-the agent's console. A pre-started worker has neither yet, so its first lines are buffered
-until it is given a rank."""
+"""Where a worker's output goes: always its log file and, line by line after a prefix, the
+agent's console when the worker's route sends that stream there (agent.daemon.console).
+A pre-started worker has neither yet, so its first lines are buffered until it is given a
+rank."""
 
 from __future__ import annotations
 
@@ -16,16 +17,19 @@ _BUFFERED_LINES = 1000
 
 class Sink:
     """Where one output stream of a worker goes: buffered until the worker has a log file and
-    a console prefix (a pre-started worker has neither yet), then appended and echoed."""
+    a console route (a pre-started worker has neither yet), then appended and, when it has a
+    console, echoed there after ``prefix``."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buffer: list[bytes] = []
         self._log: IO[bytes] | None = None
         self._prefix = ""
-        self._console: IO[str] = sys.stdout
+        self._console: IO[str] | None = sys.stdout
 
-    def attach(self, path: Path, prefix: str, console: IO[str]) -> None:
+    def attach(self, path: Path, prefix: str, console: IO[str] | None) -> None:
+        """From now on lines go to ``path`` and, unless ``console`` is None, to ``console``
+        as ``prefix + line``."""
         with self._lock:
             self._log = path.open("ab", buffering=0)
             self._prefix = prefix
@@ -45,12 +49,14 @@ class Sink:
     def _emit(self, line: bytes) -> None:
         assert self._log is not None
         self._log.write(line)
+        if self._console is None:
+            return
         text = line.decode("utf-8", errors="replace")
         if not text.endswith("\n"):
             text += "\n"
         with _CONSOLE_LOCK:
             try:
-                self._console.write(f"[{self._prefix}] {text}")
+                self._console.write(self._prefix + text)
                 self._console.flush()
             except (OSError, ValueError):
                 pass  # a closed console must not stop the log file

@@ -5,6 +5,7 @@ are started."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 from collections.abc import Sequence
@@ -12,6 +13,40 @@ from collections.abc import Sequence
 from agent.daemon.keeper import KeptProcess, shared_keeper
 from agent.daemon.output import Sink, pump
 from agent.errors import SpawnError
+
+
+LOCAL_RANK_MACRO = "${local_rank}"  # torchrun's macros.local_rank
+LOCAL_RANK_ARG = f"--local-rank={LOCAL_RANK_MACRO}"  # what torch.distributed.launch passed
+_PYTHON = re.compile(r"^python[0-9.]*$")
+_PYTHON_OPTIONS_WITH_VALUE = {"-W", "-X", "--check-hash-based-pycs"}
+
+
+def for_rank(command: Sequence[str], local_rank: int) -> list[str]:
+    """The command one worker runs: ``${local_rank}`` in an argument becomes its local rank,
+    as torchrun substitutes it (the program itself is left alone)."""
+    return [command[0], *(arg.replace(LOCAL_RANK_MACRO, str(local_rank)) for arg in command[1:])]
+
+
+def with_local_rank_arg(command: Sequence[str]) -> list[str]:
+    """``--local-rank-arg``: ``--local-rank=${local_rank}`` right after the script, where
+    torch.distributed.launch put it: after ``python [OPTIONS] SCRIPT`` or ``python -m MODULE``
+    (or ``-c CODE``); for any other program, right after the program, as ``launch --no-python``."""
+    at = 1
+    if _PYTHON.match(os.path.basename(command[0])):
+        i = 1
+        while i < len(command):
+            arg = command[i]
+            if arg in ("-m", "-c"):
+                i += 1
+                break
+            if arg in _PYTHON_OPTIONS_WITH_VALUE:
+                i += 2
+                continue
+            if not arg.startswith("-") or arg == "-":
+                break
+            i += 1
+        at = min(i + 1, len(command))
+    return [*command[:at], LOCAL_RANK_ARG, *command[at:]]
 
 
 def check_command(command: Sequence[str]) -> None:

@@ -2,7 +2,9 @@
 
 Each worker runs in its own process group (its own session), so stopping a worker also stops
 whatever it spawned (data loader processes, shell pipelines). Output goes to per-worker log
-files and, line by line with a ``[prefix] `` tag, to the agent's console.
+files and, as each worker's :class:`~agent.daemon.console.Route` says, line by line after a
+prefix to the agent's console: stdout to its stdout, stderr to its stderr, as torchrun does.
+``${local_rank}`` in the command's arguments becomes each worker's local rank.
 
 This module only acts; when to stop or restart is decided elsewhere.
 """
@@ -19,10 +21,11 @@ from pathlib import Path
 from typing import IO
 
 from agent.daemon import procfs
+from agent.daemon.console import Route
 from agent.daemon.keeper import KeptProcess
 from agent.daemon.failures import describe_exit, error_file_message, exception_line
 from agent.daemon.prewarm import WarmWorker
-from agent.daemon.spawn import check_command, spawn
+from agent.daemon.spawn import check_command, for_rank, spawn
 
 _REAP_POLL_S = 0.01
 _KILL_WAIT_S = 5.0  # after SIGKILL, how long to wait for the kernel to tear a group down
@@ -50,35 +53,41 @@ def stderr_path(log_dir: Path, local_rank: int) -> Path:
 class _Worker:
     """One worker process, its log files and output readers."""
 
-    def __init__(self, local_rank: int, process: KeptProcess, prefix: str) -> None:
+    def __init__(self, local_rank: int, process: KeptProcess, route: Route) -> None:
         self.local_rank = local_rank
         self.process = process
-        self.prefix = prefix
+        self.route = route
         self.readers: list[threading.Thread] = []
         self.stderr_start = 0  # where this run's output starts in an appended stderr.log
 
 
 class WorkerGroup:
-    """The local workers of one round: one process (group) per environment in ``envs``."""
+    """The local workers of one round: one process (group) per environment in ``envs``.
+
+    ``routes`` (one per worker; a plain label ``"node/3"`` means every line as ``[node/3] line``)
+    say what reaches the console. ``console`` receives both streams when given (tests);
+    otherwise stdout lines go to ``sys.stdout`` and stderr lines to ``err_console`` or ``sys.stderr``."""
 
     def __init__(
         self,
         command: Sequence[str],
         envs: list[dict[str, str]],
         log_dir: Path,
-        console_prefix: list[str],
+        routes: Sequence[Route | str],
         console: IO[str] | None = None,
         warm: list[WarmWorker] | None = None,
+        err_console: IO[str] | None = None,
     ) -> None:
-        if len(console_prefix) != len(envs):
-            raise ValueError(f"{len(envs)} worker envs but {len(console_prefix)} console prefixes")
+        if len(routes) != len(envs):
+            raise ValueError(f"{len(envs)} worker envs but {len(routes)} console routes")
         if not command:
             raise ValueError("empty worker command")
         self.command = list(command)
         self.envs = envs
         self.log_dir = Path(log_dir)
-        self.console_prefix = console_prefix
+        self.routes = [Route.labelled(r) if isinstance(r, str) else r for r in routes]
         self.console = console if console is not None else sys.stdout
+        self.err_console = err_console or console or sys.stderr
         self._workers: list[_Worker] = []
         self._started = False
         self._gone: set[int] = set()  # process groups seen empty
@@ -110,16 +119,19 @@ class WorkerGroup:
         error_file_path(self.log_dir, local_rank).unlink(missing_ok=True)
         err_log = stderr_path(self.log_dir, local_rank)
         stderr_start = err_log.stat().st_size if err_log.exists() else 0
+        command = for_rank(self.command, local_rank)
         warm = self._take_warm()
         if warm is not None:
-            warm.launch(env, self.command[1:])
+            warm.launch(env, command[1:])
             process, sinks, readers = warm.process, warm.sinks, warm.readers
         else:
-            process, sinks, readers = spawn(self.command, env)
-        worker = _Worker(local_rank, process, self.console_prefix[local_rank])
+            process, sinks, readers = spawn(command, env)
+        route = self.routes[local_rank]
+        worker = _Worker(local_rank, process, route)
         worker.stderr_start = stderr_start
-        sinks[0].attach(stdout_path(self.log_dir, local_rank), worker.prefix, self.console)
-        sinks[1].attach(err_log, worker.prefix, self.console)
+        out_console = self.console if route.stdout else None
+        sinks[0].attach(stdout_path(self.log_dir, local_rank), route.prefix, out_console)
+        sinks[1].attach(err_log, route.prefix, self.err_console if route.stderr else None)
         worker.readers.extend(readers)
         return worker
 

@@ -27,8 +27,11 @@ test-fast: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m pytest -m slow tests
 
+# The main job on this machine: an embedded etcd and 3 simulated nodes training through a
+# kill -9, a preemption and a join, shown live (a plain line per update when stdout is not a
+# terminal); 1-2 minutes. `make demo DEMO_ARGS="--png timeline.png"` also draws a PNG (matplotlib).
 demo: $(STAMP)
-	$(PY) docs/examples/rendezvous_demo.py
+	$(PY) -m docs.demo $(DEMO_ARGS)
 
 # elastic-agent against torchrun on the same job and failures: a table of medians and a PNG.
 bench: $(STAMP)

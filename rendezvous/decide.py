@@ -6,7 +6,7 @@ asks, and applies the answer. That keeps every rule table-testable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rendezvous.reasons import FAILURES, Reason, reason_kind, reason_text
 from rendezvous.settings import Settings
@@ -168,10 +168,11 @@ def close_decision(view: RoundView, settings: Settings, now: float) -> Wait | Cl
     # not have registered yet, so only max nodes or the last call close the first round.
     if reason_kind(view.round.reason) != Reason.START and view.alive <= joined_ids:
         return Close(closed_round(view, settings), f"every live node ({count}) joined")
-    deadline = view.last_join_seen + settings.last_call
+    call = settings.last_call if reason_kind(view.round.reason) == Reason.START else settings.rejoin_call
+    deadline = view.last_join_seen + call
     if now >= deadline:
-        return Close(closed_round(view, settings), f"last call: no new node for {settings.last_call}s")
-    return Wait(deadline, f"{count} joined; last call until no new node for {settings.last_call}s")
+        return Close(closed_round(view, settings), f"last call: no new node for {call}s")
+    return Wait(deadline, f"{count} joined; last call until no new node for {call}s")
 
 
 def rank_order(previous: tuple[str, ...], joined: tuple[Joiner, ...]) -> list[Joiner]:
@@ -226,6 +227,46 @@ def should_scale_up(current: RoundState, settings: Settings, waiting_since: floa
     if now < ready_at:
         return Wait(ready_at, f"scale-up cool-down ({settings.scale_up_cooldown}s)")
     return True
+
+
+# A standby that asked to grow the job opens the next round itself if the round's group rank
+# 0 has not done so by then (an agent too old to know the request, or a loop that hangs).
+GROW_PATIENCE = 10.0
+
+
+@dataclass(frozen=True)
+class AskGrowth:
+    """Post a grow request on the closed round: its group rank 0 picks a step to stop at,
+    lets every rank reach it, then opens the next round (no completed step is lost)."""
+
+
+@dataclass(frozen=True)
+class OpenGrowth:
+    """Open the next round ourselves: nobody acted on our request in time."""
+
+
+def growth_step(current: RoundState, settings: Settings, waiting_since: float, asked_at: float | None,
+                now: float, me: str) -> Wait | AskGrowth | OpenGrowth:
+    """What a standby does about raising the world size (see :func:`should_scale_up`)."""
+    ready = should_scale_up(current, settings, waiting_since, now)
+    if ready is not True:
+        return ready
+    if current.grow_request != me or asked_at is None:
+        if current.grow_request and current.grow_request != me:
+            return Wait(None, f"{current.grow_request} already asked to grow the job")
+        return AskGrowth()
+    if now >= asked_at + GROW_PATIENCE:
+        return OpenGrowth()
+    return Wait(asked_at + GROW_PATIENCE, "group rank 0 is bringing every rank to a step boundary")
+
+
+def with_stop(current: RoundState, step: int) -> RoundState:
+    """``current`` with a step to stop at announced (the first announcement stands)."""
+    return replace(current, stop_at=step if current.stop_at is None else current.stop_at)
+
+
+def with_grow_request(current: RoundState, node_id: str) -> RoundState:
+    return replace(current, grow_request=node_id)
 
 
 def ring_predecessor(assignment: Assignment, node_id: str) -> str | None:

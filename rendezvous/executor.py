@@ -40,6 +40,7 @@ class StepExecutor:
         # The wait in progress, kept across calls: a caller may poll with short timeouts.
         self.coordination: Coordination | None = None
         self.waiting_since = 0.0
+        self.grow_asked: tuple[int, float] | None = None  # (round, when) we asked to grow it
 
     def begin_wait(self) -> None:
         self.waiting_since = self.clock.monotonic()
@@ -96,13 +97,25 @@ class StepExecutor:
         self.begin_wait()
 
     def _stand_by(self, rnd: RoundState, round_rev: int) -> float | None:
-        """Pre-joined to the round after ``rnd``: watch its group rank 0, and open the next round
-        ourselves when the world has room and our cool-down is over."""
+        """Pre-joined to the round after ``rnd``: watch its group rank 0, and once the world has
+        room and our cool-down is over, ask rank 0 to grow the job (it brings every rank to a
+        step boundary first); open the next round ourselves if nobody acts on the request."""
         if not self.member.armed and rnd.assignment is not None and rnd.assignment.members:
             self.member.watch(rnd.assignment.members[0].node_id, rnd.number)
-        verdict = decide.should_scale_up(rnd, self.settings, self.waiting_since, self.clock.monotonic())
-        if verdict is not True:
-            return verdict.until
-        open_round_after(self.store, self.settings, rnd, round_rev,
-                         reason_text(Reason.SCALE_UP, f"{self.node.node_id} is waiting"))
-        return None
+        if self.grow_asked is not None and self.grow_asked[0] != rnd.number:
+            self.grow_asked = None
+        me = self.node.node_id
+        now = self.clock.monotonic()
+        action = decide.growth_step(rnd, self.settings, self.waiting_since,
+                                    self.grow_asked[1] if self.grow_asked else None, now, me)
+        if isinstance(action, decide.AskGrowth):
+            if self.store.replace(self.settings.round_key, decide.with_grow_request(rnd, me).encode(),
+                                  round_rev) is not None:
+                log.info("asked round %d's group rank 0 to grow the job", rnd.number)
+            self.grow_asked = (rnd.number, now)
+            return now + decide.GROW_PATIENCE
+        if isinstance(action, decide.OpenGrowth):
+            open_round_after(self.store, self.settings, rnd, round_rev,
+                             reason_text(Reason.SCALE_UP, f"{me} is waiting"))
+            return None
+        return action.until

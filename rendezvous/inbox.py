@@ -29,6 +29,7 @@ class ItemKind(Enum):
     MEMBER = "member"  # the member whose loss we watch for
     WATCH_FAILED = "watch_failed"  # a watch died: what we hold may be stale
     LEASE_LOST = "lease_lost"  # our session gave up on the lease
+    WAKE = "wake"  # the caller has something to look at: end the wait now
 
 
 PHASE_KINDS = frozenset({ItemKind.PREDECESSOR, ItemKind.JOINED, ItemKind.NODES, ItemKind.MEMBER})
@@ -72,6 +73,10 @@ class Inbox:
     def lease_lost(self, reason: str) -> None:
         """Called by the session's thread; never stale, whatever was cancelled since."""
         self._queue.put(InboxItem(ItemKind.LEASE_LOST, -1, reason=reason))
+
+    def wake(self) -> None:
+        """End a wait at once (safe from a signal handler: a queue put, nothing else)."""
+        self._queue.put(InboxItem(ItemKind.WAKE, -1))
 
     def get(self, timeout: float) -> InboxItem | None:
         try:

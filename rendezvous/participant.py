@@ -17,8 +17,6 @@ round's coordinator (its first joiner) reads and watches the whole round.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Callable
 
 from rendezvous import decide
@@ -34,12 +32,13 @@ from rendezvous.executor import StepExecutor
 from rendezvous.inbox import Inbox, InboxItem, ItemKind
 from rendezvous.job_view import JobView
 from rendezvous.net import free_port
+from rendezvous.notices import Notice, NoticeKind, PlannedNotices
 from rendezvous.leases import NodeLeases
 from rendezvous.reasons import Reason, reason_text
-from rendezvous.rounds import MemberWatch, open_next_round
+from rendezvous.rounds import MemberWatch, announce_stop, open_next_round
 from rendezvous.session import Session
 from rendezvous.settings import Settings
-from rendezvous.state import Assignment, JobStatus, NodeRecord, Outcome, RoundState
+from rendezvous.state import Assignment, JobStatus, NodeRecord, Outcome
 from rendezvous.store import Store
 
 log = logging.getLogger(__name__)
@@ -53,26 +52,13 @@ def _master_port() -> int:
     return free_port(host="")
 
 
-class NoticeKind(StrEnum):
-    ROUND = "round"  # the round moved on: stop the workers and rendezvous again
-    FINISHED = "finished"  # the job has an outcome
-    LEASE_LOST = "lease_lost"  # cut off from etcd: fence the workers, then rejoin
-
-
-@dataclass(frozen=True)
-class Notice:
-    """Something a running node must act on."""
-
-    kind: NoticeKind
-    detail: str
-    round: RoundState | None = None
-    status: JobStatus | None = None
-
-
 class Participant:
     def __init__(self, store: Store, settings: Settings, node: NodeRecord, *,
-                 clock: Clock | None = None, port_reserver: Callable[[], int] = _master_port) -> None:
+                 clock: Clock | None = None, port_reserver: Callable[[], int] = _master_port,
+                 planned_changes: bool = False) -> None:
+        """``planned_changes``: the caller handles STOP and GROW notices (notices.PlannedNotices)."""
         self.store = store
+        self._planned = PlannedNotices(planned_changes)
         self.settings = settings
         self.node = node
         self.clock = clock or SystemClock()
@@ -92,9 +78,7 @@ class Participant:
     def node_id(self) -> str:
         return self.node.node_id
 
-    @property
-    def current_round(self) -> RoundState | None:
-        return self._job.round
+    current_round = property(lambda self: self._job.round)
 
     # --- lifecycle ---------------------------------------------------------------------
     def start(self, timeout: float | None = None) -> None:
@@ -211,11 +195,13 @@ class Participant:
                     self._job.resync(self.session)
                 if not self._member.armed:  # each member watches the one before it in rank order
                     self._member.watch(decide.ring_predecessor(self.assignment, self.node_id), self.assignment.round)
-                rnd = self._job.current
-                if rnd.number != self.assignment.round or rnd.is_open:
-                    return Notice(NoticeKind.ROUND, rnd.reason or f"round {rnd.number}", round=rnd)
+                notice, grow_now = self._planned.running(self._job.current, self.assignment, self.node_id)
+                if grow_now:
+                    self.open_next_round(reason_text(Reason.SCALE_UP, f"{grow_now} is waiting"), self.assignment.round)
+                if notice is not None:
+                    return notice
                 item = self._inbox.get(deadline - self.clock.monotonic())
-                if item is None:
+                if item is None or item.kind is ItemKind.WAKE:
                     return None
                 self._apply(item)
             except JobFinishedError as exc:
@@ -229,13 +215,23 @@ class Participant:
                 if self.clock.monotonic() >= deadline:
                     return None
 
+    def announce_stop(self, step: int) -> int | None:
+        """Announce the step every rank of our round stops after (rounds.announce_stop)."""
+        assert self.assignment is not None
+        return announce_stop(self.store, self.settings, self.assignment.round, step)
+
     def _take_in(self, item: InboxItem | None) -> None:
         """Apply ``item`` and everything queued behind it."""
         while item is not None:
             self._apply(item)
             item = self._inbox.get(0)
 
+    def wake(self) -> None:  # end a poll() in progress now: the caller's workers have news
+        self._inbox.wake()
+
     def _apply(self, item: InboxItem) -> None:
+        if item.kind is ItemKind.WAKE:
+            return
         if item.kind is ItemKind.LEASE_LOST:
             raise LeaseLostError(item.reason)
         if self._inbox.is_stale(item):
@@ -249,11 +245,10 @@ class Participant:
 
     # --- outcome -----------------------------------------------------------------------
     def report_done(self) -> bool:
-        """Our workers all exited 0 in the current round. When every member has said so, the
-        job is marked succeeded (each member checks after writing, so the last one sees all)."""
+        """Our workers all exited 0 in the current round (job_view.JobView.report_done)."""
         assert self.assignment is not None
         return self._job.report_done(self.node_id, self.assignment)
 
     def finish(self, outcome: Outcome, reason: str) -> JobStatus:
-        """Record the job's outcome once; the first writer wins. Returns the recorded outcome."""
+        """Record the job's outcome once; the first writer wins."""
         return self._job.finish(outcome, reason)

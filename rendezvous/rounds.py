@@ -9,6 +9,7 @@ the closed round's group rank 0: the ring misses a lone member, or every member 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from rendezvous import decide
 from rendezvous.inbox import Inbox, InboxItem, ItemKind
@@ -41,6 +42,31 @@ def open_round_after(store: Store, settings: Settings, current: RoundState, mod_
     if opened:
         log.info("opened round %d: %s", current.number + 1, reason)
     return opened
+
+
+def amend_round(store: Store, settings: Settings, number: int, change: Callable[[RoundState], RoundState]) -> bool:
+    """Change the closed round ``number`` in place (a stop step, a grow request) if it is
+    still the current one: read fresh, compare-and-swap. False when it moved on first."""
+    kv, _ = store.get(settings.round_key)
+    if kv is None:
+        return False
+    current = RoundState.decode(kv.key, kv.value)
+    if current.number != number or current.is_open:
+        return False
+    changed = change(current)
+    if changed == current:
+        return True
+    return store.replace(settings.round_key, changed.encode(), kv.mod_revision) is not None
+
+
+def announce_stop(store: Store, settings: Settings, number: int, step: int) -> int | None:
+    """Announce on closed round ``number`` the step every rank stops after (the first
+    announcement stands). Returns the standing step, None when the round moved on."""
+    if not amend_round(store, settings, number, lambda r: decide.with_stop(r, step)):
+        return None
+    kv, _ = store.get(settings.round_key)
+    current = RoundState.decode(kv.key, kv.value) if kv is not None else None
+    return current.stop_at if current is not None and current.number == number else None
 
 
 class MemberWatch:

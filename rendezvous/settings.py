@@ -27,6 +27,9 @@ class Settings:
     presence_ttl: float = 2.0
     # After min nodes joined, close once no new node joined for this long.
     last_call: float = 0.5
+    # The same for every round after the first: the live members of the last round rejoin
+    # within milliseconds of seeing it end, so only a member that is gone is waited for.
+    rejoin_call: float = 0.25
     # A standby waits this long (steadily alive) before it opens a round to raise the world size.
     scale_up_cooldown: float = 1.0
     # Job-wide budget of restarts caused by worker failures (None: unlimited). Membership
@@ -48,6 +51,8 @@ class Settings:
                              f"({self.lease_ttl})")
         if self.last_call < 0:
             raise ValueError(f"last call ({self.last_call}) must be >= 0 seconds")
+        if self.rejoin_call < 0:
+            raise ValueError(f"rejoin call ({self.rejoin_call}) must be >= 0 seconds")
         if self.max_restarts is not None and self.max_restarts < 0:
             raise ValueError(f"max restarts ({self.max_restarts}) must be >= 0")
         if self.scale_up_cooldown < 0:

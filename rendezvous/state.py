@@ -193,6 +193,11 @@ class RoundState:
     # Members of the previous round in rank order: survivors keep their relative order.
     previous: tuple[str, ...] = ()
     assignment: Assignment | None = field(default=None)
+    # A planned change of a closed round, announced before the next round opens: every rank
+    # stops (or re-forms in process) right after completing step ``stop_at``.
+    stop_at: int | None = None
+    # A standby asked to grow the job; the round's group rank 0 picks the step to stop at.
+    grow_request: str = ""
 
     @property
     def is_open(self) -> bool:
@@ -211,6 +216,10 @@ class RoundState:
             data["master_addr"] = a.master_addr
             data["master_port"] = a.master_port
             data["standbys"] = list(a.standbys)
+        if self.stop_at is not None:
+            data["stop_at"] = self.stop_at
+        if self.grow_request:
+            data["grow_request"] = self.grow_request
         return _dump(data)
 
     @classmethod
@@ -247,8 +256,11 @@ class RoundState:
                 standbys=tuple(_strings(key, d.get("standbys", []), "standbys")),
             )
         reason = d.get("reason", "")
+        stop_at = _ranged(key, d, "stop_at", 0) if "stop_at" in d else None
+        grow = d.get("grow_request", "")
         return cls(number=number, state=state, reason=reason if isinstance(reason, str) else "",
-                   previous=previous, assignment=assignment)
+                   previous=previous, assignment=assignment, stop_at=stop_at,
+                   grow_request=grow if isinstance(grow, str) else "")
 
 
 def _strings(key: str, value: Any, name: str) -> list[str]:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from agent.daemon import reconnect
 from agent.daemon.config import AgentConfig
 from agent.daemon.local import LocalWorkers
+from agent.daemon.planning import Plans
 from agent.daemon.signals import Signals
 from agent.daemon.states import State
 from agent.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_SUCCEEDED
@@ -27,9 +28,10 @@ DRAIN_MARGIN = 5.0  # of a preemption notice's time, kept for stopping workers a
 class Endings:
     def __init__(self, config: AgentConfig, local: LocalWorkers, participant: Participant, metrics: AgentMetrics,
                  signals: Signals, clock: Clock, set_state: Callable[[State], None],
-                 beat: Callable[[], None]) -> None:
+                 beat: Callable[[], None], plans: Plans) -> None:
         self.config, self.local, self.participant, self.metrics = config, local, participant, metrics
         self.signals, self.clock, self.set_state, self.beat = signals, clock, set_state, beat
+        self.plans = plans
 
     def finished(self, outcome: str, reason: str, already: bool = False) -> int:
         """The job has an outcome (``already``: before this agent took part)."""
@@ -50,9 +52,12 @@ class Endings:
         self.set_state(State.STOPPING)
         self.metrics.preemption()
         log.warning("leaving job %s: %s", self.config.job_id, why)
-        if self.local.running is not None:
+        run = self.local.running
+        if run is not None:
+            # Every rank of the job is told one step to stop after: nothing completed is lost.
+            drain = self.plans.leave(run)
             budget = drain_budget(self.config.drain_timeout, self.signals.deadline, self.clock.monotonic())
-            self.local.begin_stop(why, drain=True, budget=budget)
+            self.local.begin_stop(why, drain=drain, budget=budget)
             self.local.finish_stopping(lambda: self.signals.insist)
         self.participant.leave(reason="preempted")
         self.set_state(State.STOPPED)

@@ -6,6 +6,7 @@ unmodified torchrun scripts run under the agent. Nothing here imports torch.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping
@@ -62,6 +63,7 @@ def worker_env(
         # ours
         "ELASTIC_AGENT_NODE_ID": node_id,
         "ELASTIC_AGENT_ROUND": round_number,
+        "ELASTIC_AGENT_PID": os.getpid(),
     }
     # Defaults that the user's own environment may override.
     overridable = {

@@ -14,7 +14,6 @@ attempts of this node are deleted.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import time
@@ -30,7 +29,6 @@ from agent.daemon.prewarm import WarmWorker
 from agent.daemon.spawn import with_local_rank_arg
 from agent.daemon.workers import WorkerGroup, error_file_path
 from agent.errors import AgentError
-from agent.worker.protocol import DRAIN
 from rendezvous.clock import Clock
 from rendezvous.state import Assignment
 
@@ -54,6 +52,8 @@ class Group(Protocol):
     def settled(self) -> bool: ...
 
     def kill(self) -> None: ...
+
+    def relabel(self, routes: Sequence[Route]) -> None: ...
 
     def failure_summary(self, local_rank: int) -> str: ...
 
@@ -157,6 +157,23 @@ class LocalWorkers:
                  offset + lay.nproc - 1, ",".join(map(str, group.pids)), attempt_dir)
         return self.running
 
+    def running_pgids(self) -> list[int]:
+        run = self.running
+        return list(run.group.pids) if run is not None else []
+
+    def reformed(self, assignment: Assignment) -> None:
+        """The running workers re-formed in process into ``assignment``'s round."""
+        run = self.running
+        assert run is not None
+        self.attempt += 1
+        run.assignment = assignment
+        run.started_at = self.clock.monotonic()
+        offset = assignment.rank_offset(self.layout.node_id)
+        run.group.relabel([self.layout.console.route(local_rank=r, rank=offset + r, node_id=self.layout.node_id)
+                     for r in range(self.layout.nproc)])
+        log.info("workers re-form in process in round %d (global ranks %d-%d of %d)", assignment.round, offset,
+                 offset + self.layout.nproc - 1, assignment.world_size)
+
     def _new_attempt_dir(self, round_number: int) -> Path:
         """A directory of this node's own that no earlier attempt (of this or an earlier agent
         run) used; names sort by start time."""
@@ -199,22 +216,25 @@ class LocalWorkers:
 
     # --- stopping ------------------------------------------------------------------------
     def begin_stop(self, why: str, *, drain: bool, budget: float) -> None:
-        """Start stopping the workers without waiting. With ``drain``, helper users are asked
-        to checkpoint at the next step and stop within ``budget`` seconds; otherwise (or
-        without the helper) they get SIGTERM now. :meth:`advance_stop` takes it from there."""
+        """Start stopping the workers without waiting. With ``drain`` (the workers were told
+        a step to stop after, agent.daemon.steering), helper users get ``budget`` seconds to
+        reach it, checkpoint and exit; otherwise (or without the helper) they get SIGTERM now.
+        :meth:`advance_stop` takes it from there."""
         run = self.running
         if run is None or run.stopping:
             return
-        self.helper_seen = self.helper_seen or policy.helper_in_use(run.progress_files)
-        if drain and self.helper_seen and any(c is None for c in run.group.poll()):
-            log.info("asking workers to checkpoint and stop at the next step within %.0fs (%s)", budget, why)
-            tmp = run.control_file.with_suffix(".tmp")
-            tmp.write_text(DRAIN)
-            os.replace(tmp, run.control_file)  # workers never see a half-written request
+        if drain and self.uses_helper(run) and any(c is None for c in run.group.poll()):
+            log.info("letting workers reach their stop step, checkpoint and exit within %.0fs (%s)", budget, why)
             run.draining_since = self.clock.monotonic()
             run.drain_budget = budget
             return
         self._terminate(run, why)
+
+    def uses_helper(self, run: Running) -> bool:
+        """Whether this node's workers report through the helper (remembered across rounds: a
+        leave right after a restart, before any report, still drains)."""
+        self.helper_seen = self.helper_seen or policy.helper_in_use(run.progress_files)
+        return self.helper_seen
 
     def _terminate(self, run: Running, why: str) -> None:
         log.info("stopping local workers (%s)", why)

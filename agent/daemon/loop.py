@@ -24,7 +24,9 @@ from agent.daemon.states import State
 from agent.errors import EXIT_PREEMPTED
 from agent.daemon import reconnect
 from agent.daemon.bookkeeping import Bookkeeping
+from agent.daemon import steering
 from agent.daemon.endings import Endings
+from agent.daemon.planning import Plans
 from agent.daemon.fence_guard import FenceGuard
 from agent.observe.collectors import CheckpointCollector
 from agent.observe.metrics import AgentMetrics
@@ -59,7 +61,7 @@ class Agent:
         self.metrics = metrics or AgentMetrics(config.job_id, config.node_id)
         self.settings = config.rendezvous_settings()
         me = NodeRecord(config.node_id, config.node_addr, self.nproc, host=os.uname().nodename, version=__version__)
-        self.participant = Participant(store, self.settings, me, clock=self.clock)
+        self.participant = Participant(store, self.settings, me, clock=self.clock, planned_changes=True)
         layout = Layout(tuple(config.command), self.nproc, config.node_id, config.job_id, config.log_dir,
                         config.checkpoint_dir, config.max_restarts, config.shutdown_timeout, config.log_keep,
                         ConsoleSettings.of(config), config.local_rank_arg)
@@ -70,8 +72,11 @@ class Agent:
         self.books = Bookkeeping(store, self.settings, config.node_id, self.metrics, checkpoints, self.clock)
         self.state = State.INITIALIZING
         self.heartbeat = self.clock.monotonic()
+        self.signals.on_wake = self.participant.wake
+        self.plans = Plans(self.participant, self.local, config.node_id, self.nproc, self.clock,
+                           lambda: config.drain_timeout)
         self.end = Endings(config, self.local, self.participant, self.metrics, self.signals, self.clock,
-                           self._set_state, self._beat)
+                           self._set_state, self._beat, self.plans)
 
     @property
     def running(self) -> Running | None:
@@ -92,7 +97,7 @@ class Agent:
             return self.end.finished(exc.outcome, exc.reason, already=True)
         self.books.resume()
         self.local.fill_warm()  # the first workers import torch while the rendezvous runs
-        guard = FenceGuard(lambda: self.participant.session, self._running_pgids, cfg.shutdown_timeout,
+        guard = FenceGuard(lambda: self.participant.session, self.local.running_pgids, cfg.shutdown_timeout,
                            self.clock).start()
         log.info("node %s joined job %s (min %d, max %d nodes, %d workers per node)",
                  cfg.node_id, cfg.job_id, cfg.min_nodes, cfg.max_nodes, self.nproc)
@@ -119,13 +124,24 @@ class Agent:
                 if code is not None:
                     return code
                 continue
-            self.local.finish_stopping(lambda: self.signals.insist)
-            self.local.start(assignment)
-            self.metrics.workers_started(self.nproc)
+            self._run_round(assignment)
             self._set_state(State.RUNNING)
             outcome = self._supervise()
             if outcome is not None:
                 return outcome
+
+    def _run_round(self, assignment: Assignment) -> None:
+        """The round's workers: the running ones re-formed in process when they can, else
+        new ones (once the old ones are gone)."""
+        run = self.local.running
+        if run is not None and self.plans.can_reform(run):
+            self.plans.reform(run, assignment)
+        else:
+            self.local.finish_stopping(lambda: self.signals.insist)
+            self.local.stop("replaced by the new round's workers")
+            self.local.start(assignment)
+        self.plans.begin_round()
+        self.metrics.workers_started(self.nproc)
 
     def _rendezvous(self) -> Assignment:
         started = self.clock.monotonic()
@@ -171,18 +187,24 @@ class Agent:
             codes = tuple(run.group.poll())
             progress = tuple(policy.read_progress(run.progress_files))
             self.metrics.progress(progress)
+            seen = self.plans.look(run, list(codes))
+            self.plans.advance(seen, list(codes))
             look = supervise.Look(codes, progress, notice, self.signals.leave_requested, lost,
                                   now=self.clock.monotonic(), started=run.started_at,
-                                  hang_timeout=self.config.hang_timeout, done_reported=done_reported)
+                                  hang_timeout=self.config.hang_timeout, done_reported=done_reported,
+                                  broken=seen.broken, stopping_at=self.plans.stopping_at)
             action = supervise.next_action(look)
             if isinstance(action, supervise.ReportDone):
                 log.info("all %d local workers exited 0; waiting for the other nodes", len(codes))
-                done_reported = self._report_done()
-                continue
-            if not isinstance(action, supervise.Keep):
-                return self._act(action, run)
+                done_reported = _report_done(self.participant)
+            elif isinstance(action, supervise.Announce):
+                self.plans.announce(run, action.stop_at)
+            elif isinstance(action, supervise.Grow):
+                self.plans.grow(run, seen, action.who)
+            elif not isinstance(action, supervise.Keep):
+                return self._act(action, run, seen.inprocess)
 
-    def _act(self, action: supervise.Action, run: Running) -> int | None:
+    def _act(self, action: supervise.Action, run: Running, inprocess: bool) -> int | None:
         if isinstance(action, supervise.Leave):
             return self.end.leave(action.why)
         if isinstance(action, supervise.Fence):
@@ -190,10 +212,16 @@ class Agent:
         if isinstance(action, supervise.Finish):
             return self.end.finished(action.outcome, action.reason)
         if isinstance(action, supervise.FollowRound):
-            log.info("round %d opened (%s): restarting the local workers", action.round.number,
-                     action.round.reason)
             self.metrics.restart(action.kind)
             self._set_state(State.RESTARTING)
+            if inprocess:  # they stay: abort a group a vanished member broke, then re-form
+                log.info("round %d opened (%s): the local workers re-form in process", action.round.number,
+                         action.round.reason)
+                if action.drain is False:
+                    steering.abort_group(run)
+                return None
+            log.info("round %d opened (%s): restarting the local workers", action.round.number,
+                     action.round.reason)
             self.local.begin_stop(action.round.reason, drain=action.drain, budget=self.config.drain_timeout)
             return None
         assert isinstance(action, supervise.Fail)
@@ -201,23 +229,12 @@ class Agent:
         self.metrics.restart(action.kind)
         self._set_state(State.RESTARTING)
         self.participant.request_new_round(reason)  # first, so the other nodes react at once
-        self.local.begin_stop(reason, drain=False, budget=0.0)
+        if not action.keep_workers:
+            self.local.begin_stop(reason, drain=False, budget=0.0)
         return None
-
-    def _report_done(self) -> bool:
-        try:
-            self.participant.report_done()
-        except StoreUnavailableError as exc:
-            log.warning("could not report completion yet (%s); retrying", exc)
-            return False
-        return True
 
     def _beat(self) -> None:
         self.heartbeat = self.clock.monotonic()
-
-    def _running_pgids(self) -> list[int]:
-        run = self.local.running
-        return list(run.group.pids) if run is not None else []
 
     def _set_state(self, state: State) -> None:
         self.state = state
@@ -227,7 +244,11 @@ class Agent:
 def _failure_reason(action: supervise.Fail, run: Running, node: str, hang_timeout: float) -> str:
     """The round's reason for a local failure (stored in etcd, so kept short), with the root
     cause logged for the person reading this node's log."""
-    if action.kind == Reason.WORKER_FAILURE:
+    if action.keep_workers:
+        ranks = ", ".join(str(r) for r in action.ranks)
+        log.warning("the process group of local ranks %s broke (a peer failed); they re-form in process", ranks)
+        reason = reason_text(Reason.WORKER_FAILURE, f"{node} local ranks {ranks}: a collective failed")
+    elif action.kind == Reason.WORKER_FAILURE:
         rank = action.ranks[0]
         summary = run.group.failure_summary(rank)
         log.error("worker failed: %s", summary)
@@ -239,3 +260,12 @@ def _failure_reason(action: supervise.Fail, run: Running, node: str, hang_timeou
         log.error("hang: local ranks %s reported no progress for %.0fs", ranks, hang_timeout)
         reason = reason_text(Reason.HANG, f"{node} local ranks {ranks} silent for {hang_timeout:.0f}s")
     return reason if len(reason) <= REASON_LIMIT else reason[: REASON_LIMIT - 3] + "..."
+
+
+def _report_done(participant: Participant) -> bool:
+    try:
+        participant.report_done()
+    except StoreUnavailableError as exc:
+        log.warning("could not report completion yet (%s); retrying", exc)
+        return False
+    return True

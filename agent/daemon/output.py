@@ -38,6 +38,11 @@ class Sink:
                 self._emit(line)
             self._buffer.clear()
 
+    def relabel(self, prefix: str) -> None:
+        """A new prefix (the worker re-formed in process and holds another rank now)."""
+        with self._lock:
+            self._prefix = prefix
+
     def write(self, line: bytes) -> None:
         with self._lock:
             if self._log is None:

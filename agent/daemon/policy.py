@@ -41,6 +41,9 @@ class Progress:
     # The worker's time.monotonic() when it reported. CLOCK_MONOTONIC is one clock for every
     # process of a host and never steps with NTP, so deadlines compare this, never ``time``.
     mono: float | None = None
+    phase: str = ""  # train | checkpointed | drained | finished | paused | broken
+    mode: str = ""  # "inprocess": the worker re-forms in process when the job changes
+    round: int | None = None  # the round the worker was in when it reported
 
 
 def read_progress(files: list[Path]) -> list[Progress | None]:
@@ -51,7 +54,9 @@ def read_progress(files: list[Path]) -> list[Progress | None]:
             data = json.loads(path.read_bytes())
             mono = data.get("mono")
             out.append(Progress(int(data["step"]), float(data["time"]),
-                                float(mono) if isinstance(mono, (int, float)) and not isinstance(mono, bool) else None))
+                                float(mono) if isinstance(mono, (int, float)) and not isinstance(mono, bool) else None,
+                                str(data.get("phase", "")), str(data.get("mode", "")),
+                                data["round"] if isinstance(data.get("round"), int) else None))
         except (OSError, ValueError, KeyError, TypeError):
             out.append(None)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from typing import Any
 
 
@@ -11,6 +12,7 @@ class Signals:
     second one stops the workers regardless."""
 
     def __init__(self) -> None:
+        self.on_wake: Callable[[], None] = lambda: None  # a worker has news (SIGUSR1)
         self.count = 0
         self.deadline: float | None = None  # monotonic time the node will be terminated, if known
         self.source = "signal"
@@ -18,6 +20,8 @@ class Signals:
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+        # An in-process worker whose process group broke says so at once, not at the next poll.
+        signal.signal(signal.SIGUSR1, lambda _signum, _frame: self.on_wake())
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.count += 1

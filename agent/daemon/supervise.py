@@ -6,7 +6,8 @@ and :func:`next_action` answers with one action; the loop applies it. Nothing he
 clock, touches a process or talks to etcd, so every rule is table-tested.
 
 Priorities, highest first: a leave request; a lost lease (fence at once, whatever else is
-going on); the job's outcome or a new round; a local worker failure; a hang; every local
+going on); the job's outcome, a new round, or a planned change announced; a local worker
+failure (an exit, or an in-process worker whose process group broke); a hang; every local
 worker done.
 """
 
@@ -32,6 +33,8 @@ class Look:
     started: float  # when the workers started, same clock
     hang_timeout: float  # 0: hang detection off
     done_reported: bool  # this node already told etcd its workers all exited 0
+    broken: bool = False  # an in-process worker's process group broke; it waits to re-form
+    stopping_at: int | None = None  # the stop step this node's workers were told, if any
 
 
 @dataclass(frozen=True)
@@ -66,12 +69,27 @@ class FollowRound:
 
 
 @dataclass(frozen=True)
+class Announce:
+    """A step to stop after was announced for the current round: tell the workers."""
+
+    stop_at: int
+
+
+@dataclass(frozen=True)
+class Grow:
+    """A standby asks this node (the round's group rank 0) to grow the job."""
+
+    who: str
+
+
+@dataclass(frozen=True)
 class Fail:
     """A local failure: open the next round and restart. ``ranks``: the failed local ranks,
     first failure first (WORKER_FAILURE), or the silent ones (HANG)."""
 
     kind: Reason
     ranks: tuple[int, ...]
+    keep_workers: bool = False  # in-process workers wait to re-form: do not stop them
 
 
 @dataclass(frozen=True)
@@ -79,7 +97,7 @@ class ReportDone:
     """Every local worker exited 0: tell etcd (the last member to do so ends the job)."""
 
 
-Action = Keep | Leave | Fence | Finish | FollowRound | Fail | ReportDone
+Action = Keep | Leave | Fence | Finish | FollowRound | Announce | Grow | Fail | ReportDone
 
 
 def next_action(look: Look) -> Action:
@@ -94,12 +112,21 @@ def next_action(look: Look) -> Action:
             return Finish(notice.status.outcome, notice.status.reason)
         if notice.kind == NoticeKind.LEASE_LOST:
             return Fence(notice.detail)
+        if notice.kind == NoticeKind.STOP:
+            assert notice.stop_at is not None
+            return Announce(notice.stop_at)
+        if notice.kind == NoticeKind.GROW:
+            return Grow(notice.round.grow_request if notice.round is not None else "")
         assert notice.round is not None
-        kind = reason_kind(notice.round.reason)
-        return FollowRound(notice.round, kind, drain=kind == Reason.SCALE_UP)
+        # A planned change (announced as a step to stop after) lets the workers reach it;
+        # anything else stops them now.
+        return FollowRound(notice.round, reason_kind(notice.round.reason), drain=look.stopping_at is not None)
     verdict = policy.judge_exits(list(look.codes))
     if verdict.failed:
         return Fail(Reason.WORKER_FAILURE, verdict.failed)
+    if look.broken:
+        broken = tuple(r for r, p in enumerate(look.progress) if p is not None and p.phase == "broken")
+        return Fail(Reason.WORKER_FAILURE, broken, keep_workers=True)
     silent = policy.silent_ranks(list(look.progress), list(look.codes), look.hang_timeout, look.now,
                                  look.started)
     if silent:

@@ -25,6 +25,7 @@ from agent.daemon.console import Route
 from agent.daemon.keeper import KeptProcess
 from agent.daemon.failures import describe_exit, error_file_message, exception_line
 from agent.daemon.prewarm import WarmWorker
+from agent.daemon.output import Sink
 from agent.daemon.spawn import check_command, for_rank, spawn
 
 _REAP_POLL_S = 0.01
@@ -58,6 +59,7 @@ class _Worker:
         self.process = process
         self.route = route
         self.readers: list[threading.Thread] = []
+        self.sinks: list[Sink] = []
         self.stderr_start = 0  # where this run's output starts in an appended stderr.log
 
 
@@ -133,7 +135,16 @@ class WorkerGroup:
         sinks[0].attach(stdout_path(self.log_dir, local_rank), route.prefix, out_console)
         sinks[1].attach(err_log, route.prefix, self.err_console if route.stderr else None)
         worker.readers.extend(readers)
+        worker.sinks = list(sinks)
         return worker
+
+    def relabel(self, routes: Sequence[Route]) -> None:
+        """The workers re-formed in process into another round: their console prefixes follow."""
+        self.routes = list(routes)
+        for worker in self._workers:
+            worker.route = self.routes[worker.local_rank]
+            for sink in worker.sinks:
+                sink.relabel(worker.route.prefix)
 
     def _take_warm(self) -> WarmWorker | None:
         while self._warm:

@@ -21,7 +21,14 @@ are written only when ``checkpoint_dir`` is passed explicitly.
 
 Call ``load`` on every rank after ``torch.distributed.init_process_group`` (or without one,
 single process): global rank 0 chooses the checkpoint and every rank loads that one. Call
-``step`` at the same step on every rank: it runs one tiny collective.
+``step`` at the same step on every rank. It runs no collective: a stop is announced to every
+rank of the job as one step to stop after (the control file, agent.worker.control), so the
+steady-state cost is one ``stat`` and one small file write per step.
+
+For recovery in under a second, let the helper run the loop: ``el.run(train_step, model=...,
+optimizer=..., steps=...)`` (agent.worker.inprocess). The workers then survive membership
+changes: the broken process group is aborted, the new one formed in process, and the state
+every survivor holds in memory carried over; new ranks get it from a survivor.
 """
 
 from __future__ import annotations
@@ -40,11 +47,10 @@ import torch
 import torch.distributed as dist
 
 from agent.worker import checkpoint as ckpt
-from agent.worker import choice
+from agent.worker import choice, control
 from agent.worker.protocol import (
     CHECKPOINT_DIR_ENV,
     CONTROL_FILE_ENV,
-    DRAIN,
     DRAINED_EXIT_CODE,
     PROGRESS_FILE_ENV,
     PROGRESS_VERSION,
@@ -99,6 +105,8 @@ class Elastic:
         self.round_number: int | None = _env_int(env, ROUND_ENV, None)
         self.progress_file: Path | None = Path(env[PROGRESS_FILE_ENV]) if env.get(PROGRESS_FILE_ENV) else None
         self.control_file: Path | None = Path(env[CONTROL_FILE_ENV]) if env.get(CONTROL_FILE_ENV) else None
+        self.control = control.Reader(self.control_file)
+        self.mode = "plain"  # "inprocess" under run(): the agent keeps these workers across rounds
         self._env_rank = _env_int(env, "RANK", 0)
         self._env_world_size = _env_int(env, "WORLD_SIZE", 1)
         self._clock = clock
@@ -154,13 +162,18 @@ class Elastic:
     def step(self, step: int, state_fn: Callable[[], Any]) -> bool:
         """Call after step ``step`` completed, at the same step on every rank.
 
-        Reports progress, then agrees with every rank whether a drain was requested on any
-        node. Saves a checkpoint of ``step`` (``state_fn()`` is evaluated on every rank, so
-        collective state dicts such as FSDP's work; only global rank 0 writes) when a drain
-        was requested or ``checkpoint_every`` says so. Returns True, identically on every
-        rank, when the job must stop now: the checkpoint of ``step`` is then complete."""
+        Reports progress, and reads the control file: when the job's ranks were asked to stop
+        after this step (every rank of the job is told the same step, so no collective is
+        needed to agree), or ``checkpoint_every`` says so, saves a checkpoint of ``step``
+        (``state_fn()`` is evaluated on every rank, so collective state dicts such as FSDP's
+        work; only global rank 0 writes). Returns True, identically on every rank, when the
+        job must stop now: the checkpoint of ``step`` is then complete."""
         self._report(step, "train")
-        drain = self._agree(self._drain_requested())
+        stop_at = self.control.read().stop_at
+        drain = stop_at is not None and step >= stop_at
+        if drain and step > stop_at:
+            log.warning("asked to stop after step %d but step %d is done already (the request came late); "
+                        "stopping now", stop_at, step)
         periodic = self.checkpoint_every > 0 and (step + 1) % self.checkpoint_every == 0
         if drain or periodic:
             if self.checkpoint_dir is not None:
@@ -172,6 +185,16 @@ class Elastic:
             self._report(step, "drained")
             return True
         return False
+
+    def run(self, train_step: Callable[[int, Any], Any], *, model: Any, optimizer: Any, steps: int,
+            state: Callable[[], dict[str, Any]] | None = None,
+            load_state: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Run the training loop with recovery in process (see agent.worker.inprocess):
+        ``train_step(step, ddp_model)`` is called for each step until ``steps``; extra state
+        beyond the model and optimizer goes through ``state``/``load_state``."""
+        from agent.worker.inprocess import InProcess  # noqa: PLC0415
+
+        InProcess(self, model, optimizer, state, load_state).run(train_step, steps)
 
     def save(self, step: int, state: Any) -> None:
         """Checkpoint ``state`` as step ``step``: global rank 0 writes, every rank waits for it.
@@ -223,7 +246,7 @@ class Elastic:
         if self.progress_file is None:
             return
         record = {"v": PROGRESS_VERSION, "step": step, "time": self._clock(), "mono": self._monotonic(),
-                  "pid": os.getpid(), "phase": phase}
+                  "pid": os.getpid(), "phase": phase, "mode": self.mode, "round": self.round_number}
         temp = self.progress_file.with_name(f".{self.progress_file.name}.{os.getpid()}.tmp")
         try:
             temp.write_text(json.dumps(record))
@@ -231,14 +254,6 @@ class Elastic:
         except OSError as exc:
             # Progress is advisory (hang detection, metrics): never let it stop training.
             log.warning("cannot write progress file %s: %s", self.progress_file, exc)
-
-    def _drain_requested(self) -> bool:
-        if self.control_file is None or not os.path.exists(self.control_file):
-            return False
-        try:
-            return self.control_file.read_text().strip() == DRAIN
-        except OSError:
-            return False  # gone or unreadable between exists() and read: look again next step
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on any rank (all_reduce MAX)."""

@@ -10,11 +10,15 @@ Environment variables the agent sets for each worker (absent under plain torchru
   zombie of an old round can never replace newer work).
 - ``ELASTIC_AGENT_PROGRESS_FILE``: one per worker. After each step the helper replaces it
   (temp file + ``os.replace``) with ``{"v": 1, "step": N, "time": <unix time>, "mono": <the
-  host's time.monotonic(), what hang detection compares>, "pid": P,
-  "phase": "train" | "checkpointed" | "drained" | "finished"}``; ``step`` is the last
-  completed step. Readers must ignore keys they do not know.
-- ``ELASTIC_AGENT_CONTROL_FILE``: one per node. When it exists and contains ``drain``, every
-  rank of the job checkpoints at the same next step boundary and stops.
+  host's time.monotonic(), what hang detection compares>, "pid": P, "round": R,
+  "mode": "plain" | "inprocess", "phase": "train" | "checkpointed" | "drained" | "finished" |
+  "paused" | "broken"}``; ``step`` is the last completed step. Readers must ignore keys they
+  do not know.
+- ``ELASTIC_AGENT_CONTROL_FILE``: one per node: what the agent asks of its workers
+  (``agent.worker.control``): a step to stop after (every rank of the job is told the same
+  one), an abort of a broken process group, and, for in-process workers, their place in the
+  next round.
+- ``ELASTIC_AGENT_PID``: the agent's pid (see below).
 
 Exit code ``DRAINED_EXIT_CODE`` (75, ``EX_TEMPFAIL``): the worker stopped at a step boundary
 because it was asked to, after a complete checkpoint of that step was written (when a
@@ -28,7 +32,9 @@ ROUND_ENV = "ELASTIC_AGENT_ROUND"
 PROGRESS_FILE_ENV = "ELASTIC_AGENT_PROGRESS_FILE"
 CONTROL_FILE_ENV = "ELASTIC_AGENT_CONTROL_FILE"
 NODE_ID_ENV = "ELASTIC_AGENT_NODE_ID"
+# The agent's pid: an in-process worker whose process group broke sends it SIGUSR1, so the
+# agent reacts at once instead of at its next poll.
+AGENT_PID_ENV = "ELASTIC_AGENT_PID"
 
-DRAIN = "drain"
 DRAINED_EXIT_CODE = 75
 PROGRESS_VERSION = 1

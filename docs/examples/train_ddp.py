@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="test fault: global rank 0 exits 1 at the start of step K, once "
                              "(once per checkpoint dir when there is one, else only when "
                              "TORCHELASTIC_RESTART_COUNT is 0)")
+    parser.add_argument("--inprocess", action="store_true",
+                        help="let the helper run the loop (Elastic.run): on a membership change the workers "
+                             "stay alive, re-form the process group and keep the state in memory")
     parser.add_argument("--hang-at-step", type=int, default=None,
                         help="test fault: global rank 0 stops reporting progress and sleeps at the "
                              "start of step K, once (same rule as --fail-at-step)")
@@ -81,6 +84,44 @@ def batch(step: int, rank: int, world_size: int, size: int) -> tuple[torch.Tenso
     return x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]
 
 
+def inject_faults(args: argparse.Namespace, step: int, rank: int, checkpoint_dir: Path | None) -> None:
+    if rank == 0 and step == args.fail_at_step and first_time("fail", step, checkpoint_dir):
+        print(f"injected failure at step {step}", file=sys.stderr, flush=True)
+        os._exit(1)  # like a crash: no cleanup, no checkpoint
+    if rank == 0 and step == args.hang_at_step and first_time("hang", step, checkpoint_dir):
+        print(f"injected hang at step {step}", file=sys.stderr, flush=True)
+        threading.Event().wait(HANG_LIMIT_S)
+        os._exit(1)
+
+
+def run_in_process(args: argparse.Namespace, el: Elastic, model: torch.nn.Module,
+                   optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+    """The same training, with the loop inside the helper: a membership change re-forms the
+    process group in this process, and the state every survivor holds carries over."""
+
+    def train_step(step: int, ddp: torch.nn.Module) -> None:
+        began = time.monotonic()
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        inject_faults(args, step, rank, el.checkpoint_dir)
+        x, y = batch(step, rank, world_size, args.batch_size)
+        loss = torch.nn.functional.mse_loss(ddp(x.to(device)).squeeze(-1), y.to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        reported = loss.detach()
+        dist.all_reduce(reported)
+        if rank == 0:
+            print(f"step {step} world_size {world_size} loss {reported.item() / world_size:.3f}", flush=True)
+        time.sleep(max(0.0, args.step_time - (time.monotonic() - began)))  # example pacing, see docstring
+
+    el.run(train_step, model=model, optimizer=optimizer, steps=args.steps)
+    if dist.get_rank() == 0:
+        print("done", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     distributed = "WORLD_SIZE" in os.environ
@@ -100,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = torch.nn.Linear(FEATURES, 1).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    if args.inprocess:
+        return run_in_process(args, el, model, optimizer, device)
     start, state = el.load(default=None, map_location=device)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -114,13 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for step in range(start, args.steps):
         began = time.monotonic()
-        if rank == 0 and step == args.fail_at_step and first_time("fail", step, el.checkpoint_dir):
-            print(f"injected failure at step {step}", file=sys.stderr, flush=True)
-            os._exit(1)  # like a crash: no cleanup, no checkpoint
-        if rank == 0 and step == args.hang_at_step and first_time("hang", step, el.checkpoint_dir):
-            print(f"injected hang at step {step}", file=sys.stderr, flush=True)
-            threading.Event().wait(HANG_LIMIT_S)
-            os._exit(1)
+        inject_faults(args, step, rank, el.checkpoint_dir)
         x, y = batch(step, rank, world_size, args.batch_size)
         loss = torch.nn.functional.mse_loss(ddp(x.to(device)).squeeze(-1), y.to(device))
         optimizer.zero_grad()

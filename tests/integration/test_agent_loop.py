@@ -51,6 +51,9 @@ class FakeGroup:
     def kill(self) -> None:
         self._exit()
 
+    def relabel(self, routes) -> None:
+        pass
+
     def stop(self, timeout: float) -> None:
         """Blocks, as the real group does, until the workers exited or ``timeout``."""
         self.terminate()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from agent.worker import checkpoint as ckpt
+from agent.worker import control
 from agent.worker.protocol import (
     CHECKPOINT_DIR_ENV,
     CONTROL_FILE_ENV,
-    DRAIN,
     DRAINED_EXIT_CODE,
     PROGRESS_FILE_ENV,
     ROUND_ENV,
@@ -82,19 +83,23 @@ def wait_all(procs: list[subprocess.Popen], outputs: list[Path]) -> list[int]:
     return codes
 
 
-def test_a_drain_on_one_node_stops_every_rank_at_the_same_step(procs, tmp_path: Path) -> None:
+def test_a_stop_step_stops_every_rank_at_exactly_that_step_without_a_collective(procs, tmp_path: Path) -> None:
     outputs = start_ranks(procs, tmp_path, ["100000", "0.05"], agent=True)
     progress = [tmp_path / "progress-0.json", tmp_path / "progress-1.json"]
     wait_until(lambda: all((read_progress(p) or {}).get("step", -1) >= 3 for p in progress), DEADLINE_S, "3 steps on both ranks")
 
-    # Only node 1 is asked (the agent writes it the way a person would: not atomically).
-    (tmp_path / "control-1").write_text(DRAIN + "\n")
+    # Every node's agent learns the same step (through etcd) and writes it to its control file,
+    # one node a little later than the other.
+    target = max(read_progress(p)["step"] for p in progress) + 8
+    control.write(tmp_path / "control-0", control.Control(seq=1, stop_at=target))
+    time.sleep(0.1)  # the second agent hears of it 0.1 s later (the scenario, not a wait for anything)
+    control.write(tmp_path / "control-1", control.Control(seq=1, stop_at=target))
 
     codes = wait_all(procs, outputs)
     texts = [out.read_text() for out in outputs]
     assert codes == [DRAINED_EXIT_CODE, DRAINED_EXIT_CODE], texts
     drained = [int(text.split("drained ")[1].split()[0]) for text in texts]
-    assert drained[0] == drained[1], texts
+    assert drained == [target, target], texts
     step = drained[0]
     for path in progress:
         record = read_progress(path)
@@ -174,12 +179,13 @@ def test_single_process_helper_reports_progress_and_drains(tmp_path: Path) -> No
     assert el.load(default=lambda: {"w": 0}) == (0, {"w": 0})
     assert el.step(0, lambda: {"w": 0}) is False
     assert read_progress(tmp_path / "progress.json") == {"v": 1, "step": 0, "time": 99.5, "mono": 7.25,
-                                                         "pid": os.getpid(), "phase": "train"}
+                                                         "pid": os.getpid(), "phase": "train", "mode": "plain",
+                                                         "round": 4}
     assert el.step(1, lambda: {"w": 1}) is False  # periodic checkpoint of step 1
     assert ckpt.latest_step(tmp_path / "ckpt") == 1
     (tmp_path / "control").write_text("")  # exists but not (yet) a drain: keep going
     assert el.step(2, lambda: {"w": 2}) is False
-    (tmp_path / "control").write_text(DRAIN)
+    control.write(tmp_path / "control", control.Control(seq=1, stop_at=3))
     assert el.step(3, lambda: {"w": 3}) is True
     assert read_progress(tmp_path / "progress.json")["phase"] == "drained"
     assert Elastic(environ=env).load(default=None) == (4, {"w": 3})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import subprocess
 from pathlib import Path
 
@@ -60,6 +62,7 @@ def test_two_nodes_by_four_processes_second_node_rank_three() -> None:
         "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT",
         "ELASTIC_AGENT_NODE_ID": "node-b",
         "ELASTIC_AGENT_ROUND": "7",
+        "ELASTIC_AGENT_PID": str(os.getpid()),
         "ELASTIC_AGENT_CHECKPOINT_DIR": "/ckpt",
         "ELASTIC_AGENT_PROGRESS_FILE": "/logs/3/progress",
     }

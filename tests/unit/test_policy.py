@@ -29,7 +29,7 @@ def test_read_progress_ignores_missing_and_garbled_files(tmp_path) -> None:
                                 "new": True}))
     garbled.write_text("{not json")
     wrong.write_text(json.dumps({"v": 1, "step": "seven", "time": 1}))
-    assert read_progress([good, garbled, missing, wrong]) == [Progress(7, 12.5, 3.25), None, None, None]
+    assert read_progress([good, garbled, missing, wrong]) == [Progress(7, 12.5, 3.25, "train"), None, None, None]
 
 
 def test_helper_in_use_once_any_rank_wrote_a_progress_file(tmp_path) -> None:

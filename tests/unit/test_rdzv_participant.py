@@ -197,6 +197,12 @@ class Cluster:
         prev: RoundState | None = None
         for rev, rnd in rounds:
             table = closed if rnd.state == RoundPhase.CLOSED else opened
+            if rnd.state == RoundPhase.CLOSED and prev is not None and prev.state == RoundPhase.CLOSED \
+                    and prev.number == rnd.number:
+                # A closed round amended in place (a grow request, a stop step): same assignment.
+                assert rnd.assignment == prev.assignment, f"round {rnd.number} reassigned: {prev} / {rnd}"
+                prev = rnd
+                continue
             assert rnd.number not in table, f"round {rnd.number} written {rnd.state} twice: {table[rnd.number]} / {rnd}"
             table[rnd.number] = rnd
             # every write moves the round one step: open n -> closed n -> open n+1

@@ -14,9 +14,9 @@ NOW = 1000.0
 
 
 def look(codes=(None, None), progress=(None, None), notice=None, leave=None, lost=None, now=NOW,
-         started=NOW - 5, hang=0.0, done=False) -> s.Look:
+         started=NOW - 5, hang=0.0, done=False, broken=False, stopping_at=None) -> s.Look:
     return s.Look(tuple(codes), tuple(progress), notice, leave, lost, now=now, started=started,
-                  hang_timeout=hang, done_reported=done)
+                  hang_timeout=hang, done_reported=done, broken=broken, stopping_at=stopping_at)
 
 
 def opened(reason: str) -> Notice:
@@ -38,10 +38,21 @@ FAILED = Notice(NoticeKind.FINISHED, "job failed", status=JobStatus(Outcome.FAIL
     (look(notice=Notice(NoticeKind.LEASE_LOST, "lease gone")), s.Fence("lease gone")),
     (look(notice=FINISHED), s.Finish(Outcome.SUCCEEDED, "all exited 0")),
     (look(codes=(0, 0), notice=FAILED), s.Finish(Outcome.FAILED, "budget spent")),
-    # a new round: follow it; only a node joining lets the workers drain to a checkpoint
+    # a new round: follow it; only a planned change (a stop step announced) lets the workers
+    # reach their step boundary first
     (look(codes=(1, None), notice=opened("node_lost: b")), s.FollowRound(opened("node_lost: b").round, "node_lost", False)),
-    (look(notice=opened("scale_up: c is waiting")),
+    (look(notice=opened("scale_up: c is waiting"), stopping_at=40),
      s.FollowRound(opened("scale_up: c is waiting").round, "scale_up", True)),
+    (look(notice=opened("scale_up: c is waiting")),
+     s.FollowRound(opened("scale_up: c is waiting").round, "scale_up", False)),
+    # planned changes: a stop step to pass on, a standby asking group rank 0 to grow the job
+    (look(notice=Notice(NoticeKind.STOP, "stop after step 40", stop_at=40)), s.Announce(40)),
+    (look(notice=Notice(NoticeKind.GROW, "c is waiting", round=RoundState(2, "closed", grow_request="c"))),
+     s.Grow("c")),
+    # an in-process worker whose group broke: a new round, but the workers stay
+    (look(progress=(Progress(3, 0.0, NOW, "broken", "inprocess"), Progress(3, 0.0, NOW, "train", "inprocess")),
+          broken=True), s.Fail(Reason.WORKER_FAILURE, (0,), keep_workers=True)),
+    (look(codes=(1, None), broken=True), s.Fail(Reason.WORKER_FAILURE, (0,))),  # an exit is worse
     (look(notice=opened("node_left: b (preempted)")),
      s.FollowRound(opened("node_left: b (preempted)").round, "node_left", False)),
     # local failures: the first failed rank first; a drained exit (75) is not a failure

@@ -1,0 +1,110 @@
+"""The control file: what the agent asks of its node's workers, as one small JSON document.
+No torch: the agent writes it, the helper reads it.
+
+The agent replaces the file atomically (temp name, ``os.replace``); the helper reads it only
+when its modification time or size changed, so its per-step cost is one ``stat``::
+
+    {"v": 1, "seq": 7,
+     "stop_at": 120,              # stop (or re-form) right after completing step 120
+     "leave": false,              # this node's workers exit after stop_at: the node is leaving
+     "abort": 3,                  # in-process: the process group of round 3 is broken, abort it
+     "reform": {"round": 4, ...}} # in-process: join round 4's process group (see Reform)
+
+Every rank of the job learns the same ``stop_at`` (the agents publish it in etcd), so every
+rank stops at exactly that step without a collective of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Reform:
+    """A worker's place in the next round, for re-forming in process."""
+
+    round: int
+    rank_offset: int  # global rank of this node's local rank 0
+    world_size: int
+    local_world_size: int
+    group_rank: int
+    group_world_size: int
+    master_addr: str
+    master_port: int
+    restart_count: int
+
+    def rank(self, local_rank: int) -> int:
+        return self.rank_offset + local_rank
+
+
+@dataclass(frozen=True)
+class Control:
+    seq: int = 0
+    stop_at: int | None = None
+    leave: bool = False
+    abort: int = 0
+    reform: Reform | None = None
+
+    def encode(self) -> bytes:
+        data: dict[str, Any] = {"v": VERSION, "seq": self.seq, "stop_at": self.stop_at, "leave": self.leave,
+                                "abort": self.abort, "reform": asdict(self.reform) if self.reform else None}
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Control:
+        """A control document; anything unreadable is "nothing asked" (the agent rewrites the
+        whole file, so a torn read cannot happen, but a stray file must not stop training)."""
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict) or data.get("v") != VERSION:
+                return cls()
+            reform = data.get("reform")
+            stop_at = data.get("stop_at")
+            return cls(
+                seq=int(data.get("seq", 0)),
+                stop_at=int(stop_at) if isinstance(stop_at, int) and not isinstance(stop_at, bool) else None,
+                leave=data.get("leave") is True,
+                abort=int(data.get("abort") or 0),
+                reform=Reform(**reform) if isinstance(reform, dict) else None,
+            )
+        except (ValueError, TypeError):
+            return cls()
+
+
+def write(path: Path, control: Control) -> None:
+    """Replace the control file atomically: a reader sees the old document or the new one."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_bytes(control.encode())
+    os.replace(temp, path)
+
+
+class Reader:
+    """Reads the control file again only when it changed (one ``stat`` per call otherwise)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._seen: tuple[int, int, int] | None = None
+        self._last = Control()
+
+    def read(self) -> Control:
+        if self.path is None:
+            return self._last
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return self._last
+        stamp = (info.st_ino, info.st_mtime_ns, info.st_size)  # each write is a new inode
+        if stamp != self._seen:
+            try:
+                raw = self.path.read_bytes()
+            except OSError:
+                return self._last
+            self._seen = stamp
+            self._last = Control.decode(raw)
+        return self._last

@@ -1,0 +1,129 @@
+"""Process groups for the in-process loop: forming, releasing and dropping one. Torch only.
+
+gloo cannot abort a collective that waits on a peer (its ``abort`` leaves the wait in
+place), so a group is released by shutting down the connections it opened (never a
+listening socket, so its accept thread does not die): the wait fails at once, and so does
+every peer that waits on us. NCCL groups are aborted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from agent.worker.protocol import AGENT_PID_ENV
+
+log = logging.getLogger(__name__)
+
+GROUP_TIMEOUT = timedelta(seconds=60)
+
+
+class Aborted(Exception):
+    """The process group this step used was released under it: the step did not happen."""
+
+
+def collective_failure(exc: BaseException) -> bool:
+    """A broken process group, not a bug in the training step."""
+    if isinstance(exc, Aborted) or isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        mark in text for mark in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe",
+                                  "ProcessGroup", "process group"))
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def wrap(model: torch.nn.Module) -> Any:
+    if dist.get_world_size() == 1:
+        return model
+    on_gpu = next(model.parameters()).is_cuda if any(True for _ in model.parameters()) else False
+    return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if on_gpu else None)
+
+
+def tell_agent() -> None:
+    try:
+        os.kill(int(os.environ[AGENT_PID_ENV]), signal.SIGUSR1)
+    except (KeyError, ValueError, OSError):
+        pass  # no agent to tell (plain torchrun): nothing waits on it either
+
+
+def await_listener(host: str, port: int, timeout: float = GROUP_TIMEOUT.total_seconds()) -> None:
+    """Until rank 0's store listens. torch's store client backs off a whole second after a
+    refused connection, and the ranks of a new round start within milliseconds of each
+    other: probing first keeps that second off every recovery."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.005)
+
+
+def connected_sockets() -> set[int]:
+    """This process's connected (not listening) socket descriptors."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=int(name))
+        except OSError:
+            continue
+        try:
+            if sock.type == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                found.add(int(name))
+        except OSError:
+            pass
+        finally:
+            sock.detach()
+    return found
+
+
+def drop_group(abort: bool = False) -> None:
+    """``abort``: abort the default group (NCCL: unblocks a stuck collective). Otherwise
+    destroy it, which closes its connections (an aborted group cannot be destroyed)."""
+    if not dist.is_initialized():
+        return
+    if abort:
+        try:
+            dist.distributed_c10d._abort_process_group()
+        except Exception as exc:  # noqa: BLE001 - an already broken group may refuse
+            log.debug("abort of the process group: %s", exc)
+        return
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # noqa: BLE001
+            log.debug("destroy of the process group: %s", exc)
+
+
+
+def release(group_sockets: set[int]) -> None:
+    """Release whatever waits on the current group: shut its connections (gloo), abort it (NCCL)."""
+    if dist.is_initialized() and dist.get_backend() != "gloo":
+        drop_group(abort=True)
+        return
+    for fd in group_sockets:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.detach()  # the group owns the descriptor; it closes it when destroyed

@@ -92,6 +92,11 @@ class EtcdStore:
                     self._channel.fail_over()
                     raise _Retry(f"{kind} on {self.endpoint}: {exc.code().name}: {exc.details()}") from exc
                 raise _translate(kind, exc) from exc
+            except ValueError as exc:  # another thread failed over and closed the channel under us
+                if "closed" not in str(exc).lower():
+                    raise
+                self._observe(kind, began, exc)
+                raise _Retry(f"{kind} on {self.endpoint}: channel replaced while in flight") from exc
             self._observe(kind, began, None)
             return result
 

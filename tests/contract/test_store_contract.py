@@ -494,3 +494,27 @@ def test_unavailable_store_raises_a_typed_error_promptly(backend: str, p: str,
             assert time.monotonic() - t0 < 6
     finally:
         store.close()
+
+
+def test_a_request_racing_a_fail_over_is_retried_not_raised(etcd: EtcdServer, p: str) -> None:
+    """Another thread (the keep-alive, a watch) may fail over and close the channel while a
+    request is in flight; gRPC then raises ``ValueError: Channel closed!``. That request is
+    retried on the new channel; it must not escape as a traceback."""
+    store = EtcdStore(etcd.endpoint, retry_for=5.0)
+    try:
+        store.put(f"{p}/k", b"v")
+        real = store._channel.stubs
+        raced = threading.Event()
+
+        def stubs_then_close() -> Any:
+            stubs = real()
+            if not raced.is_set():
+                raced.set()
+                store._channel.fail_over()  # what the keep-alive thread does on a lost stream
+            return stubs
+
+        store._channel.stubs = stubs_then_close  # type: ignore[method-assign]
+        kv, _ = store.get(f"{p}/k")
+        assert raced.is_set() and kv is not None and kv.value == b"v"
+    finally:
+        store.close()

@@ -18,7 +18,7 @@ from agent.errors import SpawnError
 log = logging.getLogger(__name__)
 
 KEEPER = Path(__file__).with_name("keeper_main.py")
-SPAWN_TIMEOUT_S = 10.0
+SPAWN_TIMEOUT_S = 60.0  # a zygote answers after its torch import, slow on a cold, loaded host
 _MAX_MESSAGE = 1 << 16
 
 
@@ -45,12 +45,18 @@ class KeptProcess:
 class Keeper:
     """One keeper process and the thread that reads its reports."""
 
-    def __init__(self) -> None:
+    def __init__(self, zygote: tuple[str, dict[str, str]] | None = None) -> None:
+        """``zygote``: (the training command's python, the environment torch is imported in)
+        to make this keeper the node's zygote (keeper_main's ``--preload``)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fd = str(theirs.fileno())
+        command = [sys.executable, "-S", "-I", str(KEEPER), fd] if zygote is None else \
+            [zygote[0], str(KEEPER), fd, "--preload"]
+        self.zygote = zygote
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-S", "-I", str(KEEPER), str(theirs.fileno())], pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                command, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True,
+                env=None if zygote is None else zygote[1],
             )
         except OSError as exc:
             ours.close()
@@ -70,11 +76,17 @@ class Keeper:
     def alive(self) -> bool:
         return not self._gone
 
-    def spawn(self, argv: list[str], env: dict[str, str], cwd: str, fds: tuple[int, int, int]) -> KeptProcess:
+    def spawn(self, argv: list[str], env: dict[str, str], cwd: str, fds: tuple[int, int, int],
+              run: list[str] | None = None) -> KeptProcess:
+        """Start ``argv``; with ``run`` (a zygote only) fork a child that runs ``python RUN``."""
         with self._cond:
             self._next_id += 1
             request_id = self._next_id
-        message = json.dumps({"op": "spawn", "id": request_id, "argv": argv, "env": env, "cwd": cwd}).encode()
+        request = {"op": "spawn", "id": request_id, "argv": argv, "env": env, "cwd": cwd}
+        if run is not None:
+            assert self.zygote is not None, "only a zygote runs scripts in process"
+            request["run"] = run
+        message = json.dumps(request).encode()
         try:
             with self._send_lock:
                 socket.send_fds(self._sock, [message], list(fds))
@@ -135,10 +147,26 @@ _shared: Keeper | None = None
 _shared_lock = threading.Lock()
 
 
+_zygote: tuple[str, dict[str, str]] | None = None
+_retired: list[Keeper] = []
+
+
+def use_zygote(python: str, env: dict[str, str]) -> None:
+    """From now on the shared keeper is a zygote of ``python`` (started at once: it imports
+    torch while the rendezvous runs)."""
+    global _zygote, _shared
+    _zygote = (python, dict(env))
+    with _shared_lock:
+        if _shared is not None and _shared.alive and _shared.zygote != _zygote:
+            _retired.append(_shared)  # it ends with this process, with whatever it still keeps
+            _shared = None
+    shared_keeper()
+
+
 def shared_keeper() -> Keeper:
     """The keeper of this agent process, started on first use (and again if it died)."""
     global _shared
     with _shared_lock:
         if _shared is None or not _shared.alive:
-            _shared = Keeper()
+            _shared = Keeper(_zygote)
         return _shared

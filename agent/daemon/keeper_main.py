@@ -5,6 +5,12 @@ launcher that forks and exits).
 Run by the agent as ``python -S -I keeper_main.py FD`` with one end of a socket pair on FD;
 standard library only, no agent imports (it starts in milliseconds and shares nothing).
 
+With ``--preload`` (the agent's ``--prewarm`` and a ``python SCRIPT`` / ``python -m MODULE``
+command) the keeper is also the node's *zygote*: run by the training command's own python,
+it imports torch once, and a worker asked for with ``"run"`` is forked from it and runs the
+script in the child as ``python SCRIPT ARGS`` would (``runpy``): no interpreter start, no
+torch import, and the pages torch occupies are shared copy-on-write with every worker.
+
 - It is a child subreaper (``PR_SET_CHILD_SUBREAPER``): whatever a worker forks and abandons
   is re-parented to the keeper, not to init, so it is still found below the keeper.
 - It forks each worker on request: the child starts a new session, gets
@@ -60,6 +66,8 @@ def spawn(sock, request, fds):
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             os.chdir(request["cwd"])
+            if "run" in request:
+                os._exit(run_script(request["run"], request["env"]))
             os.execvpe(request["argv"][0], request["argv"], request["env"])
         except OSError as exc:
             os.write(2, f"cannot start worker command {request['argv'][0]!r}: {exc.strerror}\n".encode())
@@ -68,6 +76,54 @@ def spawn(sock, request, fds):
     for fd in fds:
         os.close(fd)
     send(sock, {"op": "spawned", "id": request["id"], "pid": pid})
+
+
+def run_script(args, env):
+    """In a child forked from the zygote: what ``python ARGS`` would do. Returns the exit code."""
+    import atexit
+    import runpy
+    import traceback
+
+    os.environ.clear()
+    os.environ.update(env)
+    code = 0
+    try:
+        if args[0] == "-m":
+            sys.argv = args[1:]
+            sys.path[0] = os.getcwd()
+            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(args)
+            sys.path[0] = os.path.dirname(os.path.abspath(args[0]))
+            runpy.run_path(args[0], run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - what the interpreter would print, then exit 1
+        traceback.print_exc()
+        code = 1
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+    return code
+
+
+def preload():
+    """The zygote's one slow thing, done once: import torch (a failure is the worker's to see)."""
+    import gc
+
+    try:
+        import torch  # noqa: F401
+    except Exception:  # noqa: BLE001
+        pass
+    gc.collect()
+    gc.freeze()  # what was imported stays shared: the children's collections never touch it
 
 
 def reap(sock):
@@ -118,6 +174,8 @@ def kill_everything():
 
 def main():
     sock = socket.socket(fileno=int(sys.argv[1]))
+    if "--preload" in sys.argv[2:]:
+        preload()
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the agent's going away ends the keeper
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,48 +1,18 @@
-"""Pre-started ("warm") workers: the next workers' interpreters start and import torch while
-the agent still waits in the rendezvous (``--prewarm``). :class:`WorkerGroup` adopts them."""
+"""Pre-started ("warm") workers (``--prewarm``): the node's zygote imports torch while the
+agent still waits in the rendezvous, and each worker is forked from it. :class:`WorkerGroup`
+adopts them."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import signal
-import subprocess
+import threading
 from collections.abc import Sequence
 
+from agent.daemon.keeper import KeptProcess, shared_keeper, use_zygote
+from agent.daemon.output import Sink
 from agent.daemon.spawn import spawn
 
-_KILL_WAIT_S = 5.0
-_READER_JOIN_S = 1.0
-
-# A pre-started ("warm") worker: the interpreter starts and imports torch while the agent
-# still waits in the rendezvous; it then reads one line (its environment and arguments) and
-# runs the training script as `python SCRIPT ARGS` / `python -m MODULE ARGS` would.
-_WARM_BOOT = """\
-import json, os, runpy, sys
-try:
-    import torch  # the slow part of a worker's start, done before its rank is known
-except Exception:
-    pass
-line = sys.stdin.readline()
-if not line:
-    os._exit(0)
-msg = json.loads(line)
-os.environ.clear()
-os.environ.update(msg["env"])
-os.chdir(msg["cwd"])
-sys.stdin.close()
-sys.stdin = open(os.devnull)
-args = msg["argv"]
-if args[0] == "-m":
-    sys.argv = args[1:]
-    sys.path[0] = os.getcwd()
-    runpy.run_module(args[1], run_name="__main__", alter_sys=True)
-else:
-    sys.argv = args
-    sys.path[0] = os.path.dirname(os.path.abspath(args[0]))
-    runpy.run_path(args[0], run_name="__main__")
-"""
 _PYTHON_NAME = re.compile(r"^python[0-9.]*$")
 
 
@@ -54,31 +24,29 @@ def prewarmable(command: Sequence[str]) -> bool:
 
 
 class WarmWorker:
-    """A worker process started ahead of its round; :class:`WorkerGroup` adopts it."""
+    """A worker forked from the node's zygote when it is given its round (:class:`WorkerGroup`
+    adopts it). The zygote (agent.daemon.keeper_main ``--preload``) imported torch once,
+    while the first rendezvous ran, so a worker starts in milliseconds and shares torch's
+    pages with every other worker of the node: one pre-started interpreter per node, not one
+    per local rank."""
 
     def __init__(self, python: str, env: dict[str, str]) -> None:
-        self.process, self.sinks, self.readers = spawn([python, "-c", _WARM_BOOT], env, stdin_pipe=True)
+        use_zygote(python, env)
+        self.python = python
+        self.process: KeptProcess | None = None
+        self.sinks: list[Sink] = []
+        self.readers: list[threading.Thread] = []
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return shared_keeper().alive
 
     def launch(self, env: dict[str, str], argv: list[str]) -> None:
-        assert self.process.stdin is not None
-        message = json.dumps({"env": env, "argv": argv, "cwd": os.getcwd()}) + "\n"
-        self.process.stdin.write(message.encode())
-        self.process.stdin.close()
+        """Fork the worker: it runs ``python ARGV`` with ``env`` (started plainly when this
+        agent's keeper is not a zygote after all: one started before ``--prewarm`` applied)."""
+        if shared_keeper().zygote is None:
+            self.process, self.sinks, self.readers = spawn([self.python, *argv], env)
+        else:
+            self.process, self.sinks, self.readers = spawn([self.python], env, run=list(argv))
 
     def discard(self) -> None:
-        """Stop it unused (it holds no rank, so SIGKILL is fine)."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.process.wait(timeout=_KILL_WAIT_S)
-        except subprocess.TimeoutExpired:
-            pass
-        for reader in self.readers:
-            reader.join(_READER_JOIN_S)
-
-
+        """Nothing was started for it: nothing to stop."""

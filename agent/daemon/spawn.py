@@ -57,15 +57,16 @@ def check_command(command: Sequence[str]) -> None:
         raise SpawnError(f"worker command {name!r} not found or not executable")
 
 
-def spawn(command: list[str], env: dict[str, str], *,
-          stdin_pipe: bool = False) -> tuple[KeptProcess, list[Sink], list[threading.Thread]]:
+def spawn(command: list[str], env: dict[str, str], *, stdin_pipe: bool = False,
+          run: list[str] | None = None) -> tuple[KeptProcess, list[Sink], list[threading.Thread]]:
     """Start one worker in its own session under this agent's keeper; its stdout and stderr
-    are pumped to two sinks. With ``stdin_pipe``, ``process.stdin`` is our end of its stdin."""
+    are pumped to two sinks. With ``stdin_pipe``, ``process.stdin`` is our end of its stdin.
+    With ``run`` the worker is forked from the zygote and runs ``python RUN`` in process."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     in_r, in_w = os.pipe() if stdin_pipe else (os.open(os.devnull, os.O_RDONLY), -1)
     try:
-        process = shared_keeper().spawn(list(command), env, os.getcwd(), (in_r, out_w, err_w))
+        process = shared_keeper().spawn(list(command), env, os.getcwd(), (in_r, out_w, err_w), run=run)
     except BaseException:
         for fd in (out_r, err_r, in_w):
             if fd >= 0:

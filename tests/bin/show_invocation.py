@@ -5,7 +5,7 @@ import os
 import sys
 
 print(json.dumps({
-    "argv": sys.argv, "name": __name__, "path0": sys.path[0], "cwd": os.getcwd(),
+    "ppid": os.getppid(), "argv": sys.argv, "name": __name__, "path0": sys.path[0], "cwd": os.getcwd(),
     "rank": os.environ.get("RANK"), "torch_loaded": "torch" in sys.modules,
 }), flush=True)
 print("to stderr", file=sys.stderr, flush=True)

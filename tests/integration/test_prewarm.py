@@ -60,8 +60,12 @@ def test_a_warm_worker_runs_the_script_as_a_cold_one_would(tmp_path, exit_with):
     assert "to stderr" in warm_text and "[node/7] to stderr" in warm_text
 
 
-def test_an_unused_warm_worker_is_discarded(tmp_path):
-    warm = WarmWorker(sys.executable, dict(os.environ))
-    assert warm.alive()
-    warm.discard()
-    assert not warm.alive()
+def test_every_warm_worker_of_a_node_is_forked_from_one_zygote(tmp_path):
+    from agent.daemon.keeper import shared_keeper
+
+    out, _text, code = _run(tmp_path / "a", warm=True, exit_with="0")
+    zygote = shared_keeper()
+    again, _text, _code = _run(tmp_path / "b", warm=True, exit_with="0")
+    assert code == 0 and out["torch_loaded"] and again["torch_loaded"]
+    assert shared_keeper() is zygote and zygote.zygote is not None  # one interpreter, kept across rounds
+    assert out["ppid"] == again["ppid"] == zygote.process.pid

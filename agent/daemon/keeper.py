@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from agent.errors import SpawnError
 log = logging.getLogger(__name__)
 
 KEEPER = Path(__file__).with_name("keeper_main.py")
+Zygote = tuple[str, dict[str, str]]  # (the training command's python, the environment it imports torch in)
 SPAWN_TIMEOUT_S = 60.0  # a zygote answers after its torch import, slow on a cold, loaded host
 _MAX_MESSAGE = 1 << 16
 
@@ -45,19 +47,16 @@ class KeptProcess:
 class Keeper:
     """One keeper process and the thread that reads its reports."""
 
-    def __init__(self, zygote: tuple[str, dict[str, str]] | None = None) -> None:
+    def __init__(self, zygote: Zygote | None = None) -> None:
         """``zygote``: (the training command's python, the environment torch is imported in)
         to make this keeper the node's zygote (keeper_main's ``--preload``)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        fd = str(theirs.fileno())
-        command = [sys.executable, "-S", "-I", str(KEEPER), fd] if zygote is None else \
-            [zygote[0], str(KEEPER), fd, "--preload"]
+        self._fd = theirs.fileno()
         self.zygote = zygote
+        argv, env = self._image(zygote)
         try:
-            self.process = subprocess.Popen(
-                command, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True,
-                env=None if zygote is None else zygote[1],
-            )
+            self.process = subprocess.Popen(argv, pass_fds=(self._fd,), stdin=subprocess.DEVNULL,
+                                            start_new_session=True, env=env)
         except OSError as exc:
             ours.close()
             raise SpawnError(f"cannot start the worker keeper: {exc.strerror or exc}") from exc
@@ -75,6 +74,27 @@ class Keeper:
     @property
     def alive(self) -> bool:
         return not self._gone
+
+    def _image(self, zygote: Zygote | None) -> tuple[list[str], dict[str, str]]:
+        """The program the keeper runs: a bare interpreter, or the zygote of ``zygote``."""
+        if zygote is None:
+            return [sys.executable, "-S", "-I", str(KEEPER), str(self._fd)], dict(os.environ)
+        return [zygote[0], str(KEEPER), str(self._fd), "--preload"], dict(zygote[1])
+
+    def become(self, zygote: Zygote | None) -> None:
+        """Turn the running keeper into the zygote of ``zygote``, or back into a bare keeper
+        (``None``): it execs the other program in place, keeping its pid, its socket and
+        every worker below it (a worker's parent never dies, so none is killed)."""
+        if zygote == self.zygote or self._gone:
+            return
+        argv, env = self._image(zygote)
+        try:
+            with self._send_lock:
+                self._sock.send(json.dumps({"op": "become", "argv": argv, "env": env}).encode())
+        except OSError as exc:
+            log.debug("keeper gone before it could change: %s", exc)
+            return
+        self.zygote = zygote
 
     def spawn(self, argv: list[str], env: dict[str, str], cwd: str, fds: tuple[int, int, int],
               run: list[str] | None = None) -> KeptProcess:
@@ -147,20 +167,30 @@ _shared: Keeper | None = None
 _shared_lock = threading.Lock()
 
 
-_zygote: tuple[str, dict[str, str]] | None = None
-_retired: list[Keeper] = []
+_zygote: Zygote | None = None
 
 
 def use_zygote(python: str, env: dict[str, str]) -> None:
-    """From now on the shared keeper is a zygote of ``python`` (started at once: it imports
-    torch while the rendezvous runs)."""
-    global _zygote, _shared
+    """From now on the shared keeper is a zygote of ``python`` (started, or changed in place,
+    at once: it imports torch while the rendezvous runs)."""
+    global _zygote
     _zygote = (python, dict(env))
+    shared_keeper().become(_zygote)
+
+
+def zygote_running() -> bool:
     with _shared_lock:
-        if _shared is not None and _shared.alive and _shared.zygote != _zygote:
-            _retired.append(_shared)  # it ends with this process, with whatever it still keeps
-            _shared = None
-    shared_keeper()
+        return _shared is not None and _shared.alive and _shared.zygote is not None
+
+
+def retire_zygote() -> None:
+    """Give up the pre-started interpreter (the workers stay: the keeper changes in place)."""
+    global _zygote
+    _zygote = None
+    with _shared_lock:
+        keeper = _shared
+    if keeper is not None and keeper.alive:
+        keeper.become(None)
 
 
 def shared_keeper() -> Keeper:

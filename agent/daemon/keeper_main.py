@@ -22,6 +22,7 @@ torch import, and the pages torch occupies are shared copy-on-write with every w
 
 Messages are JSON, one per datagram (SOCK_SEQPACKET), file descriptors alongside
 (SCM_RIGHTS). Agent -> keeper: ``{"op": "spawn", "id", "argv", "env", "cwd"}`` with 3 fds.
+``{"op": "become", "argv", "env"}``: exec that keeper program in place (zygote <-> bare).
 Keeper -> agent: ``{"op": "spawned", "id", "pid"}``, ``{"op": "failed", "id", "error"}``,
 ``{"op": "exited", "pid", "code"}``.
 """
@@ -126,6 +127,18 @@ def preload():
     gc.freeze()  # what was imported stays shared: the children's collections never touch it
 
 
+def become(sock, request):
+    """Exec another keeper program in place (the zygote of another python, or a bare
+    keeper): the pid, the socket and the children stay, so no worker notices."""
+    os.set_inheritable(sock.fileno(), True)
+    signal.set_wakeup_fd(-1)
+    try:
+        os.execve(request["argv"][0], request["argv"], request["env"])
+    except OSError as exc:  # keep serving as we are; the agent's next spawn still works
+        os.write(2, f"elastic-agent keeper: cannot exec {request['argv'][0]!r}: {exc.strerror}\n".encode())
+        os.set_inheritable(sock.fileno(), False)
+
+
 def reap(sock):
     while True:
         try:
@@ -183,6 +196,7 @@ def main():
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    reap(sock)  # after a ``become``: children that exited while this program started
     while True:
         ready, _, _ = select.select([sock, wake_r], [], [])
         if wake_r in ready:
@@ -197,6 +211,9 @@ def main():
         if not data:  # the agent is gone
             break
         request = json.loads(data)
+        if request.get("op") == "become":
+            become(sock, request)
+            signal.set_wakeup_fd(wake_w)  # the exec failed: serve on as we are
         if request.get("op") == "spawn":
             try:
                 spawn(sock, request, fds)

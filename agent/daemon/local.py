@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from agent.daemon import policy
+from agent.daemon import keeper, policy
 from agent.daemon.console import ConsoleSettings, Route
 from agent.daemon.env import worker_env
 from agent.daemon.prewarm import WarmWorker
@@ -208,6 +208,15 @@ class LocalWorkers:
                 log.warning("cannot pre-start workers (%s); starting them cold", exc)
                 self.prewarm = False
                 return
+
+    def retire_warm(self) -> None:
+        """The workers recover in process: they are not restarted when the job changes, so
+        no pre-started interpreter is kept beside them (:meth:`fill_warm` brings it back the
+        moment new workers may be needed)."""
+        if self.warm or keeper.zygote_running():
+            log.info("workers recover in process: the pre-started interpreter is given up")
+        self.discard_warm()
+        keeper.retire_zygote()
 
     def discard_warm(self) -> None:
         for warm in self.warm:

@@ -113,6 +113,9 @@ class Agent:
     def _loop(self) -> int:
         while True:
             self._set_state(State.RENDEZVOUS)
+            run = self.local.running
+            if run is None or run.stopping:  # new workers ahead: they import torch meanwhile
+                self.local.fill_warm()
             try:
                 assignment = self._rendezvous()
             except _Leave:
@@ -177,8 +180,6 @@ class Agent:
         while True:
             self.heartbeat = self.clock.monotonic()
             self.books.tick()
-            if self.clock.monotonic() - run.started_at >= PREWARM_DELAY:
-                self.local.fill_warm()
             session = self.participant.session
             lost = session.lost_reason if session is not None and session.lost.is_set() else None
             notice = None
@@ -189,6 +190,10 @@ class Agent:
             self.metrics.progress(progress)
             seen = self.plans.look(run, list(codes))
             self.plans.advance(seen, list(codes))
+            if seen.inprocess:  # not restarted when the job changes: nothing to pre-start
+                self.local.retire_warm()
+            elif self.clock.monotonic() - run.started_at >= PREWARM_DELAY:
+                self.local.fill_warm()
             look = supervise.Look(codes, progress, notice, self.signals.leave_requested, lost,
                                   now=self.clock.monotonic(), started=run.started_at,
                                   hang_timeout=self.config.hang_timeout, done_reported=done_reported,

@@ -69,3 +69,52 @@ def test_every_warm_worker_of_a_node_is_forked_from_one_zygote(tmp_path):
     assert code == 0 and out["torch_loaded"] and again["torch_loaded"]
     assert shared_keeper() is zygote and zygote.zygote is not None  # one interpreter, kept across rounds
     assert out["ppid"] == again["ppid"] == zygote.process.pid
+
+
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def _forked(pid: int, keeper: object) -> bool:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rfind(")") + 2:].split()[1]) == keeper.process.pid  # type: ignore[attr-defined]
+
+
+def _pss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Pss for {pid}")
+
+
+def test_the_zygote_is_given_up_and_brought_back_in_place_while_its_workers_run(tmp_path):
+    """In-process recovery keeps its workers across job changes, so the agent gives the
+    pre-started interpreter up (its memory is the node's overhead) and brings it back when
+    new workers may be needed. The keeper changes program in place: the workers below it
+    (children of that very pid, killed if it died) keep running."""
+    from agent.daemon.keeper import retire_zygote, shared_keeper, zygote_running
+
+    warm = WarmWorker(sys.executable, dict(os.environ))
+    keeper = shared_keeper()
+    script = tmp_path / "sleep.py"
+    script.write_text("import time\ntime.sleep(60)\n")
+    sleeper = [sys.executable, str(script)]
+    group = WorkerGroup(sleeper, [dict(os.environ)], tmp_path / "g", ["node/0"], console=io.StringIO(), warm=[warm])
+    group.start()
+    try:
+        assert _forked(group.pids[0], keeper)
+        zygote_pss = _pss_kib(keeper.process.pid)
+        retire_zygote()
+        wait = time.monotonic() + 30
+        while "--preload" in _cmdline(keeper.process.pid):
+            assert time.monotonic() < wait, "the keeper did not leave the zygote"
+            time.sleep(0.05)
+        assert not zygote_running() and shared_keeper() is keeper and keeper.alive
+        assert group.poll() == [None], "a worker died when its zygote was given up"
+        assert _pss_kib(keeper.process.pid) < zygote_pss / 4  # torch is no longer held beside the workers
+
+        again, _text, code = _run(tmp_path / "again", warm=True)  # brought back: forked from it again
+        assert code == 0 and again["torch_loaded"] and again["ppid"] == keeper.process.pid
+        assert shared_keeper() is keeper and group.poll() == [None]
+    finally:
+        group.stop(5)

@@ -213,11 +213,20 @@ def next_round(current: RoundState, reason: str) -> RoundState:
     return RoundState(number=current.number + 1, state=RoundPhase.OPEN, reason=reason, previous=previous)
 
 
-def should_scale_up(current: RoundState, settings: Settings, waiting_since: float, now: float) -> Wait | bool:
+# A standby whose workers are still being prepared (its pre-started interpreter importing
+# torch) waits for them this long at most before it grows the job anyway.
+READY_PATIENCE = 30.0
+READY_POLL = 0.05
+
+
+def should_scale_up(current: RoundState, settings: Settings, waiting_since: float, now: float,
+                    ready: bool = True) -> Wait | bool:
     """A standby asks: open the next round to raise the world size?
 
-    Only when the closed round has room (fewer members than max) and this standby has been
-    waiting, alive, for the whole cool-down, so a flapping node cannot thrash the job.
+    Only when the closed round has room (fewer members than max), this standby has been
+    waiting, alive, for the whole cool-down, so a flapping node cannot thrash the job, and
+    its own workers are ready to start (``ready``), so that the job pauses for the change
+    only once the newcomer can take part at once (up to READY_PATIENCE).
     """
     if current.is_open or current.assignment is None:
         return Wait(None, "round is open")
@@ -226,6 +235,8 @@ def should_scale_up(current: RoundState, settings: Settings, waiting_since: floa
     ready_at = waiting_since + settings.scale_up_cooldown
     if now < ready_at:
         return Wait(ready_at, f"scale-up cool-down ({settings.scale_up_cooldown}s)")
+    if not ready and now < waiting_since + READY_PATIENCE:
+        return Wait(now + READY_POLL, "this node's workers are still being prepared")
     return True
 
 
@@ -246,9 +257,9 @@ class OpenGrowth:
 
 
 def growth_step(current: RoundState, settings: Settings, waiting_since: float, asked_at: float | None,
-                now: float, me: str) -> Wait | AskGrowth | OpenGrowth:
+                now: float, me: str, workers_ready: bool = True) -> Wait | AskGrowth | OpenGrowth:
     """What a standby does about raising the world size (see :func:`should_scale_up`)."""
-    ready = should_scale_up(current, settings, waiting_since, now)
+    ready = should_scale_up(current, settings, waiting_since, now, workers_ready)
     if ready is not True:
         return ready
     if current.grow_request != me or asked_at is None:

@@ -41,6 +41,7 @@ class StepExecutor:
         self.coordination: Coordination | None = None
         self.waiting_since = 0.0
         self.grow_asked: tuple[int, float] | None = None  # (round, when) we asked to grow it
+        self.workers_ready: Callable[[], bool] = lambda: True  # can our workers start at once?
 
     def begin_wait(self) -> None:
         self.waiting_since = self.clock.monotonic()
@@ -107,7 +108,8 @@ class StepExecutor:
         me = self.node.node_id
         now = self.clock.monotonic()
         action = decide.growth_step(rnd, self.settings, self.waiting_since,
-                                    self.grow_asked[1] if self.grow_asked else None, now, me)
+                                    self.grow_asked[1] if self.grow_asked else None, now, me,
+                                    self.workers_ready())
         if isinstance(action, decide.AskGrowth):
             if self.store.replace(self.settings.round_key, decide.with_grow_request(rnd, me).encode(),
                                   round_rev) is not None:

@@ -55,8 +55,9 @@ def _master_port() -> int:
 class Participant:
     def __init__(self, store: Store, settings: Settings, node: NodeRecord, *,
                  clock: Clock | None = None, port_reserver: Callable[[], int] = _master_port,
-                 planned_changes: bool = False) -> None:
-        """``planned_changes``: the caller handles STOP and GROW notices (notices.PlannedNotices)."""
+                 planned_changes: bool = False, workers_ready: Callable[[], bool] = lambda: True) -> None:
+        """``planned_changes``: the caller handles STOP and GROW notices (notices.PlannedNotices).
+        ``workers_ready``: could our workers start at once? A standby grows the job only then."""
         self.store = store
         self._planned = PlannedNotices(planned_changes)
         self.settings = settings
@@ -68,16 +69,14 @@ class Participant:
         self._job = JobView(store, settings, self._inbox, self.clock)
         self._member = MemberWatch(store, settings, self._inbox)
         self._steps = StepExecutor(store, settings, node, self._inbox, self._member, self.clock, port_reserver)
+        self._steps.workers_ready = workers_ready
 
     @property
     def session(self) -> Session | None:
         """The membership lease: when it is lost, this node's workers must stop."""
         return self.leases.session
 
-    @property
-    def node_id(self) -> str:
-        return self.node.node_id
-
+    node_id = property(lambda self: self.node.node_id)
     current_round = property(lambda self: self._job.round)
 
     # --- lifecycle ---------------------------------------------------------------------

@@ -63,6 +63,7 @@ class Keeper:
         finally:
             theirs.close()
         self._sock = ours
+        self.ready = threading.Event()  # a zygote finished importing what workers need
         self._cond = threading.Condition()
         self._exits: dict[int, int] = {}
         self._replies: dict[int, dict] = {}
@@ -89,6 +90,7 @@ class Keeper:
             return
         argv, env = self._image(zygote)
         try:
+            self.ready.clear()
             with self._send_lock:
                 self._sock.send(json.dumps({"op": "become", "argv": argv, "env": env}).encode())
         except OSError as exc:
@@ -150,6 +152,9 @@ class Keeper:
             if not data:
                 break
             message = json.loads(data)
+            if message["op"] == "ready":
+                self.ready.set()
+                continue
             with self._cond:
                 if message["op"] == "exited":
                     self._exits[int(message["pid"])] = int(message["code"])
@@ -181,6 +186,13 @@ def use_zygote(python: str, env: dict[str, str]) -> None:
 def zygote_running() -> bool:
     with _shared_lock:
         return _shared is not None and _shared.alive and _shared.zygote is not None
+
+
+def zygote_ready() -> bool:
+    """The zygote runs and has imported what the workers need."""
+    with _shared_lock:
+        keeper = _shared
+    return keeper is not None and keeper.alive and keeper.zygote is not None and keeper.ready.is_set()
 
 
 def retire_zygote() -> None:

@@ -115,14 +115,22 @@ def run_script(args, env):
     return code
 
 
-def preload():
-    """The zygote's one slow thing, done once: import torch (a failure is the worker's to see)."""
-    import gc
+# What a training script's first steps import, slowest first: torch itself (~1-2 s), the
+# compiler stack a torch.optim optimizer pulls in when it is first built (~1 s), the
+# distributed package and the helper. Each is optional: a failure is the worker's to see.
+PRELOAD = ("torch", "torch._dynamo", "torch.distributed", "torch.nn.parallel", "agent.worker.inprocess")
 
-    try:
-        import torch  # noqa: F401
-    except Exception:  # noqa: BLE001
-        pass
+
+def preload():
+    """The zygote's one slow thing, done once: import what the workers will need."""
+    import gc
+    import importlib
+
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001
+            pass
     gc.collect()
     gc.freeze()  # what was imported stays shared: the children's collections never touch it
 
@@ -189,6 +197,7 @@ def main():
     sock = socket.socket(fileno=int(sys.argv[1]))
     if "--preload" in sys.argv[2:]:
         preload()
+        send(sock, {"op": "ready"})
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the agent's going away ends the keeper
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -209,6 +209,11 @@ class LocalWorkers:
                 self.prewarm = False
                 return
 
+    def warm_ready(self) -> bool:
+        """Whether the next workers could start at once: none are pre-started (they start
+        cold whenever asked), or the zygote has imported what they need."""
+        return not (self.prewarm and self.warm) or keeper.zygote_ready()
+
     def retire_warm(self) -> None:
         """The workers recover in process: they are not restarted when the job changes, so
         no pre-started interpreter is kept beside them (:meth:`fill_warm` brings it back the

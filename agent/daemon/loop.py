@@ -61,7 +61,8 @@ class Agent:
         self.metrics = metrics or AgentMetrics(config.job_id, config.node_id)
         self.settings = config.rendezvous_settings()
         me = NodeRecord(config.node_id, config.node_addr, self.nproc, host=os.uname().nodename, version=__version__)
-        self.participant = Participant(store, self.settings, me, clock=self.clock, planned_changes=True)
+        self.participant = Participant(store, self.settings, me, clock=self.clock, planned_changes=True,
+                                       workers_ready=lambda: self.local.warm_ready())
         layout = Layout(tuple(config.command), self.nproc, config.node_id, config.job_id, config.log_dir,
                         config.checkpoint_dir, config.max_restarts, config.shutdown_timeout, config.log_keep,
                         ConsoleSettings.of(config), config.local_rank_arg)
@@ -86,6 +87,7 @@ class Agent:
     def run(self) -> int:
         cfg = self.config
         self._set_state(State.INITIALIZING)
+        self.local.fill_warm()  # the first workers import torch while etcd and the rendezvous answer
         try:
             if not reconnect.start_when_etcd_answers(self.participant, self.clock, cfg.etcd_wait,
                                                      cfg.endpoints_text or "the embedded etcd",
@@ -96,7 +98,6 @@ class Agent:
         except JobFinishedError as exc:
             return self.end.finished(exc.outcome, exc.reason, already=True)
         self.books.resume()
-        self.local.fill_warm()  # the first workers import torch while the rendezvous runs
         guard = FenceGuard(lambda: self.participant.session, self.local.running_pgids, cfg.shutdown_timeout,
                            self.clock).start()
         log.info("node %s joined job %s (min %d, max %d nodes, %d workers per node)",

@@ -241,6 +241,25 @@ def test_should_scale_up_table(rnd: RoundState, conf: tuple[int, int, float], si
         assert verdict.until == expected
 
 
+@pytest.mark.parametrize("since,now,expected", [
+    (NOW, NOW + 1.0, NOW + 1.0 + decide.READY_POLL),  # cool-down over, workers not ready: look again soon
+    (NOW, NOW + decide.READY_PATIENCE - 0.01, NOW + decide.READY_PATIENCE - 0.01 + decide.READY_POLL),
+    (NOW, NOW + decide.READY_PATIENCE, True),  # never blocked for good by a zygote that fails to load
+    (NOW, NOW + 0.5, NOW + 1.0),  # the cool-down still comes first
+])
+def test_a_standby_grows_the_job_once_its_workers_are_ready(since: float, now: float, expected: object) -> None:
+    """The job pauses for a newcomer only when it can take part at once: a node whose
+    pre-started interpreter still imports torch waits (bounded), instead of stopping every
+    rank at a step boundary to wait for it there."""
+    s = settings(1, 3, scale_up_cooldown=1.0)
+    verdict = decide.should_scale_up(closed(1, "a"), s, since, now, ready=False)
+    if expected is True:
+        assert verdict is True
+    else:
+        assert isinstance(verdict, Wait) and verdict.until == pytest.approx(expected)
+    assert decide.should_scale_up(closed(1, "a"), s, since, max(now, NOW + 1.0), ready=True) is True
+
+
 # --- ring_predecessor --------------------------------------------------------------------------
 @pytest.mark.parametrize("ids,node,expected", [
     (("a", "b", "c"), "b", "a"),

@@ -11,7 +11,7 @@ ID_FORM = "must be 1-128 characters of letters, digits, '_', '.', '-', starting 
 
 
 def valid_id(text: str) -> bool:
-    return bool(_ID.match(text))
+    return bool(_ID.fullmatch(text))  # not match: "$" would let a trailing newline through
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ def local_ranks(raw: object) -> frozenset[int]:
     for item in items:
         if isinstance(item, bool):
             raise Invalid(RANKS_FORM)
-        if isinstance(item, str) and item.isdigit():
+        if isinstance(item, str) and item.isascii() and item.isdigit():  # "²" is a digit int() refuses
             item = int(item)
         if not isinstance(item, int) or item < 0:
             raise Invalid(RANKS_FORM)

@@ -38,7 +38,10 @@ def _float(raw: object) -> float:
         raise Invalid("not a bool")
     value: float | None = None
     if isinstance(raw, (int, float)):
-        value = float(raw)
+        try:
+            value = float(raw)
+        except OverflowError:  # a TOML integer past a float's range
+            value = None
     elif isinstance(raw, str):
         try:
             value = float(raw.strip())
@@ -115,7 +118,8 @@ def word(form: str) -> Callable[[object], str]:
     """Non-empty text without spaces (a host name or address)."""
 
     def parse(raw: object) -> str:
-        if isinstance(raw, str) and raw.strip() and not any(c.isspace() for c in raw.strip()):
+        # No control characters either: a TOML string can hold a NUL, which no address may.
+        if isinstance(raw, str) and raw.strip() and not any(c.isspace() or not c.isprintable() for c in raw.strip()):
             return raw.strip()
         raise Invalid(form)
 
@@ -123,7 +127,7 @@ def word(form: str) -> Callable[[object], str]:
 
 
 def path(raw: object) -> Path:
-    if isinstance(raw, str) and raw.strip():
+    if isinstance(raw, str) and raw.strip() and "\0" not in raw:  # a TOML string can hold a NUL
         return Path(raw.strip())
     raise Invalid("must be a non-empty path")
 
@@ -161,7 +165,7 @@ class TlsEndpoints(tuple):  # type: ignore[type-arg]
 
 def endpoints(raw: object) -> tuple[Endpoint, ...]:
     form = "must be host:port[,host:port...]"
-    if not isinstance(raw, (str, list)):
+    if not isinstance(raw, (str, list)) or (isinstance(raw, list) and not all(isinstance(i, str) for i in raw)):
         raise Invalid(form)
     try:
         tls = uses_tls(raw)  # type: ignore[arg-type]

@@ -76,6 +76,11 @@ def port(raw: object) -> int:
     return value
 
 
+# A longer wait is surely a mistake, and past threading.TIMEOUT_MAX (~292 years) the agent's
+# first wait on it would raise OverflowError: a traceback long after start accepted it.
+MAX_SECONDS = 365 * 24 * 3600
+
+
 def seconds(low: float, *, strict: bool) -> Callable[[object], float]:
     form = f"must be a number of seconds {'>' if strict else '>='} {low:g}"
 
@@ -86,6 +91,8 @@ def seconds(low: float, *, strict: bool) -> Callable[[object], float]:
             raise Invalid(form) from None
         if value < low or (strict and value == low):
             raise Invalid(form)
+        if value > MAX_SECONDS:
+            raise Invalid(f"must be at most {MAX_SECONDS} seconds (a year)")
         return value
 
     return parse

@@ -158,6 +158,8 @@ def _file_layer(path_text: str) -> _Layer:
     except tomllib.TOMLDecodeError as exc:
         detail = " ".join(str(exc).split())
         raise ConfigError(f"config file {path_text}: invalid TOML: {detail}") from None
+    except UnicodeDecodeError as exc:  # tomllib decodes the bytes before it parses them
+        raise ConfigError(f"config file {path_text}: invalid TOML: not UTF-8 (byte {exc.start})") from None
     known = [o.field for o in OPTIONS]
     layer = _Layer()
     for key, raw in data.items():

@@ -34,11 +34,11 @@ class Outcome(StrEnum):
 def _load(key: str, raw: bytes, what: str) -> dict[str, Any]:
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
         raise CorruptStateError(key, f"a JSON {what} record", _preview(raw)) from None
     if not isinstance(data, dict):
         raise CorruptStateError(key, f"a JSON object ({what} record)", _preview(raw))
-    if data.get("v") != VERSION:
+    if type(data.get("v")) is not int or data.get("v") != VERSION:  # true and 1.0 equal 1 too
         raise CorruptStateError(key, f'"v": {VERSION} ({what} record)', f'"v": {data.get("v")!r}')
     return data
 

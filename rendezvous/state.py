@@ -73,6 +73,18 @@ def _text(key: str, data: dict[str, Any], name: str) -> str:
     return value
 
 
+def _address(key: str, data: dict[str, Any], name: str) -> str:
+    """A host name or address: it becomes the workers' MASTER_ADDR, so no space or control character."""
+    value = _text(key, data, name)
+    if not _is_address(value):
+        raise CorruptStateError(key, f"field {name!r} a host name or address", repr(value))
+    return value
+
+
+def _is_address(text: str) -> bool:
+    return text.isprintable() and " " not in text  # isprintable: no separator but " ", no control
+
+
 def _one_of(key: str, data: dict[str, Any], name: str, kind: type[StrEnum]) -> Any:
     value = _field(key, data, name, str)
     try:
@@ -107,7 +119,7 @@ class NodeRecord:
         d = _load(key, raw, "node")
         return cls(
             node_id=_text(key, d, "node_id"),
-            addr=_text(key, d, "addr"),
+            addr=_address(key, d, "addr"),
             nproc=_ranged(key, d, "nproc", 1),
             host=d.get("host", "") if isinstance(d.get("host", ""), str) else "",
             version=d.get("version", "") if isinstance(d.get("version", ""), str) else "",
@@ -137,7 +149,7 @@ class JoinRecord:
         d = _load(key, raw, "join")
         return cls(
             node_id=_text(key, d, "node_id"),
-            addr=_text(key, d, "addr"),
+            addr=_address(key, d, "addr"),
             nproc=_ranged(key, d, "nproc", 1),
             master_port=_ranged(key, d, "master_port", 1, 65535),
         )
@@ -242,8 +254,9 @@ class RoundState:
                 if type(node_id) is not str or type(addr) is not str or type(nproc) is not int:
                     raise CorruptStateError(key, "member node_id and addr strings, nproc an integer",
                                             repr(item))
-                if not node_id or not addr or nproc < 1:
-                    raise CorruptStateError(key, "members with a node_id, an addr and nproc >= 1", repr(item))
+                if not node_id or not addr or not _is_address(addr) or nproc < 1:
+                    raise CorruptStateError(key, "members with a node_id, an addr (a host) and nproc >= 1",
+                                            repr(item))
                 members.append(Member(node_id, addr, nproc))
             if not members or len({m.node_id for m in members}) != len(members):
                 raise CorruptStateError(key, "a closed round with members, each node once",
@@ -251,7 +264,7 @@ class RoundState:
             assignment = Assignment(
                 round=number,
                 members=tuple(members),
-                master_addr=_text(key, d, "master_addr"),
+                master_addr=_address(key, d, "master_addr"),
                 master_port=_ranged(key, d, "master_port", 1, 65535),
                 standbys=tuple(_strings(key, d.get("standbys", []), "standbys")),
             )

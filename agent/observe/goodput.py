@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -241,9 +242,9 @@ class NodeReport:
     def decode(cls, key: str, raw: bytes) -> NodeReport:
         try:
             d = json.loads(raw)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
             raise CorruptStateError(key, "a JSON goodput record", repr(raw[:60])) from None
-        if not isinstance(d, dict) or d.get("v") != VERSION:
+        if not isinstance(d, dict) or type(d.get("v")) is not int or d.get("v") != VERSION:  # not true, not 1.0
             found = d.get("v") if isinstance(d, dict) else type(d).__name__
             raise CorruptStateError(key, f'a JSON object with "v": {VERSION} (goodput record)', repr(found))
         badput = d.get("badput")
@@ -273,9 +274,14 @@ def _typed(key: str, d: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
+_FLOAT_MAX = sys.float_info.max
+
+
 def _number(key: str, d: dict[str, Any], name: str, default: float | None = None) -> float:
     value = d.get(name, default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+    # JSON's NaN and Infinity parse as floats, a 400-digit integer as one no float holds: each
+    # would make every goodput figure NaN, or raise OverflowError.
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < _FLOAT_MAX:
         raise CorruptStateError(key, f"field {name!r} as a number >= 0", repr(value))
     return float(value)
 
@@ -284,8 +290,10 @@ def _optional(key: str, d: dict[str, Any], name: str, kind: type) -> Any:
     value = d.get(name)
     if value is None:
         return None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not -_FLOAT_MAX < value < _FLOAT_MAX:
+            raise CorruptStateError(key, f"field {name!r} a finite number or null", repr(value))
+        value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise CorruptStateError(key, f"field {name!r} of type {kind.__name__} or null", repr(value))
     return value

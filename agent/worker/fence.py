@@ -39,7 +39,7 @@ def read_fence(directory: Path) -> int | None:
     except OSError as exc:
         log.warning("checkpoint fence file %s cannot be read (%s); ignored", path, exc.strerror)
         return None
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested too deep
         log.warning("checkpoint fence file %s is not valid JSON (%s); ignored", path, exc)
         return None
     round_number = document.get("round") if isinstance(document, dict) else None

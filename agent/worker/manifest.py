@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _MANIFEST = re.compile(r"^step_(\d+)\.manifest\.json$")
 _TEMP = re.compile(r"^\.tmp-step_(\d+)")
 HASH_CHUNK = 1 << 20
+_FLOAT_MAX = sys.float_info.max
 
 
 class CheckpointError(Exception):
@@ -149,7 +151,7 @@ def read_manifest(directory: Path, path: Path, step: int) -> Checkpoint:
         document = json.loads(path.read_bytes())
     except OSError as exc:
         raise CheckpointError(f"checkpoint manifest {path} cannot be read: {exc.strerror}") from exc
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested too deep
         raise CheckpointError(f"checkpoint manifest {path} is not valid JSON ({exc})") from exc
     if not isinstance(document, dict):
         raise CheckpointError(f"checkpoint manifest {path} must hold a JSON object, found {type(document).__name__}")
@@ -163,7 +165,9 @@ def read_manifest(directory: Path, path: Path, step: int) -> Checkpoint:
     if round_number is not None and (isinstance(round_number, bool) or not isinstance(round_number, int)):
         raise CheckpointError(f"checkpoint manifest {path}: 'round' must be an integer or null, found {round_number!r}")
     saved_at = document.get("time")
-    if isinstance(saved_at, bool) or not isinstance(saved_at, (int, float)):
+    # Finite: a 400-digit integer would raise OverflowError in float() below.
+    if (isinstance(saved_at, bool) or not isinstance(saved_at, (int, float))
+            or not -_FLOAT_MAX <= saved_at <= _FLOAT_MAX):
         raise CheckpointError(f"checkpoint manifest {path}: 'time' must be a number, found {saved_at!r}")
     raw_files = document.get("files")
     if not isinstance(raw_files, dict) or not raw_files:

@@ -36,6 +36,7 @@ class Endings:
     def finished(self, outcome: str, reason: str, already: bool = False) -> int:
         """The job has an outcome (``already``: before this agent took part)."""
         self.local.stop(f"job {outcome}")
+        self.local.layout.forget_snapshots()
         said = f"job {self.config.job_id} {'already ' if already else ''}{outcome}"
         said += f" ({reason}); nothing to do" if already else f": {reason}"
         if outcome == Outcome.SUCCEEDED:
@@ -59,6 +60,7 @@ class Endings:
             budget = drain_budget(self.config.drain_timeout, self.signals.deadline, self.clock.monotonic())
             self.local.begin_stop(why, drain=drain, budget=budget)
             self.local.finish_stopping(lambda: self.signals.insist)
+        self.local.layout.forget_snapshots()
         self.participant.leave(reason="preempted")
         self.set_state(State.STOPPED)
         log.warning("left job %s cleanly", self.config.job_id)

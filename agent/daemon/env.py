@@ -38,6 +38,7 @@ def worker_env(
     checkpoint_dir: str | None,
     progress_file: str | None,
     control_file: str | None = None,
+    snapshot_dir: str | None = None,
 ) -> dict[str, str]:
     """``base`` plus the variables of one worker. ``rank_offset`` is the global rank of local
     rank 0. Paths are absolute: a worker that changes directory still finds them."""
@@ -76,6 +77,7 @@ def worker_env(
         "ELASTIC_AGENT_CHECKPOINT_DIR": checkpoint_dir,
         "ELASTIC_AGENT_PROGRESS_FILE": progress_file,
         "ELASTIC_AGENT_CONTROL_FILE": control_file,
+        "ELASTIC_AGENT_SNAPSHOT_DIR": snapshot_dir,
     }
     env = dict(base)
     for name, value in overridable.items():

@@ -14,6 +14,7 @@ attempts of this node are deleted.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import time
@@ -85,6 +86,22 @@ class Layout:
     console: ConsoleSettings = ConsoleSettings()  # what of the workers' output the console shows
     local_rank_arg: bool = False  # pass --local-rank=N, as torch.distributed.launch did
 
+    @property
+    def snapshot_dir(self) -> Path:
+        """This node's in-memory snapshots (agent.worker.snapshot): shared memory where the
+        host has it, so they outlive the workers and cost no disk."""
+        shm = Path("/dev/shm")
+        root = shm if shm.is_dir() and os.access(shm, os.W_OK) else self.log_dir
+        return root / "elastic-agent-snapshots" / self.job_id / self.node_id
+
+    def forget_snapshots(self) -> None:
+        """This node is done with the job (or starts it afresh): its snapshots (RAM) go."""
+        shutil.rmtree(self.snapshot_dir, ignore_errors=True)
+        try:
+            self.snapshot_dir.parent.rmdir()  # the job's, once every node on this host is done
+        except OSError:
+            pass
+
 
 @dataclass
 class Running:
@@ -127,6 +144,8 @@ class LocalWorkers:
         node = lay.node_id
         attempt_dir = self._new_attempt_dir(assignment.round)
         self.attempt += 1
+        if assignment.round <= 1:  # the job's first round: snapshots here are an earlier job's
+            lay.forget_snapshots()
         group_rank = assignment.group_rank(node)
         assert group_rank is not None
         offset = assignment.rank_offset(node)
@@ -144,6 +163,7 @@ class LocalWorkers:
                 round_number=assignment.round,
                 checkpoint_dir=str(lay.checkpoint_dir) if lay.checkpoint_dir else None,
                 progress_file=str(progress[local_rank]), control_file=str(control),
+                snapshot_dir=str(lay.snapshot_dir),
             )
             envs.append(env)
         routes = [lay.console.route(local_rank=r, rank=offset + r, node_id=node, role_name=envs[r]["ROLE_NAME"])

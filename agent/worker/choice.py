@@ -85,7 +85,7 @@ def load_agreed(
         try:
             loaded = choose(directory, names) if directory is not None else None
             if directory is not None and round_number is not None:
-                _fence(directory, round_number)
+                record_round(directory, round_number)
             message = announcement(loaded)
         except Exception as exc:  # every rank must learn of it, or the others would wait forever
             failure, message = exc, {"v": CHOICE_VERSION, "error": f"{type(exc).__name__}: {exc}"}
@@ -188,7 +188,8 @@ def _read(checkpoint: Checkpoint, name: str) -> bytes:
     return data
 
 
-def _fence(directory: Path, round_number: int) -> None:
+def record_round(directory: Path, round_number: int) -> None:
+    """The fence file names ``round_number``: saves of older rounds are refused (best effort)."""
     try:
         raise_fence(directory, round_number)
     except OSError as exc:

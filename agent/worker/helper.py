@@ -188,13 +188,15 @@ class Elastic:
 
     def run(self, train_step: Callable[[int, Any], Any], *, model: Any, optimizer: Any, steps: int,
             state: Callable[[], dict[str, Any]] | None = None,
-            load_state: Callable[[dict[str, Any]], None] | None = None) -> None:
+            load_state: Callable[[dict[str, Any]], None] | None = None, snapshot_every: int = 1) -> None:
         """Run the training loop with recovery in process (see agent.worker.inprocess):
         ``train_step(step, ddp_model)`` is called for each step until ``steps``; extra state
-        beyond the model and optimizer goes through ``state``/``load_state``."""
+        beyond the model and optimizer goes through ``state``/``load_state``. Under the agent,
+        a snapshot of the state is kept in host memory and on a peer node every
+        ``snapshot_every`` steps (0: never; agent.worker.snapshot), at most one at a time."""
         from agent.worker.inprocess import InProcess  # noqa: PLC0415
 
-        InProcess(self, model, optimizer, state, load_state).run(train_step, steps)
+        InProcess(self, model, optimizer, state, load_state, snapshot_every=snapshot_every).run(train_step, steps)
 
     def save(self, step: int, state: Any) -> None:
         """Checkpoint ``state`` as step ``step``: global rank 0 writes, every rank waits for it.

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from agent.worker import control, groups
+from agent.worker import control, groups, snapshot
 from agent.worker.held import HeldState
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,13 @@ class Aborted(Exception):
 class InProcess:
     def __init__(self, elastic: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  state: Callable[[], dict[str, Any]] | None, load_state: Callable[[dict[str, Any]], None] | None,
-                 environ: dict[str, str] | None = None) -> None:
+                 environ: dict[str, str] | None = None, snapshot_every: int = 1) -> None:
         self.el = elastic
         self.model = model
         self.held = HeldState(model, optimizer, state, load_state)
         self.environ = os.environ if environ is None else environ
         self.round = elastic.round_number or 0
+        self.snapshots = snapshot.from_env(self.environ, snapshot_every)
         self.ddp: Any = model
         self._current = -1  # the step in flight
         self._stepped = -1  # the last step whose optimizer.step ran
@@ -102,6 +103,8 @@ class InProcess:
                     step = self._reform("a collective failed") + 1
                     continue
                 self.held.completed = step
+                if self.snapshots is not None:
+                    self.snapshots.after_step(step, self.round, self.held.state_dict())
                 with self._collective(step):
                     self._after(step)
                 step += 1
@@ -210,12 +213,17 @@ class InProcess:
 
     def _sync_and_wrap(self) -> int:
         """Every rank of the new group ends up with the state of the most advanced one."""
-        held = self.held.agree(self.el)
+        if self.snapshots is not None:
+            self.snapshots.serve(snapshot.local_address(self.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                                        int(self.environ.get("MASTER_PORT", "29500"))))
+        held = self.held.agree(self.el, self.snapshots, self.round)
         self.ddp = groups.wrap(self.model)
         return held
 
     # --- hooks and the watchdog ------------------------------------------------------------
     def _before_optimizer_step(self, *_args: Any) -> None:
+        if self.snapshots is not None:
+            self.snapshots.before_update()
         if self._aborted:
             raise groups.Aborted(f"process group of round {self.round} aborted: this step's gradients are not whole")
 

@@ -18,6 +18,9 @@ Environment variables the agent sets for each worker (absent under plain torchru
   (``agent.worker.control``): a step to stop after (every rank of the job is told the same
   one), an abort of a broken process group, and, for in-process workers, their place in the
   next round.
+- ``ELASTIC_AGENT_SNAPSHOT_DIR``: one per node, in shared memory (``/dev/shm``) where there
+  is one: the in-memory snapshots of in-process workers and their peers' copies
+  (``agent.worker.snapshot``). The agent removes it when the job has finished.
 - ``ELASTIC_AGENT_PID``: the agent's pid (see below).
 
 Exit code ``DRAINED_EXIT_CODE`` (75, ``EX_TEMPFAIL``): the worker stopped at a step boundary
@@ -32,6 +35,7 @@ ROUND_ENV = "ELASTIC_AGENT_ROUND"
 PROGRESS_FILE_ENV = "ELASTIC_AGENT_PROGRESS_FILE"
 CONTROL_FILE_ENV = "ELASTIC_AGENT_CONTROL_FILE"
 NODE_ID_ENV = "ELASTIC_AGENT_NODE_ID"
+SNAPSHOT_DIR_ENV = "ELASTIC_AGENT_SNAPSHOT_DIR"
 # The agent's pid: an in-process worker whose process group broke sends it SIGUSR1, so the
 # agent reacts at once instead of at its next poll.
 AGENT_PID_ENV = "ELASTIC_AGENT_PID"

@@ -57,7 +57,8 @@ class Endings:
         if run is not None:
             # Every rank of the job is told one step to stop after: nothing completed is lost.
             drain = self.plans.leave(run)
-            budget = drain_budget(self.config.drain_timeout, self.signals.deadline, self.clock.monotonic())
+            budget = drain_budget(self.config.drain_timeout, self.signals.deadline, self.clock.monotonic(),
+                                  self.config.shutdown_timeout)
             self.local.begin_stop(why, drain=drain, budget=budget)
             self.local.finish_stopping(lambda: self.signals.insist)
         self.local.layout.forget_snapshots()
@@ -85,9 +86,11 @@ class Endings:
         return None
 
 
-def drain_budget(timeout: float, terminated_at: float | None, now: float) -> float:
+def drain_budget(timeout: float, terminated_at: float | None, now: float, shutdown_timeout: float = 0.0) -> float:
     """How long the workers get to drain: --drain-timeout, cut short by a known termination
-    time (a preemption notice) minus the time to stop them and leave."""
+    time (a preemption notice) minus what may follow a drain that ran out (SIGTERM, then
+    SIGKILL after --shutdown-timeout) and the time to leave: the whole leave ends before
+    the machine does."""
     if terminated_at is None:
         return timeout
-    return max(0.0, min(timeout, terminated_at - now - DRAIN_MARGIN))
+    return max(0.0, min(timeout, terminated_at - now - shutdown_timeout - DRAIN_MARGIN))

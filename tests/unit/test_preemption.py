@@ -353,3 +353,16 @@ def test_importing_the_module_pulls_in_neither_torch_nor_requests() -> None:
     code = ("import sys, agent.daemon.preemption; bad = {'torch', 'requests'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_after_a_notice_the_whole_leave_fits_before_the_termination_time() -> None:
+    from agent.daemon.endings import DRAIN_MARGIN, drain_budget  # noqa: PLC0415
+
+    # A GCP notice: 30 s. A drain that runs out is followed by SIGTERM and up to
+    # --shutdown-timeout (10 s) before SIGKILL, then the leave itself.
+    budget = drain_budget(60.0, terminated_at=130.0, now=100.0, shutdown_timeout=10.0)
+    assert budget + 10.0 + DRAIN_MARGIN <= 30.0
+    assert budget == 15.0
+    assert drain_budget(60.0, terminated_at=None, now=100.0, shutdown_timeout=10.0) == 60.0  # a SIGTERM: no notice
+    assert drain_budget(60.0, terminated_at=105.0, now=100.0, shutdown_timeout=10.0) == 0.0  # too late to drain
+    assert drain_budget(20.0, terminated_at=400.0, now=100.0, shutdown_timeout=10.0) == 20.0  # --drain-timeout caps it

@@ -1,5 +1,9 @@
 """A 3-member etcd cluster on 127.0.0.1 for tests: every member its own process, data dir
-and ports; members are killed, paused and restarted by their own pid. Only tests use it."""
+and ports; members are killed, paused and restarted by their own pid. Only tests use it.
+
+Members may also live in network namespaces (tests/chaos/netns.py): each is then given its
+address and the command prefix that runs it there (``ip netns exec NS``, which execs in
+place, so the pid we hold is etcd's own); it listens on etcd's usual ports at that address."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -18,20 +23,22 @@ from tests.waiting import wait_until
 
 
 class Member:
-    def __init__(self, name: str, data_dir: Path) -> None:
+    def __init__(self, name: str, data_dir: Path, host: str = "127.0.0.1", wrap: tuple[str, ...] = ()) -> None:
         self.name = name
         self.data_dir = data_dir
-        self.client_port = free_port()
-        self.peer_port = free_port()
+        self.host = host
+        self.wrap = wrap  # the prefix that runs a command where this member lives
+        self.client_port = 2379 if wrap else free_port()
+        self.peer_port = 2380 if wrap else free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"http://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"http://{self.host}:{self.peer_port}"
 
     @property
     def running(self) -> bool:
@@ -39,6 +46,8 @@ class Member:
 
     def status(self) -> dict | None:
         """etcd's /v3/maintenance/status for this member, or None when it does not answer."""
+        if self.wrap:  # out of our namespace's reach: ask from where the member lives
+            return _status_from(self.wrap, f"{self.client_url}/v3/maintenance/status")
         request = urllib.request.Request(f"{self.client_url}/v3/maintenance/status", data=b"{}", method="POST")
         try:
             with urllib.request.urlopen(request, timeout=0.5) as reply:
@@ -47,16 +56,34 @@ class Member:
             return None
 
 
+def _status_from(wrap: tuple[str, ...], url: str) -> dict | None:
+    code = ("import sys, urllib.request\n"
+            "r = urllib.request.Request(sys.argv[1], data=b'{}', method='POST')\n"
+            "print(urllib.request.urlopen(r, timeout=0.5).read().decode())")
+    try:
+        proc = subprocess.run([*wrap, sys.executable, "-S", "-c", code, url], capture_output=True, text=True,
+                              timeout=5)
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
 class EtcdCluster:
-    def __init__(self, size: int = 3, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, size: int = 3, extra_args: tuple[str, ...] = (),
+                 hosts: list[tuple[str, tuple[str, ...]]] | None = None) -> None:
+        """``hosts``: (address, command prefix) of each member, when they live in network
+        namespaces; default: ``size`` members on 127.0.0.1."""
         self.root = Path(tempfile.mkdtemp(prefix="elastic-agent-etcd3-"))
-        self.members = [Member(f"m{i}", self.root / f"m{i}") for i in range(size)]
+        if hosts is None:
+            self.members = [Member(f"m{i}", self.root / f"m{i}") for i in range(size)]
+        else:
+            self.members = [Member(f"m{i}", self.root / f"m{i}", host, wrap) for i, (host, wrap) in enumerate(hosts)]
         self.extra_args = extra_args
         self.initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
 
     @property
     def endpoints(self) -> str:
-        return ",".join(f"127.0.0.1:{m.client_port}" for m in self.members)
+        return ",".join(f"{m.host}:{m.client_port}" for m in self.members)
 
     def __enter__(self) -> EtcdCluster:
         try:
@@ -73,7 +100,7 @@ class EtcdCluster:
 
     def _launch(self, member: Member, state: str) -> None:
         member.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [str(etcd_binary()), "--name", member.name, "--data-dir", str(member.data_dir / "data"),
+        args = [*member.wrap, str(etcd_binary()), "--name", member.name, "--data-dir", str(member.data_dir / "data"),
                 "--listen-client-urls", member.client_url, "--advertise-client-urls", member.client_url,
                 "--listen-peer-urls", member.peer_url, "--initial-advertise-peer-urls", member.peer_url,
                 "--initial-cluster", self.initial, "--initial-cluster-state", state,

@@ -217,18 +217,20 @@ class Cluster:
 
     def start_agent(self, node_id: str, *, min_nodes: int = 2, max_nodes: int = 4, nproc: int = 2,
                     command: list[str] | None = None, extra: list[str] | None = None,
-                    env: dict[str, str] | None = None) -> AgentProc:
+                    env: dict[str, str] | None = None, wrap: list[str] | None = None,
+                    node_addr: str = "127.0.0.1") -> AgentProc:
         """An agent started as the README shows, in the cluster's one working directory (so
         every agent shares the default --log-dir) with one shared --checkpoint-dir. Only what
         differs between hosts on a real cluster is given per agent: the node id, the address
-        its peers reach it on, and (all agents share this one host) its metrics port."""
+        its peers reach it on, and (all agents share this one host) its metrics port.
+        ``wrap`` runs it elsewhere (``ip netns exec NS``: a host of tests/chaos/netns.py)."""
         port = free_port()
         args = [
-            *ELASTIC_AGENT, "start",
+            *(wrap or []), *ELASTIC_AGENT, "start",
             "--min-nodes", str(min_nodes), "--max-nodes", str(max_nodes),
             "--nproc-per-node", str(nproc), "--etcd-endpoints", self.endpoints,
             "--job-id", self.job_id, "--checkpoint-dir", str(self.checkpoint_dir),
-            "--node-id", node_id, "--node-addr", "127.0.0.1", "--metrics-port", str(port),
+            "--node-id", node_id, "--node-addr", node_addr, "--metrics-port", str(port),
             *(extra or []), "--",
             *(command or [PYTHON, str(TRAIN), "--steps", "100000"]),
         ]
@@ -289,9 +291,10 @@ class Cluster:
                     out.append((line.t, int(m.group(1))))
         return sorted(out)
 
-    def close(self) -> None:
+    def stop_agents(self) -> None:
+        """SIGKILL every agent and everything below it, by pid (a frozen keeper cannot clean up
+        after it); the working directory and etcd stay, for a look at what they left."""
         for agent in self.agents.values():
-            # Everything below the agent too, by pid: a frozen keeper cannot clean up after it.
             below = agent.descendants() if agent.proc.poll() is None else []
             for pid in [agent.proc.pid, *below]:
                 try:
@@ -300,6 +303,9 @@ class Cluster:
                     pass
             if agent.proc.poll() is None or agent.proc.returncode is None:
                 agent.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        self.stop_agents()
         self.etcd.stop()
         if self._own:
             import shutil  # noqa: PLC0415

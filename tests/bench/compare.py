@@ -8,6 +8,8 @@ recovery (last_call_timeout=1, keep_alive_interval=1, keep_alive_max_attempt=3, 
 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, without which it crashes at its first membership change
 with several agents on one host);
 --torchrun-defaults adds torchrun with its defaults (slow: minutes per repetition).
+"torchrun-etcd-v3" (``--launchers``) is torchrun on our etcd v3 rendezvous plug-in
+(docs/torchrun-plugin.md) with the plug-in's defaults: same torchrun, no store inside an agent.
 
 One repetition per launcher is a chain of events on one job:
   start        3 nodes started                      -> first step
@@ -70,6 +72,9 @@ class Runner:
         self.n += 1
         if self.launcher == "elastic-agent":
             agent = self.cluster.start_agent(name, nproc=1, command=CMD)
+        elif self.launcher == "torchrun-etcd-v3":
+            command = CMD + ["--checkpoint-dir", str(self.cluster.checkpoint_dir)]
+            agent = self.cluster.start_torchrun(name, command=command, backend="etcd-v3")
         else:
             command = CMD + ["--checkpoint-dir", str(self.cluster.checkpoint_dir)]
             agent = self.cluster.start_torchrun(name, rdzv_port=self.rdzv_port, command=command,
@@ -90,6 +95,8 @@ class Runner:
     def store_host(self) -> AgentProc:
         if self.launcher == "elastic-agent":
             return next(a for a in self.live() if a.group_rank() == 0)
+        if self.launcher == "torchrun-etcd-v3":  # group rank 0 hosts global rank 0, which prints the steps
+            return max(self.live(), key=lambda a: a.last_step_at())
         # Every torchrun on this host tries to host the c10d store; whichever bound the port does.
         host = listener_pid(self.rdzv_port)
         return next(a for a in self.live() if a.pid == host)
@@ -234,7 +241,8 @@ def plot(reps: list[Rep], path: str) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    colours = {"elastic-agent": "tab:green", "torchrun": "tab:red", "torchrun-default": "tab:orange"}
+    colours = {"elastic-agent": "tab:green", "torchrun": "tab:red", "torchrun-default": "tab:orange",
+               "torchrun-etcd-v3": "tab:blue"}
     seen = set()
     for rep in reps:
         if rep.launcher in seen or not rep.timeline:
@@ -259,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--give-up", type=float, default=60.0, help="seconds before a recovery counts as never")
     parser.add_argument("--png", default="docs/recovery-timeline.png")
     parser.add_argument("--torchrun-defaults", action="store_true")
-    parser.add_argument("--launchers", default="elastic-agent,torchrun")
+    parser.add_argument("--launchers", default="elastic-agent,torchrun,torchrun-etcd-v3",
+                        help="comma-separated: elastic-agent, torchrun (c10d, tuned), torchrun-etcd-v3")
     args = parser.parse_args(argv)
     launchers = args.launchers.split(",")
     if args.torchrun_defaults:

@@ -30,6 +30,7 @@ PYTHON = sys.executable
 _SCRIPT = Path(sys.executable).with_name("elastic-agent")
 ELASTIC_AGENT = [str(_SCRIPT)] if _SCRIPT.exists() else [PYTHON, "-m", "agent"]
 TRAIN = REPO / "docs" / "examples" / "train_ddp.py"
+TORCHRUN = Path(sys.executable).with_name("torchrun")  # the console script torch's wheel installs
 STEP_RE = re.compile(r"\bstep (\d+) world_size (\d+)")
 RESUME_RE = re.compile(r"(?:resumed from step|starting from step) (\d+)")
 
@@ -74,6 +75,11 @@ class AgentProc:
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
+
+    def last_step_at(self) -> float:
+        """When this node last printed a step (0.0: never): under torchrun only the node that
+        runs global rank 0, group rank 0, does."""
+        return max((line.t for line in list(self.lines) if STEP_RE.search(line.text)), default=0.0)
 
     def group_rank(self) -> int | None:
         """This node's group rank in its latest round, as its agent logged it."""
@@ -242,16 +248,25 @@ class Cluster:
         self.agents[node_id] = agent
         return agent
 
-    def start_torchrun(self, node_id: str, *, rdzv_port: int, min_nodes: int = 2, max_nodes: int = 4,
+    def start_torchrun(self, node_id: str, *, rdzv_port: int = 0, min_nodes: int = 2, max_nodes: int = 4,
                        nproc: int = 1, command: list[str], tuned: bool = True,
-                       max_restarts: int = 100, extra_env: dict[str, str] | None = None) -> AgentProc:
+                       max_restarts: int = 100, extra_env: dict[str, str] | None = None,
+                       backend: str = "c10d", rdzv_conf: str = "") -> AgentProc:
         """torchrun with the c10d rendezvous on 127.0.0.1:rdzv_port: the first one started
-        hosts the store. ``tuned`` uses the settings torchrun users tune for fast recovery."""
-        conf = ["--rdzv-conf", "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3"] if tuned else []
+        hosts the store. ``tuned`` uses the settings torchrun users tune for fast recovery.
+        ``backend="etcd-v3"``: our plug-in (docs/torchrun-plugin.md) through the ``torchrun``
+        script pip installed, on the cluster's etcd, peers reaching it on 127.0.0.1, with
+        ``rdzv_conf`` as its --rdzv-conf (``rdzv_port`` and ``tuned`` do not apply)."""
+        if backend == "c10d":
+            launcher, endpoint = [PYTHON, "-m", "torch.distributed.run"], f"127.0.0.1:{rdzv_port}"
+            conf = ["--rdzv-conf", "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3"] if tuned else []
+        else:
+            launcher, endpoint = [str(TORCHRUN)], self.endpoints
+            conf = [*(["--rdzv-conf", rdzv_conf] if rdzv_conf else []), "--local-addr", "127.0.0.1"]
         args = [
-            PYTHON, "-m", "torch.distributed.run", "--nnodes", f"{min_nodes}:{max_nodes}",
-            "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"127.0.0.1:{rdzv_port}", "--rdzv-id", self.job_id,
+            *launcher, "--nnodes", f"{min_nodes}:{max_nodes}",
+            "--nproc-per-node", str(nproc), "--rdzv-backend", backend,
+            "--rdzv-endpoint", endpoint, "--rdzv-id", self.job_id,
             "--max-restarts", str(max_restarts), "--monitor-interval", "0.1", *conf,
             *command[1:],  # torchrun runs the script with its own interpreter
         ]

@@ -145,16 +145,18 @@ def partitioned_from_all(world: World) -> Measured:
     victim = world.by_rank(0)
     host = world.hosts[victim.node_id]
     pids = world.watch_workers(victim)
+    old_round = world.current_round()
     cut = time.monotonic()
     world.net.cut(host)
     try:
-        moved_on = world.wait_training(2, cut, RECOVERY_WAIT_S)
+        moved_on = world.wait_training(2, cut, RECOVERY_WAIT_S, after_round=old_round)
         _fenced_in_time(world, victim, pids, cut, "cut off")
         _keep_training(world, 2, 3.0)
+        others = world.current_round()
     finally:
         world.net.heal(host)
     healed = time.monotonic()
-    back = world.wait_training(3, healed, RECOVERY_WAIT_S)
+    back = world.wait_training(3, healed, RECOVERY_WAIT_S, after_round=others)
     _keep_training(world, 3, 3.0)
     if victim.proc.poll() is not None:
         world.extra_violations.append(f"{victim.node_id}'s agent exited ({victim.proc.poll()}) instead of rejoining")
@@ -169,6 +171,7 @@ def partitioned_from_peers(world: World) -> Measured:
     victim = world.by_rank(1)
     host = world.hosts[victim.node_id]
     peers = [world.hosts[a.node_id] for a in world.agents if a is not victim]
+    old_round = world.current_round()
     blocked = time.monotonic()
     for peer in peers:
         world.net.block(host, peer)
@@ -178,9 +181,12 @@ def partitioned_from_peers(world: World) -> Measured:
     finally:
         for peer in peers:
             world.net.unblock(host, peer)
-    back = world.wait_training(3, detected, RECOVERY_WAIT_S)
+    # The old workers' collective may even complete once the link is back; the job still
+    # restarts them (their round is over): what counts is training in a newer round.
+    back = world.wait_training(3, detected, RECOVERY_WAIT_S, after_round=old_round)
     _keep_training(world, 3, 3.0)
-    return _measure(world, blocked, f"detected after {detected - blocked:.1f}s; training {back - detected:.1f}s later")
+    return _measure(world, blocked, f"detected after {detected - blocked:.1f}s; training in round "
+                                    f"{world.current_round()} {back - detected:.1f}s later")
 
 
 def _first_restart(world: World, since: float) -> float | None:
@@ -202,17 +208,23 @@ def frozen_and_thawed(world: World) -> Measured:
         frozen_at = time.monotonic()
         frozen = victim.freeze()
         try:
-            world.wait_training(2, frozen_at, RECOVERY_WAIT_S)
+            world.wait_training(2, frozen_at, RECOVERY_WAIT_S, after_round=old_round)
             hold(max(0.0, frozen_at + seconds - time.monotonic()))
+            moved_on = world.current_round()
         finally:
             victim.thaw(frozen)
         thawed = time.monotonic()
-        back = world.wait_training(3, thawed, RECOVERY_WAIT_S)
+        back = world.wait_training(3, thawed, RECOVERY_WAIT_S, after_round=moved_on)
         _keep_training(world, 3, 3.0)
         late = [s for s in world.checkpoints.seen if s.round == old_round and s.written > thawed]
         if late:
             world.extra_violations.append(f"inv 4: {victim.node_id} thawed wrote checkpoints of its old round "
                                           f"{old_round}: steps {[s.step for s in late]}")
+        zombie = [s.step for s in world.timeline().steps
+                  if s.node == victim.node_id and s.round == old_round and s.t > thawed + 1.0]
+        if zombie:
+            world.extra_violations.append(f"inv 1: {victim.node_id} thawed trained on in its old round "
+                                          f"{old_round}: steps {zombie}")
         notes.append(f"{seconds:.0f}s: back {back - thawed:.1f}s after thaw")
     return _measure(world, t0, "; ".join(notes))
 

@@ -90,10 +90,13 @@ class World:
     def timeline(self) -> Timeline:
         return timeline(self.agents)
 
-    def wait_training(self, world_size: int, since: float, timeout: float = 90.0, count: int = 1) -> float:
-        """When the ``count``-th step at ``world_size`` after ``since`` was printed."""
+    def wait_training(self, world_size: int, since: float, timeout: float = 90.0, count: int = 1,
+                      after_round: int = 0) -> float:
+        """When the ``count``-th step at ``world_size`` after ``since``, by workers of a round
+        after ``after_round``, was printed."""
         def reached() -> float | None:
-            found = [s.t for s in self.timeline().steps if s.t > since and s.world_size == world_size]
+            found = [s.t for s in self.timeline().steps
+                     if s.t > since and s.world_size == world_size and s.round > after_round]
             return found[count - 1] if len(found) >= count else None
 
         return wait_until(reached, timeout, f"{count} steps at world size {world_size}", interval=0.1)
@@ -105,6 +108,10 @@ class World:
         wait_until(lambda: all(a.group_rank() is not None and a.worker_pids() for a in started.values()), 30,
                    "every agent's group rank and workers", interval=0.1)
         return started
+
+    def current_round(self) -> int:
+        """The newest round any agent said it runs."""
+        return max((c.round for c in self.timeline().claims), default=0)
 
     def by_rank(self, rank: int, among: list[AgentProc] | None = None) -> AgentProc:
         return next(a for a in (among or self.agents) if a.proc.poll() is None and a.group_rank() == rank)

@@ -6,6 +6,7 @@ Functions of their inputs only (no clocks read, no processes touched), table-tes
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +54,15 @@ def read_progress(files: list[Path]) -> list[Progress | None]:
         try:
             data = json.loads(path.read_bytes())
             mono = data.get("mono")
-            out.append(Progress(int(data["step"]), float(data["time"]),
+            wall = float(data["time"])
+            if not math.isfinite(wall):
+                raise ValueError(f"time {wall}")
+            out.append(Progress(int(data["step"]), wall,
                                 float(mono) if isinstance(mono, (int, float)) and not isinstance(mono, bool) else None,
                                 str(data.get("phase", "")), str(data.get("mode", "")),
                                 data["round"] if isinstance(data.get("round"), int) else None))
-        except (OSError, ValueError, KeyError, TypeError):
+        # Whatever a worker left there: a list has no .get, int(1e400) overflows, "[[[[..." recurses.
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
             out.append(None)
     return out
 

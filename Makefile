@@ -40,10 +40,20 @@ chaos: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m docs.demo $(DEMO_ARGS)
 
-# elastic-agent against torchrun on the same job and failures: a table of medians and a PNG.
+# elastic-agent (plain script, and the helper with in-process restart) against torchrun (tuned
+# c10d; our etcd v3 plug-in) and torchft 0.2.0 (installed into build/torchft-venv) on the same job
+# and failures: a table of medians of 3 and a PNG (~20 min), then bench-goodput (~11 min).
+# Results and how to read them: docs/benchmarks.md.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet matplotlib
 	$(PY) -m tests.bench.compare --repeat 3 --png docs/recovery-timeline.png
+	$(MAKE) bench-goodput
+
+# Goodput of the in-process helper job with one random (seeded) fault a minute.
+GOODPUT_MINUTES ?= 10
+GOODPUT_SEED ?= 1
+bench-goodput: $(STAMP)
+	$(PY) -m tests.bench.goodput --minutes $(GOODPUT_MINUTES) --seed $(GOODPUT_SEED)
 
 # Issue-5 figures of elastic-agent alone (start, kill -9, scale-up, RSS, CPU).
 bench-agent: $(STAMP)

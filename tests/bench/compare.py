@@ -10,6 +10,12 @@ with several agents on one host);
 --torchrun-defaults adds torchrun with its defaults (slow: minutes per repetition).
 "torchrun-etcd-v3" (``--launchers``) is torchrun on our etcd v3 rendezvous plug-in
 (docs/torchrun-plugin.md) with the plug-in's defaults: same torchrun, no store inside an agent.
+"elastic-agent-inprocess" is the same job under elastic-agent with ``--inprocess`` (the loop in
+the helper: workers stay alive and re-form, state kept in memory, newcomers take it from a peer).
+"torchft" is torchft 0.2.0 (tests/bench/torchft_launch.py: its Lighthouse, a quorum every step,
+one replica group per node, the same model, data and pacing in tests/bench/torchft_job.py),
+installed at run time into its own venv; when it cannot be installed or run, its column says
+so and the error it printed is shown under the table.
 
 One repetition per launcher is a chain of events on one job:
   start        3 nodes started                      -> first step
@@ -22,6 +28,11 @@ One repetition per launcher is a chain of events on one job:
   (the frozen node is killed, a node is added back, world size 3)
   kill_store   kill -9 of the node hosting torchrun's c10d store (for elastic-agent: group
                rank 0, the master)                  -> first step at world size 2, or never
+Steps lost by a kill or a freeze = the last step printed before training resumed plus one,
+minus the step it resumed at (0 when it resumed right after; a step completed but not printed
+when its node died is not counted as lost). Node overhead = PSS summed over every process of
+the node that is not a training worker (tests/bench/overhead.py), the highest node, at steady
+training after the start and 2 s after each recovery.
 A recovery not seen within --give-up seconds is "never". Steps lost by a SIGTERM = last step
 completed before it minus the step training resumed from (a resume from a checkpoint of the
 very step completed last loses none). Prints each measurement, then a table of medians, and
@@ -36,12 +47,16 @@ import signal
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 
+from tests.bench import torchft_launch
+from tests.bench.overhead import children, node_overhead
 from tests.e2e.harness import (PYTHON, TRAIN, AgentProc, Cluster, cpu_seconds, free_port, listener_pid,
                                rss_mib, wait_until)
 
 CMD = [PYTHON, str(TRAIN), "--steps", "100000", "--checkpoint-every", "10"]
+AGENT_CMD = {"elastic-agent": CMD, "elastic-agent-inprocess": CMD + ["--inprocess"]}
 # Without it torchrun 2.13 crashes at its first membership change when several agents share a
 # host (DistNetworkError in RendezvousStoreInfo.build: the shared agent store went away).
 TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -56,6 +71,8 @@ class Rep:
     events: list[tuple[float, str]] = field(default_factory=list)
     rss_mib: float = math.nan
     cpu_percent: float = math.nan
+    overhead: list[float] = field(default_factory=list)  # node overhead PSS (MiB), steady first
+    unavailable: str = ""  # why this launcher could not run here, as it said
 
 
 class Runner:
@@ -66,12 +83,15 @@ class Runner:
         self.rdzv_port = free_port()
         self.started: list[AgentProc] = []
         self.n = 0
+        self.torchft: torchft_launch.Torchft | None = None
 
     def add(self) -> AgentProc:
         name = f"node-{self.n}"
         self.n += 1
-        if self.launcher == "elastic-agent":
-            agent = self.cluster.start_agent(name, nproc=1, command=CMD)
+        if self.launcher in AGENT_CMD:
+            agent = self.cluster.start_agent(name, nproc=1, command=AGENT_CMD[self.launcher])
+        elif self.torchft is not None:
+            agent = self.torchft.start(name, self.n - 1)
         elif self.launcher == "torchrun-etcd-v3":
             command = CMD + ["--checkpoint-dir", str(self.cluster.checkpoint_dir)]
             agent = self.cluster.start_torchrun(name, command=command, backend="etcd-v3")
@@ -93,8 +113,10 @@ class Runner:
         return hit[0] - after  # type: ignore[index]
 
     def store_host(self) -> AgentProc:
-        if self.launcher == "elastic-agent":
+        if self.launcher in AGENT_CMD:
             return next(a for a in self.live() if a.group_rank() == 0)
+        if self.torchft is not None:  # no store host: the replica group of replica rank 0
+            return torchft_launch.rank_zero(self.live())
         if self.launcher == "torchrun-etcd-v3":  # group rank 0 hosts global rank 0, which prints the steps
             return max(self.live(), key=lambda a: a.last_step_at())
         # Every torchrun on this host tries to host the c10d store; whichever bound the port does.
@@ -105,8 +127,40 @@ class Runner:
         host = self.store_host()
         return next(a for a in reversed(self.live()) if a is not host)
 
+    def sample_overhead(self, rep: Rep) -> None:
+        """The node overhead of the costliest live node (PSS MiB), or NaN when unreadable."""
+        found = []
+        for a in self.live():
+            workers = a.worker_pids() if self.launcher in AGENT_CMD else children(a.pid)  # torchrun's
+            try:
+                found.append(node_overhead(a.pid, workers).pss_mib)
+            except (OSError, ValueError):
+                continue
+        rep.overhead.append(max(found, default=math.nan))
+
     def run(self) -> Rep:
+        if self.launcher != "torchft":
+            return self._run(Rep(self.launcher))
         rep = Rep(self.launcher)
+        python, rep.unavailable = torchft_launch.ensure_env()
+        if python is None:
+            return rep
+        self.torchft = torchft_launch.Torchft(self.cluster, python)
+        try:
+            return self._run(rep)
+        finally:
+            self.torchft.close()
+
+    def _lost(self, at: float, world: int) -> float:
+        """Completed steps lost by the event at ``at`` (see the module's docstring)."""
+        steps = self.cluster.steps()
+        resumed = next(((t, s) for t, s, w in steps if t > at and w == world), None)
+        if resumed is None:
+            return NEVER
+        last = max((s for t, s, w in steps if t < resumed[0]), default=resumed[1] - 1)
+        return max(0, last + 1 - resumed[1])
+
+    def _run(self, rep: Rep) -> Rep:
         c = self.cluster
         with c:
             t0 = time.monotonic()
@@ -121,6 +175,7 @@ class Runner:
             time.sleep(4.0)
             rep.cpu_percent = 100 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - w0)
             rep.rss_mib = max(rss_mib(a.pid) for a in self.live())
+            self.sample_overhead(rep)
 
             at = time.monotonic()
             rep.events.append((at - t0, "node added"))
@@ -147,6 +202,7 @@ class Runner:
                 return self._finish(rep, t0)
             victim.wait(timeout=60)
             time.sleep(2.0)
+            self.sample_overhead(rep)
 
             victim = self.not_store_host()
             at = time.monotonic()
@@ -155,6 +211,7 @@ class Runner:
             rep.measures["kill"] = self.wait_step(at, 2)
             if rep.measures["kill"] is NEVER:
                 return self._finish(rep, t0)
+            rep.measures["kill_steps_lost"] = self._lost(at, 2)
             if not self._back_to_three(rep, t0):
                 return self._finish(rep, t0)
 
@@ -163,6 +220,8 @@ class Runner:
             rep.events.append((at - t0, "freeze"))
             frozen = victim.freeze()
             rep.measures["freeze"] = self.wait_step(at, 2)
+            if rep.measures["freeze"] is not NEVER:
+                rep.measures["freeze_steps_lost"] = self._lost(at, 2)
             victim.thaw(frozen)
             victim.kill_node(with_workers=True)
             if rep.measures["freeze"] is NEVER or not self._back_to_three(rep, t0):
@@ -173,6 +232,8 @@ class Runner:
             rep.events.append((at - t0, "kill -9 store host"))
             victim.kill_node(with_workers=True)
             rep.measures["kill_store"] = self.wait_step(at, 2)
+            if rep.measures["kill_store"] is not NEVER:
+                rep.measures["kill_store_steps_lost"] = self._lost(at, 2)
             return self._finish(rep, t0)
 
     def _back_to_three(self, rep: Rep, t0: float) -> bool:
@@ -181,6 +242,7 @@ class Runner:
         if self.wait_step(at, 3) is NEVER:
             return False
         time.sleep(2.0)
+        self.sample_overhead(rep)
         return True
 
     def _finish(self, rep: Rep, t0: float) -> Rep:
@@ -191,12 +253,17 @@ class Runner:
 ROWS = [
     ("start", "start to first step (s)"),
     ("kill", "kill -9 of a node -> resumed (s)"),
+    ("kill_steps_lost", "completed steps lost by that kill -9"),
     ("kill_store", "kill -9 of the store host / rank 0 -> resumed (s)"),
+    ("kill_store_steps_lost", "completed steps lost by that kill -9"),
     ("freeze", "a node frozen whole (SIGSTOP) -> resumed (s)"),
+    ("freeze_steps_lost", "completed steps lost by that freeze"),
     ("sigterm", "SIGTERM of a node -> resumed (s)"),
     ("sigterm_steps_lost", "completed steps lost by that SIGTERM"),
     ("scale_up", "node added -> training at the new size (s)"),
     ("scale_up_steps_lost", "completed steps lost by that scale-up"),
+    ("overhead_steady", "node overhead beside the workers, PSS (MiB), steady"),
+    ("overhead_max", "node overhead beside the workers, PSS (MiB), highest sample"),
     ("rss_mib", "agent RSS (MiB)"),
     ("cpu_percent", "agent CPU while training (% of a core)"),
 ]
@@ -221,7 +288,14 @@ def table(reps: list[Rep], launchers: list[str]) -> str:
         cells = []
         for launcher in launchers:
             mine = [r for r in reps if r.launcher == launcher]
-            if key == "rss_mib":
+            if any(r.unavailable for r in mine):
+                cells.append("could not run (see below)")
+                continue
+            if key == "overhead_steady":
+                values = [r.overhead[0] for r in mine if r.overhead]
+            elif key == "overhead_max":
+                values = [max(r.overhead) for r in mine if r.overhead]
+            elif key == "rss_mib":
                 values = [r.rss_mib for r in mine]
             elif key == "cpu_percent":
                 values = [r.cpu_percent for r in mine]
@@ -231,6 +305,10 @@ def table(reps: list[Rep], launchers: list[str]) -> str:
                 values = [r.measures[key] for r in mine if key in r.measures]
             cells.append(_median(values) if values else "not reached")
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    for launcher in launchers:
+        why = next((r.unavailable for r in reps if r.launcher == launcher and r.unavailable), "")
+        if why:
+            lines.append(f"\n{launcher} could not run here: {why}")
     return "\n".join(lines)
 
 
@@ -242,7 +320,7 @@ def plot(reps: list[Rep], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
     colours = {"elastic-agent": "tab:green", "torchrun": "tab:red", "torchrun-default": "tab:orange",
-               "torchrun-etcd-v3": "tab:blue"}
+               "torchrun-etcd-v3": "tab:blue", "elastic-agent-inprocess": "tab:olive", "torchft": "tab:purple"}
     seen = set()
     for rep in reps:
         if rep.launcher in seen or not rep.timeline:
@@ -267,8 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--give-up", type=float, default=60.0, help="seconds before a recovery counts as never")
     parser.add_argument("--png", default="docs/recovery-timeline.png")
     parser.add_argument("--torchrun-defaults", action="store_true")
-    parser.add_argument("--launchers", default="elastic-agent,torchrun,torchrun-etcd-v3",
-                        help="comma-separated: elastic-agent, torchrun (c10d, tuned), torchrun-etcd-v3")
+    parser.add_argument("--launchers", default="elastic-agent,elastic-agent-inprocess,torchrun,torchrun-etcd-v3,torchft",
+                        help="comma-separated: elastic-agent, elastic-agent-inprocess, torchrun (c10d, tuned), "
+                             "torchrun-etcd-v3, torchft")
     args = parser.parse_args(argv)
     launchers = args.launchers.split(",")
     if args.torchrun_defaults:
@@ -276,11 +355,16 @@ def main(argv: list[str] | None = None) -> int:
     reps: list[Rep] = []
     for i in range(args.repeat):
         for launcher in launchers:
-            rep = Runner(launcher, args.give_up).run()
+            try:
+                rep = Runner(launcher, args.give_up).run()
+            except Exception:  # noqa: BLE001 - one launcher's broken chain must not lose the others' figures
+                traceback.print_exc()
+                rep = Rep(launcher)
             reps.append(rep)
             shown = ", ".join(f"{k}={'never' if v is NEVER else f'{v:.2f}'}" for k, v in rep.measures.items())
-            print(f"[{i + 1}/{args.repeat}] {launcher}: {shown}, rss={rep.rss_mib:.0f}MiB, cpu={rep.cpu_percent:.1f}%",
-                  flush=True)
+            overhead = ",".join(f"{v:.0f}" for v in rep.overhead)
+            print(f"[{i + 1}/{args.repeat}] {launcher}: {shown}, rss={rep.rss_mib:.0f}MiB, cpu={rep.cpu_percent:.1f}%, "
+                  f"overhead={overhead}MiB{', could not run: ' + rep.unavailable if rep.unavailable else ''}", flush=True)
     print()
     print(f"medians of {args.repeat} runs (this machine, same run):")
     print(table(reps, launchers))

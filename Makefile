@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast soak chaos demo bench bench-agent bench-rdzv venv clean
+.PHONY: test test-fast soak chaos demo bench bench-agent bench-rdzv gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -64,5 +64,12 @@ bench-rdzv: $(STAMP)
 	$(PY) -m tests.bench.rdzv_scale --nodes 256
 	$(PY) -m tests.bench.rdzv_scale --nodes 1024
 
+# The end-to-end scenarios on this machine's NVIDIA GPUs (NCCL, CUDA tensors), then a table; never
+# part of `make test`. Without a GPU it says so, runs nothing and exits 0. It installs what it needs:
+# a CUDA build of torch into .venv-gpu when .venv's cannot use the GPUs (tests/gpu/run.sh).
+# `make gpu-check GPU_ARGS=--cpu-dry-run`: the same scenarios with gloo on CPU.
+gpu-check:
+	bash tests/gpu/run.sh $(GPU_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-gpu .pytest_cache .hypothesis

@@ -73,7 +73,7 @@ class Control:
                 abort=int(data.get("abort") or 0),
                 reform=Reform(**reform) if isinstance(reform, dict) else None,
             )
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError, RecursionError):  # inf, 1e400, [[[[...]]]]
             return cls()
 
 

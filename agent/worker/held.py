@@ -58,7 +58,8 @@ class HeldState:
         best = max(steps)
         if best < 0:  # nobody holds any state in memory
             return self._resume(elastic, snapshots, [e["snapshot"] for e in everyone])
-        self._take(steps.index(best), self.completed != best, f"the state of step {best}")
+        if any(step != best for step in steps):  # somebody lacks it (a newcomer, a rank behind)
+            self._take(steps.index(best), self.completed != best, f"the state of step {best}")
         self.completed = best
         return best
 
@@ -93,11 +94,23 @@ class HeldState:
         return self.completed
 
     def _take(self, source: int, load: bool, what: str) -> None:
-        payload = [self.state_dict() if dist.get_rank() == source else None]
+        # In host memory: tensors sent from GPU memory would be unpickled onto the source's GPU.
+        payload = [on_cpu(self.state_dict()) if dist.get_rank() == source else None]
         dist.broadcast_object_list(payload, src=source)
         if load:
             self.load(payload[0])
             log.info("took %s from rank %d", what, source)
+
+
+def on_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in host memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
 
 
 def _newer_than_disk(elastic: Any, offers: list[tuple[int, int] | None]) -> int | None:

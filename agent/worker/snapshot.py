@@ -89,12 +89,14 @@ class SnapshotDir:
                 raise ValueError("not a snapshot file")
             head = json.loads(data[len(MAGIC):end])
             payload = data[end + 1:]
+            if not isinstance(head, dict):
+                raise ValueError("its header is not a JSON object")
             if head.get("job") != self.job:
                 return None
             if len(payload) != head["size"] or zlib.crc32(payload) != head["crc32"]:
                 raise ValueError(f"{len(payload)} bytes, header says {head['size']}, or its checksum differs")
             int(head["step"]), int(head["round"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             log.warning("snapshot %s is incomplete or corrupt (%s); skipped", path, exc)
             return None
         return head, payload
@@ -170,8 +172,8 @@ class PeerServer:
                 self.store.write(name, {"step": int(head["step"]), "round": int(head["round"]),
                                         "from": head["node"]}, payload)
                 conn.sendall(b"ok\n")
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.debug("a peer snapshot was not received: %s", exc)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+                log.debug("a peer snapshot was not received: %s", exc)  # a stray or broken sender: ignored
 
     def close(self) -> None:
         self._sock.close()

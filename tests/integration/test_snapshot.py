@@ -14,12 +14,13 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from agent.worker import checkpoint as ckpt
 from agent.worker.held import HeldState
 from agent.worker.protocol import NODE_ID_ENV, SNAPSHOT_DIR_ENV
-from agent.worker.snapshot import SnapshotDir, Snapshots
+from agent.worker.snapshot import MAGIC, SnapshotDir, Snapshots
 from rendezvous.net import free_port
 from tests.waiting import wait_until
 
@@ -166,3 +167,27 @@ def test_a_snapshot_of_the_current_round_is_not_this_jobs_and_is_never_used(tmp_
     write_snapshot(node0, "own-0", weight=7.0, step=70, round_number=1)
     ranks = agree(tmp_path, [node0, None], tmp_path / "ckpt", round_number=1)
     assert [(r["after"], r["weight"]) for r in ranks] == [(-1, 0.0), (-1, 0.0)]
+
+
+@pytest.mark.parametrize("header", [b"[]", b"[" * 100_000 + b"]" * 100_000, b'{"job": "j", "size": 1e400}', b"\xff\xfe"])
+def test_a_snapshot_with_a_garbled_header_is_skipped_with_a_warning(tmp_path, caplog, header):
+    (tmp_path / "peer-x-0").write_bytes(MAGIC + header + b"\npayload")
+    with caplog.at_level(logging.WARNING, logger="agent.worker.snapshot"):
+        assert Snapshots(SnapshotDir(tmp_path, "j"), 1, "a", 0).offer(max_round=9) is None
+    assert any("peer-x-0" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stray_sender_is_ignored_quietly_and_the_peer_still_gets_through(tmp_path, monkeypatch):
+    crashed: list[object] = []
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
+    here = Snapshots(SnapshotDir(tmp_path / "a", "j"), 1, "a", 0)
+    there = Snapshots(SnapshotDir(tmp_path / "b", "j"), 1, "b", 0)
+    host, _, port = there.serve("127.0.0.1").rpartition(":")
+    for junk in (b"[]\n", b"{\"size\": 1e400}\n", b"[" * 50_000 + b"\n"):
+        with socket.create_connection((host, int(port)), timeout=DEADLINE_S) as conn:
+            conn.sendall(junk)
+    here.peer = there.address
+    assert here.after_step(0, 1, state_with(3.0, 0)) and here.wait_idle(DEADLINE_S)
+    assert here.pushed == 0 and there.offer(max_round=1) == (1, 0)
+    assert crashed == []  # no receiving thread died with a traceback
+    there.server.close()

@@ -82,6 +82,11 @@ class Plans:
         reach it (drain) rather than be stopped at once."""
         if not self.local.uses_helper(run):
             return False
+        if self.participant.assignment is None:
+            # Asked to leave during a rendezvous: the round these workers ran is over, so there
+            # is none to announce a step on. In-process workers wait there for their next place
+            # (every survivor holds the same state); restarted ones are being stopped already.
+            return False
         current = self.look(run, run.group.poll()).step
         wanted = self.steps.stop_step(current)
         stop_at = self._announce_on_round(wanted)

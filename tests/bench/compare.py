@@ -197,7 +197,7 @@ class Runner:
             # Steps completed at world size 4 (a drain completes one more after the SIGTERM).
             last_done = max((s for t, s, w in c.steps() if w == 4), default=before)
             resumed = [s for t, s, w in c.steps() if t > at and w == 3]
-            rep.measures["sigterm_steps_lost"] = (last_done + 1 - min(resumed)) if resumed else NEVER
+            rep.measures["sigterm_steps_lost"] = max(0, last_done + 1 - min(resumed)) if resumed else NEVER
             if rep.measures["sigterm"] is NEVER:
                 return self._finish(rep, t0)
             victim.wait(timeout=60)

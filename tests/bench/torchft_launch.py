@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.e2e.harness import REPO, AgentProc, Cluster, STEP_RE, free_port, wait_until
@@ -46,7 +47,7 @@ def ensure_env() -> tuple[Path | None, str]:
     python = VENV / "bin" / "python"
     if python.exists() and subprocess.run([str(python), "-c", _CHECK], capture_output=True).returncode == 0:
         return python, ""
-    steps = [[os.environ.get("PYTHON", "python3"), "-m", "venv", str(VENV)],
+    steps = [[getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(VENV)],  # our python, our torch
              [str(python), "-m", "pip", "install", "--quiet", f"torch=={_torch_version()}", f"torchft=={VERSION}"],
              [str(python), "-c", _CHECK]]
     for step in steps:

@@ -177,6 +177,21 @@ def test_a_node_slow_to_stop_stays_in_the_next_round_one_restart_charged_once(no
     assert kv is not None and RestartCount.decode(kv.key, kv.value).count == 1
 
 
+def test_a_job_that_succeeded_while_this_node_was_fenced_ends_with_its_outcome(nodes, store) -> None:
+    """Cut off from etcd, both nodes fence; meanwhile (another node, say) the job is recorded
+    as succeeded. When etcd answers again each agent ends with that outcome (exit 0), rather
+    than rejoining a finished job or failing."""
+    a, b = nodes("a"), nodes("b")
+    wait_until(lambda: a.training_in(1) and b.training_in(1), 10, "round 1")
+    store.available = False
+    wait_until(lambda: a.group.stopped and b.group.stopped, 5, "both nodes' workers fenced")
+    with store._lock:  # written where the cut-off agents cannot see it: the outage hides it
+        store._write(a.agent.settings.status_key, JobStatus(Outcome.SUCCEEDED, "every worker done").encode(), 0)
+    store.available = True
+    assert a.finished(15) == 0 and b.finished(15) == 0
+    assert a.agent.state == "succeeded" and len(a.groups) == 1 and len(b.groups) == 1  # nothing restarted
+
+
 def test_the_budget_spent_fails_the_job_on_every_node(nodes, store) -> None:
     a, b = nodes("a"), nodes("b")
     for round_number in (1, 2):  # --max-restarts 1: the second failure ends the job

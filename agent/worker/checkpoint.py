@@ -186,19 +186,38 @@ def _latest(directory: Path, *, check_hashes: bool) -> Checkpoint | None:
 # Retention
 
 
-def keep_last(directory: str | os.PathLike[str], n: int) -> list[int]:
+def _loadable(checkpoint: Checkpoint, verified: Checkpoint | None) -> bool:
+    if verified is not None and (checkpoint.path, checkpoint.round_number, checkpoint.files) == (
+            verified.path, verified.round_number, verified.files):
+        return True
+    try:
+        verify(checkpoint, check_hashes=True)
+    except CheckpointError as exc:
+        log.warning("%s; not counted as a checkpoint to keep", exc)
+        return False
+    return True
+
+
+def keep_last(directory: str | os.PathLike[str], n: int, *, verified: Checkpoint | None = None) -> list[int]:
     """Delete all but the ``n`` newest complete checkpoints by (round, step) (sizes checked,
     not hashes), and the leftovers (no manifest, bad manifest, unfinished temporaries) of a
-    step below every kept checkpoint's step. Never deletes the newest complete checkpoint.
-    Returns the steps of the complete checkpoints deleted, oldest first."""
+    step below every kept checkpoint's step. Never deletes the newest loadable checkpoint:
+    when none of the ``n`` kept passes its sha256 check (a bit flipped since), the newest
+    older one that does is kept too. ``verified``: the checkpoint this process has just saved
+    (its files were hashed from disk), so the usual call hashes nothing more. Returns the
+    steps of the complete checkpoints deleted, oldest first."""
     directory = Path(directory)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise CheckpointError(f"keep_last n ({n!r}) must be an integer >= 1")
     complete = complete_checkpoints(directory)
     if not complete:
         return []
-    kept = {c.step for c in complete[-n:]}
-    deleted = [c.step for c in complete[:-n]]
+    keeping = complete[-n:]
+    if not any(_loadable(c, verified) for c in reversed(keeping)):
+        older = next((c for c in reversed(complete[:-n]) if _loadable(c, verified)), None)
+        keeping = keeping if older is None else [older, *keeping]
+    kept = {c.step for c in keeping}
+    deleted = [c.step for c in complete if c.step not in kept]
     # A leftover may be a save in progress: only those below everything kept can go.
     floor = min(kept)
     listing = scan(directory)

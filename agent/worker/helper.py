@@ -209,10 +209,10 @@ class Elastic:
         failure: BaseException | None = None
         if self.rank == 0:
             try:
-                ckpt.save(self.checkpoint_dir, step, {STATE_FILE: lambda f: torch.save(state, f)},
-                          round_number=self.round_number)
+                saved = ckpt.save(self.checkpoint_dir, step, {STATE_FILE: lambda f: torch.save(state, f)},
+                                  round_number=self.round_number)
                 if self.keep_last is not None:
-                    ckpt.keep_last(self.checkpoint_dir, self.keep_last)
+                    ckpt.keep_last(self.checkpoint_dir, self.keep_last, verified=saved)
             except Exception as exc:  # every rank must learn of it, or the others would wait forever
                 failure = exc
         failed = self._agree(failure is not None)  # also the barrier: nobody goes on before the save is done

@@ -32,6 +32,9 @@ def main() -> None:
     model, opt, loader = accelerator.prepare(model, opt, loader)
     loss = _toy.fit_batches(model, opt, loader, backward=accelerator.backward)
     _toy.report("accelerate", accelerator.unwrap_model(model), len(loader), loss)
+    # The prepared model before the process group (else gloo can deadlock at exit, docs/migrating.md);
+    # the accelerator holds a reference too, which free_memory drops.
+    model, opt, loader = accelerator.free_memory(model, opt, loader)
     accelerator.end_training()
 
 

@@ -39,6 +39,7 @@ def main() -> None:
     model = DDP(_toy.model().to(device), device_ids=[args.local_rank] if use_cuda else None)
     loss = _toy.fit(model, args.steps, device)
     _toy.report("launch", model.module, args.steps, loss)
+    del model  # DDP before its process group: else gloo can deadlock at exit (docs/migrating.md)
     dist.destroy_process_group()
 
 

@@ -45,6 +45,7 @@ def main(rank: int, world_size: int, local_rank: int, steps: int) -> None:
     model = DDP(_toy.model().to(device), device_ids=[local_rank] if use_cuda else None)
     loss = _toy.fit(model, steps, device)
     _toy.report("mp.spawn", model.module, steps, loss)
+    del model  # DDP before its process group: else gloo can deadlock at exit (docs/migrating.md)
     dist.destroy_process_group()
 
 

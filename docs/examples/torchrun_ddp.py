@@ -36,6 +36,7 @@ def main() -> None:
     model = DDP(_toy.model().to(device), device_ids=[local_rank] if use_cuda else None)
     loss = _toy.fit(model, args.steps, device)
     _toy.report("torchrun", model.module, args.steps, loss)
+    del model  # DDP before its process group: else gloo can deadlock at exit (docs/migrating.md)
     dist.destroy_process_group()
 
 

@@ -67,7 +67,12 @@ class AgentProc:
         return "\n".join(line.text for line in self.lines)
 
     def wait(self, timeout: float) -> int:
-        code = self.proc.wait(timeout=timeout)
+        """The agent's exit code; past ``timeout``, an AssertionError that shows what it printed."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.node_id}'s agent still running after {timeout:g} s; "
+                                 f"its console's end:\n{self.text()[-3000:]}") from None
         if self._reader is not None:
             self._reader.join(timeout=5)
         return code

@@ -276,6 +276,10 @@ def with_stop(current: RoundState, step: int) -> RoundState:
     return replace(current, stop_at=step if current.stop_at is None else current.stop_at)
 
 
+def with_stop_asked(current: RoundState) -> RoundState:
+    return replace(current, stop_asked=True)
+
+
 def with_grow_request(current: RoundState, node_id: str) -> RoundState:
     return replace(current, grow_request=node_id)
 

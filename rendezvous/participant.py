@@ -35,7 +35,7 @@ from rendezvous.net import free_port
 from rendezvous.notices import Notice, NoticeKind, PlannedNotices
 from rendezvous.leases import NodeLeases
 from rendezvous.reasons import Reason, reason_text
-from rendezvous.rounds import MemberWatch, announce_stop, open_next_round
+from rendezvous.rounds import MemberWatch, PlannedStop, open_next_round
 from rendezvous.session import Session
 from rendezvous.settings import Settings
 from rendezvous.state import Assignment, JobStatus, NodeRecord, Outcome
@@ -214,10 +214,10 @@ class Participant:
                 if self.clock.monotonic() >= deadline:
                     return None
 
-    def announce_stop(self, step: int) -> int | None:
-        """Announce the step every rank of our round stops after (rounds.announce_stop)."""
+    def planned_stop(self) -> PlannedStop:
+        """Our part in a planned stop of our round (rounds.PlannedStop)."""
         assert self.assignment is not None
-        return announce_stop(self.store, self.settings, self.assignment.round, step)
+        return PlannedStop(self.store, self.settings, self.assignment.round, self.node_id)
 
     def _take_in(self, item: InboxItem | None) -> None:
         """Apply ``item`` and everything queued behind it."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from rendezvous import decide
 from rendezvous.inbox import Inbox, InboxItem, ItemKind
@@ -67,6 +68,41 @@ def announce_stop(store: Store, settings: Settings, number: int, step: int) -> i
     kv, _ = store.get(settings.round_key)
     current = RoundState.decode(kv.key, kv.value) if kv is not None else None
     return current.stop_at if current is not None and current.number == number else None
+
+
+@dataclass(frozen=True)
+class PlannedStop:
+    """The planned stop of closed round ``number``, as member ``node_id`` takes part in it:
+    the initiator asks for it; every member answers the last step its workers may start
+    (they start none past it until told the stop); the initiator announces the furthest."""
+
+    store: Store
+    settings: Settings
+    number: int
+    node_id: str
+
+    def ask(self) -> bool:
+        """RoundState.stop_asked on the round. False when the round moved on."""
+        return amend_round(self.store, self.settings, self.number, decide.with_stop_asked)
+
+    def answer(self, step: int) -> None:
+        self.store.put(f"{self.settings.cleared_prefix(self.number)}{self.node_id}", str(step).encode())
+
+    def answers(self) -> dict[str, int]:
+        """Node id -> its answer, for the members that answered (an unreadable one did not)."""
+        prefix = self.settings.cleared_prefix(self.number)
+        kvs, _ = self.store.get_prefix(prefix)
+        answers: dict[str, int] = {}
+        for kv in kvs:
+            try:
+                answers[kv.key[len(prefix):]] = int(kv.value)
+            except ValueError:
+                log.warning("ignoring %s: %r is not a step", kv.key, kv.value[:40])
+        return answers
+
+    def announce(self, step: int) -> int | None:
+        """The step every rank stops after (rounds.announce_stop): the standing one."""
+        return announce_stop(self.store, self.settings, self.number, step)
 
 
 class MemberWatch:

@@ -90,6 +90,10 @@ class Settings:
     def done_prefix(self, number: int) -> str:
         return f"{self.root}rounds/{number}/done/"
 
+    def cleared_prefix(self, number: int) -> str:
+        """Each member's answer to a planned stop: the last step its workers may start."""
+        return f"{self.root}rounds/{number}/cleared/"
+
     def round_prefix(self, number: int) -> str:
         return f"{self.root}rounds/{number}/"
 

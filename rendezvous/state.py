@@ -210,6 +210,9 @@ class RoundState:
     stop_at: int | None = None
     # A standby asked to grow the job; the round's group rank 0 picks the step to stop at.
     grow_request: str = ""
+    # A planned stop was asked for: every member stops clearing steps and answers how far
+    # its workers may go (Settings.cleared_prefix); ``stop_at`` is then chosen past them all.
+    stop_asked: bool = False
 
     @property
     def is_open(self) -> bool:
@@ -232,6 +235,8 @@ class RoundState:
             data["stop_at"] = self.stop_at
         if self.grow_request:
             data["grow_request"] = self.grow_request
+        if self.stop_asked:
+            data["stop_asked"] = True
         return _dump(data)
 
     @classmethod
@@ -273,7 +278,7 @@ class RoundState:
         grow = d.get("grow_request", "")
         return cls(number=number, state=state, reason=reason if isinstance(reason, str) else "",
                    previous=previous, assignment=assignment, stop_at=stop_at,
-                   grow_request=grow if isinstance(grow, str) else "")
+                   grow_request=grow if isinstance(grow, str) else "", stop_asked=d.get("stop_asked") is True)
 
 
 def _strings(key: str, value: Any, name: str) -> list[str]:

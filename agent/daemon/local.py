@@ -30,6 +30,7 @@ from agent.daemon.prewarm import WarmWorker
 from agent.daemon.spawn import with_local_rank_arg
 from agent.daemon.workers import WorkerGroup, error_file_path
 from agent.errors import AgentError
+from agent.worker import control as worker_control
 from rendezvous.clock import Clock
 from rendezvous.state import Assignment
 
@@ -116,6 +117,9 @@ class Running:
     draining_since: float | None = None  # asked to checkpoint and stop at a step boundary
     drain_budget: float = 0.0
     terminated_at: float | None = None  # SIGTERM sent; SIGKILL after --shutdown-timeout
+    # The last step the workers may start (the control file's clear_to): helper users start
+    # none past their first until the agent clears more (agent.daemon.planning says why).
+    cleared: int = -1
 
     @property
     def stopping(self) -> bool:
@@ -170,6 +174,7 @@ class LocalWorkers:
                   for r in range(lay.nproc)]
         command = with_local_rank_arg(lay.command) if lay.local_rank_arg else lay.command
         warm, self.warm = self.warm[: lay.nproc], self.warm[lay.nproc:]
+        worker_control.write(control, worker_control.Control(clear_to=-1))  # see Running.cleared
         group = self.factory(command, envs, attempt_dir, routes, warm)
         group.start()
         self.running = Running(assignment, group, attempt_dir, progress, control, self.clock.monotonic())

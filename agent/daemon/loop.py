@@ -190,7 +190,7 @@ class Agent:
             progress = tuple(policy.read_progress(run.progress_files))
             self.metrics.progress(progress)
             seen = self.plans.look(run, list(codes))
-            self.plans.advance(seen, list(codes))
+            self.plans.advance(run, seen, list(codes))
             if seen.inprocess:  # not restarted when the job changes: nothing to pre-start
                 self.local.retire_warm()
             elif self.clock.monotonic() - run.started_at >= PREWARM_DELAY:
@@ -205,6 +205,8 @@ class Agent:
                 done_reported = _report_done(self.participant)
             elif isinstance(action, supervise.Announce):
                 self.plans.announce(run, action.stop_at)
+            elif isinstance(action, supervise.Freeze):
+                self.plans.freeze(run, seen)
             elif isinstance(action, supervise.Grow):
                 self.plans.grow(run, seen, action.who)
             elif not isinstance(action, supervise.Keep):

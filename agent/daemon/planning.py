@@ -7,6 +7,13 @@ workers reach it, and only then opens the next round. Every other agent passes t
 to its workers (agent.daemon.steering). Workers that run the loop inside the helper pause
 there and re-form in process; other helper users checkpoint there and exit; plain scripts
 are stopped as before.
+
+"Can still reach" holds however late an agent passes the step on. Each agent clears its
+workers a few steps ahead (the control file's ``clear_to``; a worker starts no step past
+it). The initiator first asks for a stop on the round; every agent then clears no more and
+answers in etcd the last step its workers may start; the stop step is the furthest answer.
+So no rank is past the stop step when it learns of it: a slow agent makes the job wait at a
+step boundary, never run one step too far (which would mismatch the job's collectives).
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from rendezvous.state import Assignment
 
 log = logging.getLogger("elastic_agent")
 
+ANSWER_WAIT = 3.0  # seconds an initiator waits for every member's answer before choosing without it
+ANSWER_POLL = 0.01
+
 _AT_REST = frozenset({"paused", "drained", "finished"})
 
 
@@ -35,10 +45,12 @@ class Plans:
         self.clock, self.budget = clock, budget
         self.steps = StepClock()
         self.stopping_at: int | None = None  # the stop step our workers were told this round
+        self.frozen = False  # a stop was asked for this round: we clear no more steps
         self._growth: tuple[int, float, str] | None = None  # (stop step, deadline, standby) while we grow
 
     def begin_round(self) -> None:
         self.stopping_at = None
+        self.frozen = False
         self._growth = None
 
     def look(self, run: Running, codes: list[int | None]) -> WorkersView:
@@ -46,6 +58,27 @@ class Plans:
         if seen.step >= 0:
             self.steps.observe(seen.step, self.clock.monotonic())
         return seen
+
+    def clear(self, run: Running, seen: WorkersView) -> None:
+        """Keep our workers cleared a lead ahead of their newest step, unless a stop is near."""
+        if self.frozen or self.stopping_at is not None or run.stopping:
+            return
+        lead = self.steps.lead()
+        if run.cleared - seen.step > lead // 2:
+            return
+        steering.clear(run, seen.step + lead)
+
+    def freeze(self, run: Running, seen: WorkersView) -> int:
+        """A stop was asked for: clear no more steps this round, and answer in etcd how far our
+        workers may go. Returns that step."""
+        furthest = max(run.cleared, seen.step)
+        if not self.frozen:
+            self.frozen = True
+            try:
+                self.participant.planned_stop().answer(furthest)
+            except RendezvousError as exc:
+                log.warning("could not answer the stop asked for (%s); the initiator chooses without us", exc)
+        return furthest
 
     def announce(self, run: Running, stop_at: int, leave: bool = False) -> None:
         steering.announce_stop(run, stop_at, leave=leave)
@@ -57,15 +90,17 @@ class Plans:
         if not self.local.uses_helper(run):  # plain scripts: nothing to wait for
             self._open_growth(who)
             return
-        stop_at = self._announce_on_round(self.steps.stop_step(seen.step))
-        if stop_at is None:
+        stop_at, announced = self._choose_stop(run)
+        if not announced:
             return  # the round moved on meanwhile
         self.announce(run, stop_at)
         self._growth = (stop_at, self.clock.monotonic() + self.budget(), who)
         log.info("growing the job for %s after step %d", who, stop_at)
 
-    def advance(self, seen: WorkersView, codes: list[int | None]) -> None:
-        """Open the grown round once our workers reached the stop step (or it took too long)."""
+    def advance(self, run: Running, seen: WorkersView, codes: list[int | None]) -> None:
+        """Keep our workers cleared; open the grown round once they reached the stop step (or
+        it took too long)."""
+        self.clear(run, seen)
         if self._growth is None:
             return
         stop_at, deadline, who = self._growth
@@ -87,10 +122,8 @@ class Plans:
             # is none to announce a step on. In-process workers wait there for their next place
             # (every survivor holds the same state); restarted ones are being stopped already.
             return False
-        current = self.look(run, run.group.poll()).step
-        wanted = self.steps.stop_step(current)
-        stop_at = self._announce_on_round(wanted)
-        self.announce(run, stop_at if stop_at is not None else wanted, leave=True)
+        stop_at, _ = self._choose_stop(run)  # not announced: only our workers know it
+        self.announce(run, stop_at, leave=True)
         return True
 
     def can_reform(self, run: Running) -> bool:
@@ -100,9 +133,48 @@ class Plans:
         steering.reform(run, assignment, self.node_id, self.nproc, restart_count=self.local.attempt)
         self.local.reformed(assignment)
 
+    def _choose_stop(self, run: Running) -> tuple[int, bool]:
+        """As the initiator of a planned change: ask every member how far its workers may go,
+        then announce the furthest as the stop step. Returns (the step, whether announced)."""
+        try:
+            asked = self.participant.planned_stop().ask()
+        except RendezvousError as exc:
+            log.warning("could not ask for a stop in etcd (%s); only this node's workers stop", exc)
+            asked = False
+        mine = self.freeze(run, self.look(run, run.group.poll()))
+        if not asked:
+            return mine, False
+        answers, complete = self._answers()
+        wanted = max(mine, *answers.values())
+        if not complete:  # a silent member's workers are a step ahead at most, and cleared a lead on
+            wanted += self.steps.lead() + 1
+        stop_at = self._announce_on_round(wanted)
+        return (stop_at, True) if stop_at is not None else (wanted, False)
+
+    def _answers(self) -> tuple[dict[str, int], bool]:
+        """Every member's answer to the stop asked for, waiting up to ANSWER_WAIT (and the
+        drain budget). Returns (the answers, whether every member gave one)."""
+        assert self.participant.assignment is not None
+        members = set(self.participant.assignment.node_ids)
+        deadline = self.clock.monotonic() + min(ANSWER_WAIT, self.budget())
+        answers: dict[str, int] = {}
+        while True:
+            try:
+                answers = self.participant.planned_stop().answers()
+            except RendezvousError as exc:
+                log.warning("could not read the answers to the stop asked for (%s)", exc)
+            missing = members - answers.keys()
+            if not missing:
+                return answers, True
+            if self.clock.monotonic() >= deadline:
+                log.warning("no answer to the stop asked for from %s; choosing the stop step without them",
+                            ", ".join(sorted(missing)))
+                return answers, False
+            self.clock.sleep(ANSWER_POLL)
+
     def _announce_on_round(self, wanted: int) -> int | None:
         try:
-            return self.participant.announce_stop(wanted)
+            return self.participant.planned_stop().announce(wanted)
         except RendezvousError as exc:
             log.warning("could not announce the stop step in etcd (%s); only this node's workers know it", exc)
             return None

@@ -18,9 +18,9 @@ from rendezvous.state import Assignment
 
 log = logging.getLogger("elastic_agent")
 
-# A planned stop step must be reached by every rank of the job after every agent has passed
-# it on: etcd's watch, the agent's poll, the worker's next step boundary. This much, at least
-# two steps.
+# How far ahead the agent clears its workers to run (agent.worker.control's clear_to): the
+# agent's poll must come round before they get there, or they wait. A planned stop lands at
+# most this far ahead. This much, at least two steps.
 PLANNED_LEAD = 0.3
 MIN_LEAD_STEPS = 2
 
@@ -66,25 +66,33 @@ class StepClock:
         if self._last is None or step != self._last[0]:
             self._last = (step, now)
 
-    def stop_step(self, current: int) -> int:
-        """A step every rank of the job can still reach after the announcement travelled."""
-        return current + max(MIN_LEAD_STEPS, math.ceil(PLANNED_LEAD / max(self.period, 1e-3)) + 1)
+    def lead(self) -> int:
+        """How many steps ahead of the newest the workers are cleared to run: PLANNED_LEAD's
+        worth, at least MIN_LEAD_STEPS. A planned stop lands within this many steps."""
+        return max(MIN_LEAD_STEPS, math.ceil(PLANNED_LEAD / max(self.period, 1e-3)) + 1)
 
 
 def tell(run: Running, **changes: object) -> control.Control:
     """Write the control file with ``changes`` applied to what it said before."""
     old = control.Reader(run.control_file).read() if run.control_file.exists() else control.Control()
-    fields = {"seq": old.seq + 1, "stop_at": old.stop_at, "leave": old.leave, "abort": old.abort,
-              "reform": old.reform}
+    fields = {"seq": old.seq + 1, "stop_at": old.stop_at, "clear_to": old.clear_to, "leave": old.leave,
+              "abort": old.abort, "reform": old.reform}
     fields.update(changes)
     new = control.Control(**fields)  # type: ignore[arg-type]
     control.write(run.control_file, new)
     return new
 
 
+def clear(run: Running, upto: int) -> None:
+    """Let the workers start steps up to ``upto``."""
+    run.cleared = max(run.cleared, upto)
+    tell(run, clear_to=run.cleared)
+
+
 def announce_stop(run: Running, stop_at: int, leave: bool = False) -> None:
     log.info("workers stop after step %d%s", stop_at, " and exit: this node leaves" if leave else "")
-    tell(run, stop_at=stop_at, leave=leave)
+    run.cleared = max(run.cleared, stop_at)  # every worker reaches the stop step
+    tell(run, stop_at=stop_at, leave=leave, clear_to=run.cleared)
 
 
 def abort_group(run: Running) -> None:

@@ -76,6 +76,11 @@ class Announce:
 
 
 @dataclass(frozen=True)
+class Freeze:
+    """A planned stop was asked for: clear no more steps, answer how far the workers may go."""
+
+
+@dataclass(frozen=True)
 class Grow:
     """A standby asks this node (the round's group rank 0) to grow the job."""
 
@@ -97,7 +102,7 @@ class ReportDone:
     """Every local worker exited 0: tell etcd (the last member to do so ends the job)."""
 
 
-Action = Keep | Leave | Fence | Finish | FollowRound | Announce | Grow | Fail | ReportDone
+Action = Keep | Leave | Fence | Finish | FollowRound | Announce | Freeze | Grow | Fail | ReportDone
 
 
 def next_action(look: Look) -> Action:
@@ -115,6 +120,8 @@ def next_action(look: Look) -> Action:
         if notice.kind == NoticeKind.STOP:
             assert notice.stop_at is not None
             return Announce(notice.stop_at)
+        if notice.kind == NoticeKind.FREEZE:
+            return Freeze()
         if notice.kind == NoticeKind.GROW:
             return Grow(notice.round.grow_request if notice.round is not None else "")
         assert notice.round is not None

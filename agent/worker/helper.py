@@ -169,7 +169,7 @@ class Elastic:
         work; only global rank 0 writes). Returns True, identically on every rank, when the
         job must stop now: the checkpoint of ``step`` is then complete."""
         self._report(step, "train")
-        stop_at = self.control.read().stop_at
+        stop_at = control.await_clearance(self.control, step + 1).stop_at
         drain = stop_at is not None and step >= stop_at
         if drain and step > stop_at:
             log.warning("asked to stop after step %d but step %d is done already (the request came late); "

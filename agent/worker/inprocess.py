@@ -85,7 +85,7 @@ class InProcess:
         watchdog.start()
         try:
             while step < steps:
-                ask = self.el.control.read()
+                ask = control.await_clearance(self.el.control, step, until=self._group_gone)
                 if ask.stop_at is not None and self.held.completed >= ask.stop_at:
                     step = self._planned_stop(ask) + 1
                     continue
@@ -183,7 +183,6 @@ class InProcess:
                                 rank=place.rank(local_rank), world_size=place.world_size, timeout=groups.GROUP_TIMEOUT)
         held = self._sync_and_wrap()
         self._group_sockets = groups.connected_sockets() - before
-        self.el._report(held, "train")  # no longer broken: the agent reads this round's reports
         log.info("re-formed in round %d as rank %d of %d in %.2fs (%s); going on after step %d", self.round,
                  dist.get_rank(), dist.get_world_size(), time.monotonic() - began, why, held)
         return held
@@ -218,6 +217,7 @@ class InProcess:
                                                         int(self.environ.get("MASTER_PORT", "29500"))))
         held = self.held.agree(self.el, self.snapshots, self.round)
         self.ddp = groups.wrap(self.model)
+        self.el._report(held, "train")  # not broken any more; the agent clears steps from reports
         return held
 
     # --- hooks and the watchdog ------------------------------------------------------------

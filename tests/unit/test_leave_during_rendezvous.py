@@ -13,7 +13,7 @@ from rendezvous.clock import SystemClock
 class _Participant:
     assignment = None  # in a rendezvous: the round our workers ran is over
 
-    def announce_stop(self, step: int) -> int:
+    def planned_stop(self) -> object:
         raise AssertionError("no round to announce a stop step on")
 
 

@@ -47,6 +47,7 @@ FAILED = Notice(NoticeKind.FINISHED, "job failed", status=JobStatus(Outcome.FAIL
      s.FollowRound(opened("scale_up: c is waiting").round, "scale_up", False)),
     # planned changes: a stop step to pass on, a standby asking group rank 0 to grow the job
     (look(notice=Notice(NoticeKind.STOP, "stop after step 40", stop_at=40)), s.Announce(40)),
+    (look(notice=Notice(NoticeKind.FREEZE, "a planned stop was asked for")), s.Freeze()),
     (look(notice=Notice(NoticeKind.GROW, "c is waiting", round=RoundState(2, "closed", grow_request="c"))),
      s.Grow("c")),
     # an in-process worker whose group broke: a new round, but the workers stay

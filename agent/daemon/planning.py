@@ -19,6 +19,7 @@ step boundary, never run one step too far (which would mismatch the job's collec
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from agent.daemon import steering
@@ -34,6 +35,7 @@ log = logging.getLogger("elastic_agent")
 
 ANSWER_WAIT = 3.0  # seconds an initiator waits for every member's answer before choosing without it
 ANSWER_POLL = 0.01
+CLEAR_INTERVAL = 0.05  # how often the clearing thread looks at the workers' progress
 
 _AT_REST = frozenset({"paused", "drained", "finished"})
 
@@ -47,10 +49,13 @@ class Plans:
         self.stopping_at: int | None = None  # the stop step our workers were told this round
         self.frozen = False  # a stop was asked for this round: we clear no more steps
         self._growth: tuple[int, float, str] | None = None  # (stop step, deadline, standby) while we grow
+        self._lock = threading.Lock()  # frozen and the clearance: the loop and the clearing thread
+        self._clearing: threading.Thread | None = None
 
     def begin_round(self) -> None:
-        self.stopping_at = None
-        self.frozen = False
+        with self._lock:
+            self.stopping_at = None
+            self.frozen = False
         self._growth = None
 
     def look(self, run: Running, codes: list[int | None]) -> WorkersView:
@@ -60,29 +65,53 @@ class Plans:
         return seen
 
     def clear(self, run: Running, seen: WorkersView) -> None:
-        """Keep our workers cleared a lead ahead of their newest step, unless a stop is near."""
-        if self.frozen or self.stopping_at is not None or run.stopping:
+        """Keep our workers cleared a lead ahead of their newest step, unless a stop is near.
+        Also done by a thread of its own every CLEAR_INTERVAL (keep_clearing), so that a loop
+        stuck in a request to etcd does not pause the training."""
+        with self._lock:
+            if self.frozen or self.stopping_at is not None or run.stopping:
+                return
+            lead = self.steps.lead()
+            if run.cleared - seen.step > lead // 2:
+                return
+            steering.clear(run, seen.step + lead)
+
+    def keep_clearing(self) -> None:
+        """Start the clearing thread (once): it clears the running workers, whatever the loop does."""
+        if self._clearing is not None:
             return
-        lead = self.steps.lead()
-        if run.cleared - seen.step > lead // 2:
-            return
-        steering.clear(run, seen.step + lead)
+
+        def clearing() -> None:
+            while True:
+                run = self.local.running
+                try:
+                    if run is not None:
+                        self.clear(run, steering.view(run, [None] * len(run.progress_files)))
+                except Exception as exc:  # noqa: BLE001 - a bad read must not end the thread
+                    log.debug("clearing: %s", exc)
+                self.clock.sleep(CLEAR_INTERVAL)
+
+        self._clearing = threading.Thread(target=clearing, daemon=True, name="clearing")
+        self._clearing.start()
 
     def freeze(self, run: Running, seen: WorkersView) -> int:
         """A stop was asked for: clear no more steps this round, and answer in etcd how far our
         workers may go. Returns that step."""
-        furthest = max(run.cleared, seen.step)
-        if not self.frozen:
+        with self._lock:
+            furthest = max(run.cleared, seen.step)
+            if self.frozen:
+                return furthest
             self.frozen = True
-            try:
-                self.participant.planned_stop().answer(furthest)
-            except RendezvousError as exc:
-                log.warning("could not answer the stop asked for (%s); the initiator chooses without us", exc)
+        try:
+            self.participant.planned_stop().answer(furthest)
+        except RendezvousError as exc:
+            log.warning("could not answer the stop asked for (%s); the initiator chooses without us", exc)
         return furthest
 
     def announce(self, run: Running, stop_at: int, leave: bool = False) -> None:
-        steering.announce_stop(run, stop_at, leave=leave)
-        self.stopping_at = stop_at
+        with self._lock:
+            steering.announce_stop(run, stop_at, leave=leave)
+            self.stopping_at = stop_at
 
     def grow(self, run: Running, seen: WorkersView, who: str) -> None:
         """As the round's group rank 0: bring every rank to a common step, then open the
@@ -100,6 +129,7 @@ class Plans:
     def advance(self, run: Running, seen: WorkersView, codes: list[int | None]) -> None:
         """Keep our workers cleared; open the grown round once they reached the stop step (or
         it took too long)."""
+        self.keep_clearing()
         self.clear(run, seen)
         if self._growth is None:
             return

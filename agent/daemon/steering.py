@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import dataclass
 
 from agent.daemon import policy
@@ -72,15 +73,19 @@ class StepClock:
         return max(MIN_LEAD_STEPS, math.ceil(PLANNED_LEAD / max(self.period, 1e-3)) + 1)
 
 
+_WRITING = threading.Lock()  # the loop and the clearing thread both write the control file
+
+
 def tell(run: Running, **changes: object) -> control.Control:
     """Write the control file with ``changes`` applied to what it said before."""
-    old = control.Reader(run.control_file).read() if run.control_file.exists() else control.Control()
-    fields = {"seq": old.seq + 1, "stop_at": old.stop_at, "clear_to": old.clear_to, "leave": old.leave,
-              "abort": old.abort, "reform": old.reform}
-    fields.update(changes)
-    new = control.Control(**fields)  # type: ignore[arg-type]
-    control.write(run.control_file, new)
-    return new
+    with _WRITING:
+        old = control.Reader(run.control_file).read() if run.control_file.exists() else control.Control()
+        fields = {"seq": old.seq + 1, "stop_at": old.stop_at, "clear_to": old.clear_to, "leave": old.leave,
+                  "abort": old.abort, "reform": old.reform}
+        fields.update(changes)
+        new = control.Control(**fields)  # type: ignore[arg-type]
+        control.write(run.control_file, new)
+        return new
 
 
 def clear(run: Running, upto: int) -> None:

@@ -22,16 +22,22 @@ from rendezvous.store import DELETE, Store
 log = logging.getLogger(__name__)
 
 
-def open_next_round(store: Store, settings: Settings, reason: str, after: int) -> bool:
-    """Open round ``after + 1`` unless someone already moved past ``after``. The round key
-    is read fresh, so a stale view never overwrites a newer decision."""
+def _closed(store: Store, settings: Settings, number: int) -> tuple[RoundState, int] | None:
+    """Round ``number`` and its mod-revision, read fresh, if it is still the current round
+    and closed (so a stale view never overwrites a newer decision); else None."""
     kv, _ = store.get(settings.round_key)
     if kv is None:
-        return False
+        return None
     current = RoundState.decode(kv.key, kv.value)
-    if current.number != after or current.is_open:
-        return False
-    return open_round_after(store, settings, current, kv.mod_revision, reason)
+    if current.number != number or current.is_open:
+        return None
+    return current, kv.mod_revision
+
+
+def open_next_round(store: Store, settings: Settings, reason: str, after: int) -> bool:
+    """Open round ``after + 1`` unless someone already moved past ``after``."""
+    found = _closed(store, settings, after)
+    return found is not None and open_round_after(store, settings, *found, reason)
 
 
 def open_round_after(store: Store, settings: Settings, current: RoundState, mod_revision: int,
@@ -48,16 +54,14 @@ def open_round_after(store: Store, settings: Settings, current: RoundState, mod_
 def amend_round(store: Store, settings: Settings, number: int, change: Callable[[RoundState], RoundState]) -> bool:
     """Change the closed round ``number`` in place (a stop step, a grow request) if it is
     still the current one: read fresh, compare-and-swap. False when it moved on first."""
-    kv, _ = store.get(settings.round_key)
-    if kv is None:
+    found = _closed(store, settings, number)
+    if found is None:
         return False
-    current = RoundState.decode(kv.key, kv.value)
-    if current.number != number or current.is_open:
-        return False
+    current, mod_revision = found
     changed = change(current)
     if changed == current:
         return True
-    return store.replace(settings.round_key, changed.encode(), kv.mod_revision) is not None
+    return store.replace(settings.round_key, changed.encode(), mod_revision) is not None
 
 
 def announce_stop(store: Store, settings: Settings, number: int, step: int) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def stat_fields(pid: int) -> list[bytes] | None:
@@ -52,3 +53,19 @@ def group_alive(pgid: int) -> bool:
         if fields and len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
             return True
     return False
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (the children of each of its threads, recursively)."""
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(p) for p in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            frontier += kids
+    return found

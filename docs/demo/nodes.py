@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.daemon.cli import EMBEDDED_ETCD_ARGS
+from agent.daemon.procfs import descendants
 from rendezvous.etcd_server import EtcdServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -193,22 +194,6 @@ class Cluster:
             time.sleep(0.05)
         shutil.rmtree(self.root, ignore_errors=True)
         return stragglers
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children of each thread, recursively)."""
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        parent = frontier.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                kids = [int(p) for p in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += kids
-            frontier += kids
-    return found
 
 
 def processes_under(root: Path) -> list[int]:

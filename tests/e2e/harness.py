@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.daemon import procfs
 from agent.daemon.procfs import cpu_seconds  # noqa: F401 - re-exported for the benches
 from rendezvous.etcd_server import EtcdServer, ServerTls
 from rendezvous.net import free_port
@@ -102,18 +103,7 @@ class AgentProc:
 
     def descendants(self) -> list[int]:
         """Pids of every process below the agent (its keeper, workers and what they started)."""
-        found: list[int] = []
-        frontier = [self.proc.pid]
-        while frontier:
-            pid = frontier.pop()
-            for task in Path(f"/proc/{pid}/task").glob("*"):
-                try:
-                    kids = [int(p) for p in (task / "children").read_text().split()]
-                except OSError:
-                    continue
-                found += kids
-                frontier += kids
-        return found
+        return procfs.descendants(self.proc.pid)
 
     def kill_node(self, with_workers: bool = False) -> list[int]:
         """``kill -9`` of the agent. Our workers must die with it on their own (they run in

@@ -94,25 +94,34 @@ def inject_faults(args: argparse.Namespace, step: int, rank: int, checkpoint_dir
         os._exit(1)
 
 
+def one_step(args: argparse.Namespace, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             device: torch.device, checkpoint_dir: Path | None) -> None:
+    """One training step, the same in both loops: forward, backward, update, the loss line
+    on global rank 0, then the pacing sleep (see the docstring)."""
+    began = time.monotonic()
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    inject_faults(args, step, rank, checkpoint_dir)
+    x, y = batch(step, rank, world_size, args.batch_size)
+    loss = torch.nn.functional.mse_loss(model(x.to(device)).squeeze(-1), y.to(device))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    reported = loss.detach()
+    if distributed:
+        dist.all_reduce(reported)
+    if rank == 0:
+        print(f"step {step} world_size {world_size} loss {reported.item() / world_size:.3f}", flush=True)
+    time.sleep(max(0.0, args.step_time - (time.monotonic() - began)))
+
+
 def run_in_process(args: argparse.Namespace, el: Elastic, model: torch.nn.Module,
                    optimizer: torch.optim.Optimizer, device: torch.device) -> int:
     """The same training, with the loop inside the helper: a membership change re-forms the
     process group in this process, and the state every survivor holds carries over."""
 
     def train_step(step: int, ddp: torch.nn.Module) -> None:
-        began = time.monotonic()
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        inject_faults(args, step, rank, el.checkpoint_dir)
-        x, y = batch(step, rank, world_size, args.batch_size)
-        loss = torch.nn.functional.mse_loss(ddp(x.to(device)).squeeze(-1), y.to(device))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        reported = loss.detach()
-        dist.all_reduce(reported)
-        if rank == 0:
-            print(f"step {step} world_size {world_size} loss {reported.item() / world_size:.3f}", flush=True)
-        time.sleep(max(0.0, args.step_time - (time.monotonic() - began)))  # example pacing, see docstring
+        one_step(args, step, ddp, optimizer, device, el.checkpoint_dir)
 
     el.run(train_step, model=model, optimizer=optimizer, steps=args.steps)
     if dist.get_rank() == 0:
@@ -135,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://",
                                 timeout=timedelta(seconds=args.timeout))
     rank = dist.get_rank() if distributed else 0
-    world_size = dist.get_world_size() if distributed else 1
 
     el = Elastic(args.checkpoint_dir, checkpoint_every=args.checkpoint_every, keep_last=args.keep_last)
     torch.manual_seed(0)
@@ -156,20 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
     for step in range(start, args.steps):
-        began = time.monotonic()
-        inject_faults(args, step, rank, el.checkpoint_dir)
-        x, y = batch(step, rank, world_size, args.batch_size)
-        loss = torch.nn.functional.mse_loss(ddp(x.to(device)).squeeze(-1), y.to(device))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        reported = loss.detach()
-        if distributed:
-            dist.all_reduce(reported)
-            reported /= world_size
-        if rank == 0:
-            print(f"step {step} world_size {world_size} loss {reported.item():.3f}", flush=True)
-        time.sleep(max(0.0, args.step_time - (time.monotonic() - began)))  # example pacing, see docstring
+        one_step(args, step, ddp, optimizer, device, el.checkpoint_dir)
         if el.step(step, snapshot):
             if rank == 0:
                 print(f"drained at step {step}", flush=True)

@@ -71,6 +71,14 @@ def process_group(command: Sequence[str], envs: list[dict[str, str]], log_dir: P
     return WorkerGroup(command, envs, log_dir, routes, warm=warm)
 
 
+def snapshots_of(job_id: str, log_dir: Path) -> Path:
+    """Where a job's in-memory snapshots live on this host: shared memory where the host has
+    it (they outlive the workers and cost no disk), else under the log directory."""
+    shm = Path("/dev/shm")
+    root = shm if shm.is_dir() and os.access(shm, os.W_OK) else log_dir
+    return root / "elastic-agent-snapshots" / job_id
+
+
 @dataclass(frozen=True)
 class Layout:
     """What every round's workers share: the command and where things go."""
@@ -89,11 +97,8 @@ class Layout:
 
     @property
     def snapshot_dir(self) -> Path:
-        """This node's in-memory snapshots (agent.worker.snapshot): shared memory where the
-        host has it, so they outlive the workers and cost no disk."""
-        shm = Path("/dev/shm")
-        root = shm if shm.is_dir() and os.access(shm, os.W_OK) else self.log_dir
-        return root / "elastic-agent-snapshots" / self.job_id / self.node_id
+        """This node's in-memory snapshots (agent.worker.snapshot)."""
+        return snapshots_of(self.job_id, self.log_dir) / self.node_id
 
     def forget_snapshots(self) -> None:
         """This node is done with the job (or starts it afresh): its snapshots (RAM) go."""

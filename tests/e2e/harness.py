@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.daemon import procfs
+from agent.daemon.local import snapshots_of
 from agent.daemon.procfs import cpu_seconds  # noqa: F401 - re-exported for the benches
 from rendezvous.etcd_server import EtcdServer, ServerTls
 from rendezvous.net import free_port
@@ -317,7 +319,7 @@ class Cluster:
     def close(self) -> None:
         self.stop_agents()
         self.etcd.stop()
+        # A job killed before it succeeded leaves its snapshots in shared memory (RAM).
+        shutil.rmtree(snapshots_of(self.job_id, self.workdir / "elastic-agent-logs"), ignore_errors=True)
         if self._own:
-            import shutil  # noqa: PLC0415
-
             shutil.rmtree(self.workdir, ignore_errors=True)

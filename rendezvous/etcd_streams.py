@@ -146,7 +146,10 @@ class WatchStream:
             if self._closed:
                 raise StoreUnavailableError("etcd store is closed")
             if self._requests is None:
-                self._open_locked()
+                try:
+                    self._open_locked()
+                except ValueError as exc:  # another thread failed over and closed the channel under us
+                    raise StoreUnavailableError(f"etcd watch stream: {exc}") from exc
             self._counter.add("watch_create")
             self._pending.append(watch)
             assert self._requests is not None
@@ -292,6 +295,8 @@ class KeepAliveStream:
                     self._open_locked()
                 except grpc.RpcError as exc:
                     raise StoreUnavailableError(f"etcd keep-alive stream: {exc.code().name}") from exc
+                except ValueError as exc:  # another thread failed over and closed the channel under us
+                    raise StoreUnavailableError(f"etcd keep-alive stream: {exc}") from exc
             self._waiting.setdefault(lease, []).append((done, answer))
             assert self._requests is not None
             self._requests.put(etcdrpc.LeaseKeepAliveRequest(ID=lease))

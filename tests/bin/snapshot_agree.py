@@ -28,4 +28,10 @@ held = HeldState(model, optimizer)
 after = held.agree(el, snaps, int(os.environ["ELASTIC_AGENT_ROUND"]))
 print(json.dumps({"after": after, "weight": model.weight.item(), "peer": None if snaps is None else snaps.peer}),
       flush=True)
+dist.barrier()  # everyone done communicating before the group goes
 dist.destroy_process_group()
+logging.shutdown()
+sys.stderr.flush()
+# Past the interpreter's teardown, where torch 2.13's gloo sometimes aborts ("terminate called
+# without an active exception", -6) with the snapshot server's threads still about.
+os._exit(0)

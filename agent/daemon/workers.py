@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -176,14 +177,21 @@ class WorkerGroup:
         self._signal_groups(signal.SIGTERM, self._live())
 
     def settled(self) -> bool:
-        """Whether every worker's process group is empty now. Never blocks."""
-        return not self._live()
+        """Whether every worker's process group is empty and its exit known now. Never blocks."""
+        return not self._live() and None not in self.poll()
 
     def kill(self) -> None:
         """SIGKILL what is left, wait (bounded) for the kernel to tear it down, drain output."""
         live = self._signal_groups(signal.SIGKILL, self._live())
-        self._wait_groups(live, time.monotonic() + _KILL_WAIT_S)
-        self.poll()
+        deadline = time.monotonic() + _KILL_WAIT_S
+        self._wait_groups(live, deadline)
+        # The keeper reaps the workers and reports their exits over its socket: a group can
+        # be empty a moment before its leader's exit code reaches us.
+        for worker in self._workers:
+            try:
+                worker.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass  # still unkillable (uninterruptible sleep); poll() says None
         # Output drains once every writer is gone; one shared deadline bounds the whole wait.
         deadline = time.monotonic() + _READER_JOIN_S
         for worker in self._workers:

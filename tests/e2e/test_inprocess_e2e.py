@@ -20,79 +20,25 @@ INFO log, as a user's own ``logging`` setup would: without them it prints only w
 
 from __future__ import annotations
 
-import re
 import signal
 import time
-from dataclasses import dataclass
 
 import pytest
 
 from agent.worker.checkpoint import latest_step
 from agent.worker.fence import read_fence
 from tests.e2e.harness import PYTHON, STEP_RE, TRAIN, AgentProc, Cluster, alive, wait_until
+from tests.e2e.inprocess_log import LEFT_RE, Reformed, inprocess_job, reformed, started_lines, took_state
 
 pytestmark = pytest.mark.e2e
 
 WAIT = 90.0  # generous: the machine may be shared with other test runs
-
-_LOGGED_TRAIN = """\
-import logging, runpy, sys
-handler = logging.StreamHandler()
-handler.setFormatter(logging.Formatter("pid %(process)d %(name)s %(levelname)s: %(message)s"))
-helper = logging.getLogger("agent.worker")
-helper.addHandler(handler)
-helper.setLevel(logging.INFO)
-sys.argv[0] = {train!r}
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-REFORMED_RE = re.compile(r"pid (\d+) agent\.worker\.inprocess INFO: re-formed in round (\d+) as rank (\d+) of (\d+) "
-                         r"in [\d.]+s \((.*)\); going on after step (-?\d+)")
-TOOK_RE = re.compile(r"pid (\d+) agent\.worker\.held INFO: took the state of step (\d+) from rank (\d+)")
-LEFT_RE = re.compile(r"pid (\d+) agent\.worker\.inprocess INFO: stopped after step (\d+): this node leaves")
-
-
-@dataclass(frozen=True)
-class Reformed:
-    """One worker's "re-formed in round R as rank r of W (why); going on after step H"."""
-
-    pid: int
-    round: int
-    rank: int
-    world: int
-    why: str
-    after: int
-
-
-def inprocess_job(cluster: Cluster) -> list[str]:
-    script = cluster.workdir / "train_logged.py"
-    script.write_text(_LOGGED_TRAIN.format(train=str(TRAIN)))
-    return [PYTHON, str(script), "--steps", "100000", "--checkpoint-every", "10", "--inprocess"]
-
-
-def reformed(agent: AgentProc, world: int) -> list[Reformed]:
-    found = []
-    for line in list(agent.lines):
-        m = REFORMED_RE.search(line.text)
-        if m and int(m.group(4)) == world:
-            found.append(Reformed(int(m.group(1)), int(m.group(2)), int(m.group(3)), int(m.group(4)), m.group(5),
-                                  int(m.group(6))))
-    return found
-
-
-def took_state(agent: AgentProc) -> dict[int, tuple[int, int]]:
-    """pid -> (step, source rank) of each of this node's workers that took the state from a peer."""
-    return {int(m.group(1)): (int(m.group(2)), int(m.group(3)))
-            for m in (TOOK_RE.search(line.text) for line in list(agent.lines)) if m}
 
 
 def steps_of(agents: list[AgentProc]) -> list[tuple[float, int, int]]:
     """(time, step, world size) of the step lines these agents' rank-0 worker printed."""
     return sorted((line.t, int(m.group(1)), int(m.group(2)))
                   for a in agents for line in list(a.lines) if (m := STEP_RE.search(line.text)))
-
-
-def started_lines(agent: AgentProc) -> list[str]:
-    return [line.text for line in list(agent.lines) if "workers (global ranks" in line.text]
 
 
 def wait_for_reform(agents: list[AgentProc], world: int, what: str) -> list[Reformed]:

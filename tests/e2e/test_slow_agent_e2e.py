@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import pytest
 
 from tests.e2e.harness import PYTHON, TRAIN, AgentProc, Cluster, wait_until
-from tests.e2e.test_inprocess_e2e import LEFT_RE, inprocess_job, reformed, started_lines
+from tests.e2e.inprocess_log import LEFT_RE, inprocess_job, reformed, started_lines
 
 pytestmark = pytest.mark.e2e
 

@@ -24,6 +24,11 @@ class Reason(StrEnum):
 # Reasons the job's own workers caused: these, and only these, spend --max-restarts.
 FAILURES = frozenset({Reason.WORKER_FAILURE, Reason.HANG})
 
+# Rounds opened for a planned change, after a step every rank could reach was announced (a
+# node leaving, a standby joining). Any other round means a member broke the group: a stop
+# step announced before it can no longer be reached.
+PLANNED = frozenset({Reason.NODE_LEFT, Reason.SCALE_UP})
+
 
 def reason_text(kind: Reason, detail: str = "") -> str:
     """The wire form of a round's reason."""

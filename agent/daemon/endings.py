@@ -8,8 +8,9 @@ import logging
 from collections.abc import Callable
 
 from agent.daemon import reconnect
+from agent.daemon.supervise import drain_survives
 from agent.daemon.config import AgentConfig
-from agent.daemon.local import LocalWorkers
+from agent.daemon.local import LocalWorkers, Running
 from agent.daemon.planning import Plans
 from agent.daemon.signals import Signals
 from agent.daemon.states import State
@@ -60,12 +61,22 @@ class Endings:
             budget = drain_budget(self.config.drain_timeout, self.signals.deadline, self.clock.monotonic(),
                                   self.config.shutdown_timeout)
             self.local.begin_stop(why, drain=drain, budget=budget)
-            self.local.finish_stopping(lambda: self.signals.insist)
+            self.local.finish_stopping(lambda: self._insist(run))
         self.local.layout.forget_snapshots()
         self.participant.leave(reason="preempted")
         self.set_state(State.STOPPED)
         log.warning("left job %s cleanly", self.config.job_id)
         return EXIT_PREEMPTED
+
+    def _insist(self, run: Running) -> bool:
+        """While this node drains to leave: give up the drain (SIGTERM the workers now) once the
+        round moved on for a reason no rank's drain survives; SIGKILL on a second signal."""
+        if run.draining_since is not None and run.terminated_at is None and self.participant.assignment:
+            notice = self.participant.poll(0)
+            if notice is not None and not drain_survives(notice):
+                log.warning("stop step no longer reachable (%s): stopping the workers now", notice.detail)
+                run.drain_budget = 0.0
+        return self.signals.insist
 
     def fenced(self, why: str) -> int | None:
         """Our lease is gone: others may already run a newer round without us, so our workers

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from agent.daemon import policy
 from agent.daemon.policy import Progress
 from rendezvous.participant import Notice, NoticeKind
-from rendezvous.reasons import Reason, reason_kind
+from rendezvous.reasons import PLANNED, Reason, reason_kind
 from rendezvous.state import RoundState
 
 
@@ -105,6 +105,17 @@ class ReportDone:
 Action = Keep | Leave | Fence | Finish | FollowRound | Announce | Freeze | Grow | Fail | ReportDone
 
 
+def drain_survives(notice: Notice) -> bool:
+    """Whether workers draining to an announced stop step can still reach it after ``notice``:
+    not once a member broke the round (its collectives stall every rank short of the step,
+    until --drain-timeout), the job ended, or our lease is gone."""
+    if notice.kind in (NoticeKind.FINISHED, NoticeKind.LEASE_LOST):
+        return False
+    if notice.kind == NoticeKind.ROUND and notice.round is not None:
+        return reason_kind(notice.round.reason) in PLANNED
+    return True
+
+
 def next_action(look: Look) -> Action:
     if look.leave is not None:
         return Leave(f"asked to leave ({look.leave})")
@@ -126,8 +137,10 @@ def next_action(look: Look) -> Action:
             return Grow(notice.round.grow_request if notice.round is not None else "")
         assert notice.round is not None
         # A planned change (announced as a step to stop after) lets the workers reach it;
-        # anything else stops them now.
-        return FollowRound(notice.round, reason_kind(notice.round.reason), drain=look.stopping_at is not None)
+        # anything else stops them now, even with a stop step announced: a member lost on the
+        # way there stalls every rank's collective short of it (they would wait out the drain).
+        return FollowRound(notice.round, reason_kind(notice.round.reason),
+                           drain=look.stopping_at is not None and drain_survives(notice))
     verdict = policy.judge_exits(list(look.codes))
     if verdict.failed:
         return Fail(Reason.WORKER_FAILURE, verdict.failed)

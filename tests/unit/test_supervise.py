@@ -45,6 +45,13 @@ FAILED = Notice(NoticeKind.FINISHED, "job failed", status=JobStatus(Outcome.FAIL
      s.FollowRound(opened("scale_up: c is waiting").round, "scale_up", True)),
     (look(notice=opened("scale_up: c is waiting")),
      s.FollowRound(opened("scale_up: c is waiting").round, "scale_up", False)),
+    (look(notice=opened("node_left: b (SIGTERM)"), stopping_at=40),
+     s.FollowRound(opened("node_left: b (SIGTERM)").round, "node_left", True)),
+    # a member lost (or a worker failed) on the way to an announced stop step: no rank can
+    # reach it any more, so the workers stop (or abort their group) now, not at the step
+    (look(notice=opened("node_lost: b"), stopping_at=40), s.FollowRound(opened("node_lost: b").round, "node_lost", False)),
+    (look(notice=opened("worker_failure: b/0 exited 1"), stopping_at=40),
+     s.FollowRound(opened("worker_failure: b/0 exited 1").round, "worker_failure", False)),
     # planned changes: a stop step to pass on, a standby asking group rank 0 to grow the job
     (look(notice=Notice(NoticeKind.STOP, "stop after step 40", stop_at=40)), s.Announce(40)),
     (look(notice=Notice(NoticeKind.FREEZE, "a planned stop was asked for")), s.Freeze()),
@@ -81,3 +88,39 @@ def test_next_action(given: s.Look, expected: s.Action) -> None:
 def test_a_failure_beats_a_hang_and_completion() -> None:
     given = look(codes=(0, 1), progress=(Progress(1, 0.0, NOW - 100), None), hang=10)
     assert s.next_action(given) == s.Fail(Reason.WORKER_FAILURE, (1,))
+
+
+@pytest.mark.parametrize("notice, survives", [
+    (opened("node_left: b (SIGTERM)"), True),  # the planned round a leave opens
+    (opened("scale_up: c is waiting"), True),
+    (opened("node_lost: b"), False),  # a member vanished on the way to the stop step
+    (opened("hang: b/0 silent for 30s"), False),
+    (FINISHED, False),
+    (Notice(NoticeKind.LEASE_LOST, "lease gone"), False),
+    (Notice(NoticeKind.STOP, "stop after step 40", stop_at=40), True),
+])
+def test_which_news_a_drain_to_a_stop_step_survives(notice: Notice, survives: bool) -> None:
+    assert s.drain_survives(notice) is survives
+
+
+def _leaving(notice: Notice | None) -> tuple[object, object]:
+    from types import SimpleNamespace
+
+    from agent.daemon.endings import Endings
+    participant = SimpleNamespace(assignment=object(), poll=lambda timeout: notice)
+    end = Endings(None, None, participant, None, SimpleNamespace(insist=False), None, None, None, None)  # type: ignore[arg-type]
+    run = SimpleNamespace(draining_since=NOW, terminated_at=None, drain_budget=60.0)
+    return end, run
+
+
+def test_a_leaving_node_gives_up_its_drain_when_a_member_is_lost_meanwhile() -> None:
+    end, run = _leaving(opened("node_lost: c"))
+    assert end._insist(run) is False  # type: ignore[attr-defined]  # SIGTERM, not SIGKILL
+    assert run.drain_budget == 0.0  # type: ignore[attr-defined]
+
+
+def test_a_leaving_node_keeps_draining_through_quiet_and_planned_news() -> None:
+    for notice in (None, opened("scale_up: c is waiting")):
+        end, run = _leaving(notice)
+        end._insist(run)  # type: ignore[attr-defined]
+        assert run.drain_budget == 60.0  # type: ignore[attr-defined]

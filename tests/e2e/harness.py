@@ -323,3 +323,12 @@ class Cluster:
         shutil.rmtree(snapshots_of(self.job_id, self.workdir / "elastic-agent-logs"), ignore_errors=True)
         if self._own:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def consoles(agents: dict[str, AgentProc], since: float, chars: int = 2500) -> str:
+    """The end of every agent's console from ``since`` on, for a failure to explain itself."""
+    parts = []
+    for name, agent in agents.items():
+        text = "\n".join(line.text for line in list(agent.lines) if line.t >= since)
+        parts.append(f"===== {name}\n{text[-chars:]}")
+    return "\n".join(parts)

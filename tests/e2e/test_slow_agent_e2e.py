@@ -26,7 +26,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.e2e.harness import PYTHON, TRAIN, AgentProc, Cluster, wait_until
+from tests.e2e.harness import PYTHON, TRAIN, AgentProc, Cluster, consoles, wait_until
 from tests.e2e.inprocess_log import LEFT_RE, inprocess_job, reformed, started_lines
 
 pytestmark = pytest.mark.e2e
@@ -41,15 +41,6 @@ BROKEN_INPROCESS = (*BROKEN, "the process group broke")
 
 def plain_job() -> list[str]:
     return [PYTHON, str(TRAIN), "--steps", "100000", "--checkpoint-every", "10"]
-
-
-def consoles(agents: dict[str, AgentProc], since: float, chars: int = 2500) -> str:
-    """The end of every agent's console from ``since`` on, for a failure to explain itself."""
-    parts = []
-    for name, agent in agents.items():
-        text = "\n".join(line.text for line in list(agent.lines) if line.t >= since)
-        parts.append(f"===== {name}\n{text[-chars:]}")
-    return "\n".join(parts)
 
 
 def lines_saying(agents: dict[str, AgentProc], since: float, words: tuple[str, ...]) -> list[str]:

@@ -231,6 +231,10 @@ def main():
                     os.close(fd)
                 send(sock, {"op": "failed", "id": request["id"], "error": exc.strerror or str(exc)})
     kill_everything()
+    # Out at once, without the interpreter's teardown: as the zygote it holds torch, whose
+    # teardown kept a killed agent's keeper running, alone, for over 17 s beside a training job
+    # (seen in make demo). Nothing is left to flush: every write went out with os.write or send.
+    os._exit(0)
 
 
 if __name__ == "__main__":

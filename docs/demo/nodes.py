@@ -35,6 +35,7 @@ STEP_RE = re.compile(r"^\[[^\]/]+/\d+\] step (\d+) world_size (\d+)\b")
 RESUMED_RE = re.compile(r"^\[[^\]/]+/\d+\] (?:resumed from step|starting from step) (\d+)")
 DRAINED_RE = re.compile(r"^\[[^\]/]+/\d+\] drained at step (\d+)")
 PORT_RE = re.compile(r"metrics and health on http://[^/]+:(\d+)/metrics")
+KEEPER_EXIT_GRACE = 5.0  # seconds a keeper may take to end after its agent before it counts as left over
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,11 @@ class Cluster:
             if etcd is not None and etcd.poll() is None:
                 etcd.kill()
                 etcd.wait(timeout=10)
+        # A keeper ends on its own once its agent is gone (it kills what is below it first):
+        # give it that moment; only what is still running after it is a leftover.
+        deadline = time.monotonic() + KEEPER_EXIT_GRACE
+        while processes_under(self.root) and time.monotonic() < deadline:
+            time.sleep(0.05)
         stragglers = processes_under(self.root)
         for pid in stragglers:
             _signal(pid, signal.SIGKILL)

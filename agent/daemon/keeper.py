@@ -134,15 +134,6 @@ class Keeper:
         with self._cond:
             return self._cond.wait_for(lambda: pid in self._exits or self._gone, timeout)
 
-    def close(self) -> None:
-        """Ends the keeper: it kills whatever is left below it, then exits."""
-        self._sock.close()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=5)
-
     def _read(self) -> None:
         while True:
             try:

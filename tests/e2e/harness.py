@@ -267,7 +267,9 @@ class Cluster:
             "--max-restarts", str(max_restarts), "--monitor-interval", "0.1", *conf,
             *command[1:],  # torchrun runs the script with its own interpreter
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        # TMPDIR: torchrun makes a torchelastic_* directory there for every run and never
+        # removes it; inside the workdir it goes with the cluster.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.workdir), **(extra_env or {})}
         for key in [k for k in env if k.startswith("ELASTIC_AGENT_")]:
             del env[key]
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -18,7 +18,9 @@ BASE = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "PY
 
 
 def worker_envs(command: list[str], cwd: Path) -> list[dict[str, str]]:
-    proc = subprocess.run(command, env=BASE, cwd=cwd, capture_output=True, text=True, timeout=120)
+    # TMPDIR: torchrun leaves a torchelastic_* directory there; cwd is pytest's, removed with it.
+    proc = subprocess.run(command, env={**BASE, "TMPDIR": str(cwd)}, cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     envs = [json.loads(line.split("ENV ", 1)[1]) for line in proc.stdout.splitlines() if "ENV {" in line]
     assert len(envs) == 2, proc.stdout[-2000:]

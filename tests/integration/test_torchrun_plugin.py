@@ -13,6 +13,7 @@ settings are one line naming the key. Handlers come from torch's registry, as to
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 import threading
@@ -337,11 +338,12 @@ def test_a_bad_endpoint_or_run_id_is_named(endpoint: str, run_id: str, named: st
     assert str(exc_info.value).startswith(named), str(exc_info.value)
 
 
-def test_torchrun_itself_prints_one_line_and_exits_2(etcd: EtcdServer, job_id: str) -> None:
+def test_torchrun_itself_prints_one_line_and_exits_2(etcd: EtcdServer, job_id: str, tmp_path: Path) -> None:
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     out = subprocess.run([torchrun, "--nnodes", "1:2", "--rdzv-backend", "etcd-v3", "--rdzv-endpoint", etcd.endpoint,
                           "--rdzv-id", job_id, "--rdzv-conf", "lease_ttl=soon", "-m", "this_never_runs"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})  # where torchrun leaves its torchelastic_*
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr + out.stdout
     assert out.stderr.strip().splitlines()[-1] == (

@@ -155,6 +155,7 @@ def test_a_worker_of_an_older_round_cannot_save(procs, tmp_path: Path) -> None:
 def test_example_runs_unchanged_under_plain_torchrun(procs, tmp_path: Path) -> None:
     def torchrun(steps: int) -> str:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIC_AGENT_")}
+        env["TMPDIR"] = str(tmp_path)  # torchrun leaves a torchelastic_* directory there
         cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(EXAMPLE), "--steps", str(steps),
                "--step-time", "0", "--checkpoint-every", "2", "--checkpoint-dir", str(tmp_path / "ckpt")]
         proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

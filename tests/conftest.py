@@ -20,6 +20,12 @@ from rendezvous.etcd_server import EtcdServer
 from tests.waiting import DEFAULT_WAIT_S, wait_until  # noqa: F401 - re-exported for the suites
 
 
+def torchrun_env(env: dict[str, str], tmp: os.PathLike[str] | str) -> dict[str, str]:
+    """``env`` for a torchrun process, with TMPDIR in the test's own temporary directory:
+    torchrun makes a ``torchelastic_*`` directory there on every run and never removes it."""
+    return {**env, "TMPDIR": str(tmp)}
+
+
 def stop_server(server: EtcdServer) -> None:
     """Stop an etcd we started, by its pid, and remove its data dir."""
     proc = server.proc

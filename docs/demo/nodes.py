@@ -189,17 +189,19 @@ class Cluster:
                 etcd.wait(timeout=10)
         # A keeper ends on its own once its agent is gone (it kills what is below it first):
         # give it that moment; only what is still running after it is a leftover.
-        deadline = time.monotonic() + KEEPER_EXIT_GRACE
-        while processes_under(self.root) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        stragglers = processes_under(self.root)
+        stragglers = self._wait_until_nothing_runs(KEEPER_EXIT_GRACE)
         for pid in stragglers:
             _signal(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while processes_under(self.root) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self._wait_until_nothing_runs(5.0)
         shutil.rmtree(self.root, ignore_errors=True)
         return stragglers
+
+    def _wait_until_nothing_runs(self, seconds: float) -> list[int]:
+        """Wait up to ``seconds`` for every process in our directory to end; what still runs."""
+        deadline = time.monotonic() + seconds
+        while (running := processes_under(self.root)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return running
 
 
 def processes_under(root: Path) -> list[int]:

@@ -25,6 +25,7 @@ from agent.daemon.local import snapshots_of
 from agent.daemon.procfs import cpu_seconds  # noqa: F401 - re-exported for the benches
 from rendezvous.etcd_server import EtcdServer, ServerTls
 from rendezvous.net import free_port
+from tests.conftest import torchrun_env
 from tests.waiting import alive, wait_until  # noqa: F401 - re-exported for tests and benches
 
 REPO = Path(__file__).resolve().parents[2]
@@ -267,9 +268,7 @@ class Cluster:
             "--max-restarts", str(max_restarts), "--monitor-interval", "0.1", *conf,
             *command[1:],  # torchrun runs the script with its own interpreter
         ]
-        # TMPDIR: torchrun makes a torchelastic_* directory there for every run and never
-        # removes it; inside the workdir it goes with the cluster.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.workdir), **(extra_env or {})}
+        env = torchrun_env({**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}, self.workdir)
         for key in [k for k in env if k.startswith("ELASTIC_AGENT_")]:
             del env[key]
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import torchrun_env
+
 DUMP = Path(__file__).resolve().parents[1] / "bin" / "dump_env.py"
 BASE = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
 
 def worker_envs(command: list[str], cwd: Path) -> list[dict[str, str]]:
-    # TMPDIR: torchrun leaves a torchelastic_* directory there; cwd is pytest's, removed with it.
-    proc = subprocess.run(command, env={**BASE, "TMPDIR": str(cwd)}, cwd=cwd, capture_output=True, text=True,
+    proc = subprocess.run(command, env=torchrun_env(BASE, cwd), cwd=cwd, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     envs = [json.loads(line.split("ENV ", 1)[1]) for line in proc.stdout.splitlines() if "ENV {" in line]

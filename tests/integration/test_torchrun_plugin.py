@@ -39,7 +39,7 @@ from rendezvous.etcd_server import EtcdServer
 from rendezvous.etcd_store import EtcdStore
 from rendezvous.settings import Settings
 from rendezvous.state import JobStatus, Outcome
-from tests.conftest import wait_until
+from tests.conftest import torchrun_env, wait_until
 
 HANG_S = 30.0
 FAST = {"lease_ttl": "3", "presence_ttl": "2", "last_call": "0.2", "scale_up_cooldown": "0.2", "timeout": "20"}
@@ -343,7 +343,7 @@ def test_torchrun_itself_prints_one_line_and_exits_2(etcd: EtcdServer, job_id: s
     out = subprocess.run([torchrun, "--nnodes", "1:2", "--rdzv-backend", "etcd-v3", "--rdzv-endpoint", etcd.endpoint,
                           "--rdzv-id", job_id, "--rdzv-conf", "lease_ttl=soon", "-m", "this_never_runs"],
                          capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "TMPDIR": str(tmp_path)})  # where torchrun leaves its torchelastic_*
+                         env=torchrun_env(dict(os.environ), tmp_path))
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr + out.stdout
     assert out.stderr.strip().splitlines()[-1] == (

@@ -23,6 +23,7 @@ from agent.worker.protocol import (
     ROUND_ENV,
 )
 from rendezvous.net import free_port
+from tests.conftest import torchrun_env
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,8 +155,7 @@ def test_a_worker_of_an_older_round_cannot_save(procs, tmp_path: Path) -> None:
 
 def test_example_runs_unchanged_under_plain_torchrun(procs, tmp_path: Path) -> None:
     def torchrun(steps: int) -> str:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIC_AGENT_")}
-        env["TMPDIR"] = str(tmp_path)  # torchrun leaves a torchelastic_* directory there
+        env = torchrun_env({k: v for k, v in os.environ.items() if not k.startswith("ELASTIC_AGENT_")}, tmp_path)
         cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(EXAMPLE), "--steps", str(steps),
                "--step-time", "0", "--checkpoint-every", "2", "--checkpoint-dir", str(tmp_path / "ckpt")]
         proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import IO
 
+from agent.daemon.keeper_main import receive_message, send_message
 from agent.errors import SpawnError
 
 log = logging.getLogger(__name__)
@@ -21,23 +23,24 @@ log = logging.getLogger(__name__)
 KEEPER = Path(__file__).with_name("keeper_main.py")
 Zygote = tuple[str, dict[str, str]]  # (the training command's python, the environment it imports torch in)
 SPAWN_TIMEOUT_S = 60.0  # a zygote answers after its torch import, slow on a cold, loaded host
-_MAX_MESSAGE = 1 << 16
+Identity = tuple[int, "int | None"]  # (pid, start time): pids are recycled, the pair is not
 
 
 class KeptProcess:
-    def __init__(self, keeper: Keeper, pid: int) -> None:
+    def __init__(self, keeper: Keeper, pid: int, start: int | None = None) -> None:
         self.keeper = keeper
         self.pid = pid
+        self.start = start
         self.returncode: int | None = None
         self.stdin: IO[bytes] | None = None  # our end of its stdin, when it was given a pipe
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode = self.keeper.exit_code(self.pid)
+            self.returncode = self.keeper.exit_code((self.pid, self.start))
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        if not self.keeper.wait_exit(self.pid, timeout):
+        if not self.keeper.wait_exit((self.pid, self.start), timeout):
             raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
         code = self.poll()
         assert code is not None
@@ -63,9 +66,10 @@ class Keeper:
         finally:
             theirs.close()
         self._sock = ours
-        self.ready = threading.Event()  # a zygote finished importing what workers need
+        self.ready = threading.Event()  # the keeper serves; as a zygote, once it imported torch
+        self.is_zygote = False  # what the keeper said it runs as (``zygote`` is what was asked)
         self._cond = threading.Condition()
-        self._exits: dict[int, int] = {}
+        self._exits: dict[Identity, int] = {}
         self._replies: dict[int, dict] = {}
         self._next_id = 0
         self._gone = False
@@ -77,10 +81,14 @@ class Keeper:
         return not self._gone
 
     def _image(self, zygote: Zygote | None) -> tuple[list[str], dict[str, str]]:
-        """The program the keeper runs: a bare interpreter, or the zygote of ``zygote``."""
+        """The program the keeper runs: a bare interpreter, or the zygote of ``zygote``, whose
+        python is found on the workers' PATH as a shell would (``python`` in a venv)."""
         if zygote is None:
             return [sys.executable, "-S", "-I", str(KEEPER), str(self._fd)], dict(os.environ)
-        return [zygote[0], str(KEEPER), str(self._fd), "--preload"], dict(zygote[1])
+        python, env = zygote
+        if os.sep not in python:
+            python = shutil.which(python, path=env.get("PATH", os.defpath)) or python
+        return [python, str(KEEPER), str(self._fd), "--preload"], dict(env)
 
     def become(self, zygote: Zygote | None) -> None:
         """Turn the running keeper into the zygote of ``zygote``, or back into a bare keeper
@@ -92,7 +100,7 @@ class Keeper:
         try:
             self.ready.clear()
             with self._send_lock:
-                self._sock.send(json.dumps({"op": "become", "argv": argv, "env": env}).encode())
+                send_message(self._sock, json.dumps({"op": "become", "argv": argv, "env": env}).encode())
         except OSError as exc:
             log.debug("keeper gone before it could change: %s", exc)
             return
@@ -111,7 +119,7 @@ class Keeper:
         message = json.dumps(request).encode()
         try:
             with self._send_lock:
-                socket.send_fds(self._sock, [message], list(fds))
+                send_message(self._sock, message, fds)
         except OSError as exc:
             raise SpawnError(f"cannot start worker command {argv[0]!r}: the keeper is gone ({exc})") from exc
         with self._cond:
@@ -122,41 +130,52 @@ class Keeper:
             raise SpawnError(f"cannot start worker command {argv[0]!r}: the keeper exited")
         if reply["op"] != "spawned":
             raise SpawnError(f"cannot start worker command {argv[0]!r}: {reply.get('error')}")
-        return KeptProcess(self, int(reply["pid"]))
+        return KeptProcess(self, int(reply["pid"]), reply.get("start"))
 
-    def exit_code(self, pid: int) -> int | None:
-        """The worker's exit code (negative: killed by that signal), None while it runs. If
-        the keeper itself died, its workers died with it (PR_SET_PDEATHSIG=SIGKILL)."""
+    def exit_code(self, worker: Identity) -> int | None:
+        """The exit code of the worker (pid, start time) (negative: killed by that signal),
+        None while it runs. If the keeper itself died, its workers died with it
+        (PR_SET_PDEATHSIG=SIGKILL)."""
         with self._cond:
-            return self._exits.get(pid, -9 if self._gone else None)
+            return self._exits.get(worker, -9 if self._gone else None)
 
-    def wait_exit(self, pid: int, timeout: float | None) -> bool:
+    def wait_exit(self, worker: Identity, timeout: float | None) -> bool:
         with self._cond:
-            return self._cond.wait_for(lambda: pid in self._exits or self._gone, timeout)
+            return self._cond.wait_for(lambda: worker in self._exits or self._gone, timeout)
 
     def _read(self) -> None:
         while True:
             try:
-                data = self._sock.recv(_MAX_MESSAGE)
+                data, fds = receive_message(self._sock)
             except OSError:
-                data = b""
+                data, fds = b"", []
+            for fd in fds:  # the keeper sends none; never leak one
+                os.close(fd)
             if not data:
                 break
-            message = json.loads(data)
-            if message["op"] == "ready":
-                self.ready.set()
-                continue
-            with self._cond:
-                if message["op"] == "exited":
-                    self._exits[int(message["pid"])] = int(message["code"])
-                else:
-                    self._replies[int(message["id"])] = message
-                self._cond.notify_all()
+            self.handle(json.loads(data))
         with self._cond:
             self._gone = True
             self._cond.notify_all()
         if self.process.poll() is None or self.process.returncode != 0:
             log.debug("worker keeper ended (exit %s)", self.process.poll())
+
+    def handle(self, message: dict) -> None:
+        """One report of the keeper."""
+        if message["op"] == "ready":
+            self.is_zygote = bool(message.get("zygote"))
+            if message.get("error"):
+                log.warning("cannot pre-start workers (%s); starting them cold", message["error"])
+                if not self.is_zygote:
+                    self.zygote = None  # what it still is: spawns then run the command plainly
+            self.ready.set()
+            return
+        with self._cond:
+            if message["op"] == "exited":
+                self._exits[(int(message["pid"]), message.get("start"))] = int(message["code"])
+            else:
+                self._replies[int(message["id"])] = message
+            self._cond.notify_all()
 
 
 _shared: Keeper | None = None
@@ -183,7 +202,8 @@ def zygote_ready() -> bool:
     """The zygote runs and has imported what the workers need."""
     with _shared_lock:
         keeper = _shared
-    return keeper is not None and keeper.alive and keeper.zygote is not None and keeper.ready.is_set()
+    return (keeper is not None and keeper.alive and keeper.zygote is not None and keeper.ready.is_set()
+            and keeper.is_zygote)
 
 
 def retire_zygote() -> None:

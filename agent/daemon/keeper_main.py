@@ -20,11 +20,16 @@ torch import, and the pages torch occupies are shared copy-on-write with every w
 - When the agent goes away (the socket reaches end of file: a clean exit or a ``kill -9``),
   it SIGKILLs every process below it, waits for them, and exits.
 
-Messages are JSON, one per datagram (SOCK_SEQPACKET), file descriptors alongside
-(SCM_RIGHTS). Agent -> keeper: ``{"op": "spawn", "id", "argv", "env", "cwd"}`` with 3 fds.
-``{"op": "become", "argv", "env"}``: exec that keeper program in place (zygote <-> bare).
-Keeper -> agent: ``{"op": "spawned", "id", "pid"}``, ``{"op": "failed", "id", "error"}``,
-``{"op": "exited", "pid", "code"}``.
+Messages are JSON over SOCK_SEQPACKET, each cut into datagrams of at most ``CHUNK`` bytes
+(:func:`send_message`: a datagram is capped by the socket buffer, ~208 KiB, and a worker's
+environment on Kubernetes can be larger), file descriptors alongside the last (SCM_RIGHTS).
+Agent -> keeper: ``{"op": "spawn", "id", "argv", "env", "cwd"}`` with 3 fds (and ``"run"``
+for a zygote's fork). ``{"op": "become", "argv", "env"}``: exec that keeper program in place
+(zygote <-> bare); ``argv[0]`` is found on the PATH of ``env``, as a shell would.
+Keeper -> agent: ``{"op": "ready", "zygote"}`` once it serves (``"error"`` too when a
+``become`` could not exec: it serves on as it was), ``{"op": "spawned", "id", "pid", "start"}``,
+``{"op": "failed", "id", "error"}``, ``{"op": "exited", "pid", "start", "code"}``. A pid with
+its start time (``/proc/PID/stat`` field 22) names one process: pids are recycled.
 """
 
 import ctypes
@@ -37,15 +42,53 @@ import sys
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
-MAX_MESSAGE = 1 << 20  # a worker's environment and arguments fit with room to spare
+CHUNK = 1 << 15  # bytes of a message per datagram, well under any socket buffer
 KILL_ROUNDS = 50  # each round SIGKILLs what is left and waits up to 0.1 s
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def send_message(sock, payload, fds=()):
+    """One message of any size: datagrams of ``CHUNK`` bytes, each led by ``+`` (more
+    follows) or ``.`` (the last, which carries ``fds``). The caller sends nothing between."""
+    count = max(1, -(-len(payload) // CHUNK))
+    for i in range(count):
+        last = i == count - 1
+        datagram = (b"." if last else b"+") + payload[i * CHUNK:(i + 1) * CHUNK]
+        if last and fds:
+            socket.send_fds(sock, [datagram], list(fds))
+        else:
+            sock.send(datagram)
+
+
+def receive_message(sock):
+    """The next whole message and the fds that came with it; ``b""`` at end of file."""
+    parts, fds = [], []
+    while True:
+        data, got, _flags, _addr = socket.recv_fds(sock, CHUNK + 1, 3)
+        fds.extend(got)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return b"", []
+        parts.append(data[1:])
+        if data[:1] == b".":
+            return b"".join(parts), fds
+
+
+def start_time(pid):
+    """The process's start time in clock ticks since boot (None if it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+        return int(stat[stat.rfind(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def send(sock, message):
     try:
-        sock.send(json.dumps(message).encode())
+        send_message(sock, json.dumps(message).encode())
     except OSError:
         pass  # the agent is gone; the main loop notices at its next read
 
@@ -67,16 +110,19 @@ def spawn(sock, request, fds):
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             os.chdir(request["cwd"])
+            argv = request["argv"]
             if "run" in request:
-                os._exit(run_script(request["run"], request["env"]))
-            os.execvpe(request["argv"][0], request["argv"], request["env"])
+                if ZYGOTE:
+                    os._exit(run_script(request["run"], request["env"]))
+                argv = [*argv, *request["run"]]  # not a zygote (its exec failed): run it plainly
+            os.execvpe(argv[0], argv, request["env"])
         except OSError as exc:
             os.write(2, f"cannot start worker command {request['argv'][0]!r}: {exc.strerror}\n".encode())
         finally:
             os._exit(127)
     for fd in fds:
         os.close(fd)
-    send(sock, {"op": "spawned", "id": request["id"], "pid": pid})
+    send(sock, {"op": "spawned", "id": request["id"], "pid": pid, "start": start_time(pid)})
 
 
 def run_script(args, env):
@@ -137,27 +183,38 @@ def preload():
 
 def become(sock, request):
     """Exec another keeper program in place (the zygote of another python, or a bare
-    keeper): the pid, the socket and the children stay, so no worker notices."""
+    keeper): the pid, the socket and the children stay, so no worker notices. The program
+    is found on the PATH of its environment, as a shell finds ``python`` in an activated
+    venv. If it cannot be executed the keeper serves on as it was and tells the agent so."""
     os.set_inheritable(sock.fileno(), True)
     signal.set_wakeup_fd(-1)
     try:
-        os.execve(request["argv"][0], request["argv"], request["env"])
-    except OSError as exc:  # keep serving as we are; the agent's next spawn still works
-        os.write(2, f"elastic-agent keeper: cannot exec {request['argv'][0]!r}: {exc.strerror}\n".encode())
+        os.execvpe(request["argv"][0], request["argv"], request["env"])
+    except OSError as exc:
         os.set_inheritable(sock.fileno(), False)
+        send(sock, {"op": "ready", "zygote": ZYGOTE,
+                    "error": f"cannot exec {request['argv'][0]!r}: {exc.strerror or exc}"})
 
 
 def reap(sock):
+    """Report and reap every child that exited. Each is looked at before it is reaped
+    (WNOWAIT), while its /proc entry still gives the start time that tells it from a later
+    process with the same pid."""
     while True:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
             return
-        if pid == 0:
+        if info is None or info.si_pid == 0:
             return
+        start = start_time(info.si_pid)
+        try:
+            pid, status = os.waitpid(info.si_pid, 0)
+        except ChildProcessError:
+            continue
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
         if sock is not None:
-            send(sock, {"op": "exited", "pid": pid, "code": code})
+            send(sock, {"op": "exited", "pid": pid, "start": start, "code": code})
 
 
 def descendants():
@@ -193,11 +250,16 @@ def kill_everything():
         reap(None)
 
 
+ZYGOTE = False  # this program imported torch (--preload): its forks run scripts in process
+
+
 def main():
+    global ZYGOTE
     sock = socket.socket(fileno=int(sys.argv[1]))
-    if "--preload" in sys.argv[2:]:
+    ZYGOTE = "--preload" in sys.argv[2:]
+    if ZYGOTE:
         preload()
-        send(sock, {"op": "ready"})
+    send(sock, {"op": "ready", "zygote": ZYGOTE})
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the agent's going away ends the keeper
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -214,7 +276,7 @@ def main():
         if sock not in ready:
             continue
         try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 3)
+            data, fds = receive_message(sock)
         except OSError:
             data, fds = b"", []
         if not data:  # the agent is gone

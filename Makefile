@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast soak chaos demo bench bench-agent bench-rdzv gpu-check venv clean
+.PHONY: test test-fast soak soak-tutorial chaos demo bench bench-agent bench-rdzv gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,11 @@ test-fast: $(STAMP)
 # Slow soak and chaos suites, kept out of the default run.
 soak: $(STAMP)
 	$(PY) -m pytest -m slow tests
+	$(PY) -m tests.soak.tutorial_loop 50
+
+# PyTorch's DDP tutorial shape as 3 agents with default flags, 50 times: "N of 50 finished".
+soak-tutorial: $(STAMP)
+	$(PY) -m tests.soak.tutorial_loop 50
 
 # Chaos against a real 3-member etcd and real agents in network namespaces it makes itself
 # (root and `ip netns`): etcd leader/follower kills, quorum loss, partitions, a freeze, a 10-minute

@@ -133,6 +133,7 @@ def run_script(args, env):
 
     os.environ.clear()
     os.environ.update(env)
+    let_gloo_settle_before_destroy()
     code = 0
     try:
         if args[0] == "-m":
@@ -159,6 +160,49 @@ def run_script(args, env):
             except (OSError, ValueError):
                 pass
     return code
+
+
+SETTLE_S = 0.05  # GIL-free time given to torch's gloo threads before a process group is destroyed
+
+
+def let_gloo_settle_before_destroy():
+    """Guard a forked worker against a deadlock in torch that its fast exit runs into.
+
+    A gloo work thread (``pt_gloo_runloop``) drops its last reference to a finished
+    collective a moment after completing it, and that drop takes the GIL: the work's
+    thread-local state holds a Python object (the ``contextvars`` context autograd stashes
+    during ``backward()``, so every DDP all-reduce carries one). ``ProcessGroupGloo``'s
+    destructor joins those threads while holding the GIL. When the group dies within a few
+    milliseconds of the last backward (PyTorch's DDP tutorial: ``destroy_process_group()``,
+    then ``main()`` returns and drops the DDP model, whose reducer held the group's last
+    reference), the destructor waits for the thread and the thread waits for the GIL:
+    forever. A waiting thread gets the GIL only after the 5 ms switch interval, so the
+    window is that wide. A cold interpreter rarely lands in it: its exit path collects
+    garbage over every object torch created (tens of milliseconds); a worker forked from the
+    zygote does not (``gc.freeze()``: its imports are never collected), so it got there
+    first in 8 of 20 runs (gdb: the main thread in ``~ProcessGroupGloo`` -> ``join``, a
+    ``pt_gloo_runloop`` thread in ``~AsyncWork`` -> ``take_gil``).
+
+    The fix: ``destroy_process_group`` first sleeps ``SETTLE_S`` without the GIL, so every
+    pending drop completes before any group can be destroyed, whether the group dies in it
+    (the model was dropped first) or later with the model."""
+    c10d = sys.modules.get("torch.distributed.distributed_c10d")
+    dist = sys.modules.get("torch.distributed")
+    original = getattr(c10d, "destroy_process_group", None)
+    if original is None or getattr(original, "_elastic_agent_settles", False):
+        return
+    import functools
+    import time
+
+    @functools.wraps(original)
+    def destroy_process_group(*args, **kwargs):
+        time.sleep(SETTLE_S)  # no GIL held: the gloo threads drop their finished work
+        return original(*args, **kwargs)
+
+    destroy_process_group._elastic_agent_settles = True
+    c10d.destroy_process_group = destroy_process_group
+    if getattr(dist, "destroy_process_group", None) is original:
+        dist.destroy_process_group = destroy_process_group
 
 
 # What a training script's first steps import, slowest first: torch itself (~1-2 s), the

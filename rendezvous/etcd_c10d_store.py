@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import queue
+import random
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -35,6 +36,11 @@ from rendezvous.state import RoundState
 from rendezvous.store import PUT, Event, Store
 
 DEFAULT_TIMEOUT = 300.0  # torch's default store timeout, seconds
+# A lost compare-and-swap waits a random part of a doubling window before it tries again:
+# at torch's exit barrier every agent adds to one counter at once, and N agents retrying at
+# once cost O(N^2) transactions (each round of retries lets one through).
+BACKOFF_FIRST_S = 0.005
+BACKOFF_MAX_S = 0.5
 
 
 class RoundOverError(RendezvousError):
@@ -75,17 +81,29 @@ class RoundKeys:
             raise RoundOverError(f"c10d keys {gone} under {self.prefix} vanished (round {self.round_number} is over)")
         return [kv.value for kv in result.reads if kv is not None]
 
+    def _backoff(self, lost: int) -> None:
+        """After the ``lost``-th lost compare-and-swap: full jitter over a doubling window."""
+        window = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * (2 ** min(lost - 1, 16)))
+        self.clock.sleep(random.uniform(0.0, window))
+
     def add(self, key: str, amount: int) -> int:
         full = self.full(key)
+        lost = 0
         while True:
             kv, _ = self.store.get(full)
             current = _counter(full, kv.value) if kv is not None else 0
             if self.store.replace(full, str(current + amount).encode(), kv.mod_revision if kv else 0) is not None:
                 return current + amount
+            lost += 1
+            self._backoff(lost)
 
     def compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:
         full = self.full(key)
+        lost = 0
         while True:
+            if lost:
+                self._backoff(lost)
+            lost += 1
             kv, _ = self.store.get(full)
             if kv is None and expected:
                 return expected  # absent, and the caller expected a value: torch returns ``expected``
@@ -96,7 +114,11 @@ class RoundKeys:
 
     def append(self, key: str, value: bytes) -> None:
         full = self.full(key)
+        lost = 0
         while True:
+            if lost:
+                self._backoff(lost)
+            lost += 1
             kv, _ = self.store.get(full)
             joined = (kv.value if kv is not None else b"") + value
             if self.store.replace(full, joined, kv.mod_revision if kv else 0) is not None:

@@ -78,6 +78,7 @@ class AgentConfig:
     log_line_prefix_template: str = DEFAULT_TEMPLATE
     log_line_prefix: bool = True
     local_rank_arg: bool = False
+    exit_barrier_timeout: float = 300.0  # torch's exit barrier's default
 
     def rendezvous_settings(self) -> Settings:
         return Settings(

@@ -34,7 +34,8 @@ from rendezvous.clock import Clock, SystemClock
 from rendezvous.errors import CorruptStateError, JobFinishedError, LeaseLostError, StoreUnavailableError
 from rendezvous.participant import Participant
 from rendezvous.reasons import Reason, reason_text
-from rendezvous.state import Assignment, NodeRecord
+from rendezvous.settings import Settings
+from rendezvous.state import Assignment, NodeRecord, Outcome
 from rendezvous.store import Store
 
 log = logging.getLogger("elastic_agent")
@@ -177,9 +178,10 @@ class Agent:
         agent should exit, None when it should re-enter the rendezvous."""
         run = self.local.running
         assert run is not None
-        done_reported = False
+        barrier = _ExitBarrier(self.participant, self.store, self.settings, self.config.exit_barrier_timeout, self.clock)
         while True:
             self.heartbeat = self.clock.monotonic()
+            barrier.tick()
             self.books.tick()
             session = self.participant.session
             lost = session.lost_reason if session is not None and session.lost.is_set() else None
@@ -197,12 +199,11 @@ class Agent:
                 self.local.fill_warm()
             look = supervise.Look(codes, progress, notice, self.signals.leave_requested, lost,
                                   now=self.clock.monotonic(), started=run.started_at,
-                                  hang_timeout=self.config.hang_timeout, done_reported=done_reported,
+                                  hang_timeout=self.config.hang_timeout, done_reported=barrier.reported,
                                   broken=seen.broken, stopping_at=self.plans.stopping_at)
             action = supervise.next_action(look)
             if isinstance(action, supervise.ReportDone):
-                log.info("all %d local workers exited 0; waiting for the other nodes", len(codes))
-                done_reported = _report_done(self.participant)
+                barrier.report(len(codes))
             elif isinstance(action, supervise.Announce):
                 self.plans.announce(run, action.stop_at)
             elif isinstance(action, supervise.Freeze):
@@ -268,6 +269,57 @@ def _failure_reason(action: supervise.Fail, run: Running, node: str, hang_timeou
         log.error("hang: local ranks %s reported no progress for %.0fs", ranks, hang_timeout)
         reason = reason_text(Reason.HANG, f"{node} local ranks {ranks} silent for {hang_timeout:.0f}s")
     return reason if len(reason) <= REASON_LIMIT else reason[: REASON_LIMIT - 3] + "..."
+
+
+class _ExitBarrier:
+    """This node's end of the job: report that its workers all exited 0, then (once a second)
+    bound the wait for a last node whose workers linger."""
+
+    def __init__(self, participant: Participant, store: Store, settings: Settings, bound: float,
+                 clock: Clock) -> None:
+        self.participant, self.store, self.settings = participant, store, settings
+        self.bound, self.clock = bound, clock
+        self.reported = False
+        self.done_at = self.next_check = 0.0
+
+    def report(self, workers: int) -> None:
+        log.info("all %d local workers exited 0; waiting for the other nodes", workers)
+        self.reported = _report_done(self.participant)
+        self.done_at = self.next_check = self.clock.monotonic()
+
+    def tick(self) -> None:
+        now = self.clock.monotonic()
+        if self.reported and now >= self.next_check:
+            self.next_check = now + 1.0
+            self.end_a_lingering_node(now - self.done_at)
+
+    def end_a_lingering_node(self, waited: float) -> None:
+        """Bound the wait for the last node: its workers may have finished their work and hang
+        in teardown (a deadlock in torch's gloo teardown did, docs/migrating.md). Once every
+        other node is done and it still is not after --exit-barrier-timeout, the job ends as
+        succeeded (as torch's exit barrier gives up after its timeout); that node's agent then
+        stops its workers and exits like the others."""
+        if waited < self.bound:
+            return
+        try:
+            lingering = self.not_done()
+            if len(lingering) != 1:
+                return
+            log.warning("node %s's workers still run %.0fs after every other node's exited 0 "
+                        "(--exit-barrier-timeout %gs): the job ends as succeeded without them", lingering[0],
+                        waited, self.bound)
+            self.participant.finish(Outcome.SUCCEEDED, f"every node's workers exited 0 but {lingering[0]}'s, "
+                                    f"which still ran {waited:.0f}s later (--exit-barrier-timeout) and were stopped")
+        except StoreUnavailableError as exc:
+            log.warning("could not check on the last node yet (%s); retrying", exc)
+
+    def not_done(self) -> list[str]:
+        """The members of this round whose workers have not all exited 0 (yet)."""
+        assignment = self.participant.assignment
+        assert assignment is not None
+        prefix = self.settings.done_prefix(assignment.round)
+        done = {kv.key[len(prefix):] for kv in self.store.get_prefix(prefix)[0]}
+        return [node for node in assignment.node_ids if node not in done]
 
 
 def _report_done(participant: Participant) -> bool:

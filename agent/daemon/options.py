@@ -113,6 +113,9 @@ OPTIONS: tuple[Option, ...] = (
            "before it grows the job", Settings.scale_up_cooldown, "SECONDS"),
     Option("drain_timeout", v.seconds(0, strict=True), "how long workers get to checkpoint at a step "
            "boundary when leaving", 60.0, "SECONDS"),
+    Option("exit_barrier_timeout", v.seconds(0, strict=True), "once this node's workers and every "
+           "other node's but one exited 0, wait this long for that one; then the job ends as "
+           "succeeded and that node stops its workers", 300.0, "SECONDS"),
     Option("hang_timeout", v.seconds(0, strict=False), "restart when a worker using the helper reports "
            "no step for this long (0 = off)", 0.0, "SECONDS"),
     Option("preemption_source", v.choice(PREEMPTION_SOURCES), "poll this cloud's metadata for a "

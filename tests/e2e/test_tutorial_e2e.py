@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.harness import PYTHON, REPO, Cluster
+from tests.e2e.harness import PYTHON, REPO, Cluster, alive
 
 pytestmark = pytest.mark.e2e
 
@@ -29,3 +29,20 @@ def test_the_ddp_tutorial_as_three_agents_with_default_flags_finishes(cluster: C
         assert f"[RANK{rank}] Epoch 2 |" in text, text[-3000:]
     assert "Epoch 2 | Training snapshot saved" in text
     assert snapshot.exists()
+
+
+def test_a_node_whose_worker_lingers_after_every_other_finished_is_ended_after_the_bound(cluster: Cluster) -> None:
+    # Global rank 2 trains, then never exits (as a worker deadlocked in teardown would). The
+    # others are done; after --exit-barrier-timeout the job ends as succeeded, every agent
+    # exits 0, and the lingering worker is stopped.
+    script = REPO / "tests" / "bin" / "linger_after_training.py"
+    agents = [cluster.start_agent(f"node-{i}", min_nodes=3, max_nodes=3, nproc=1, command=[PYTHON, str(script), "2"],
+                                  extra=["--exit-barrier-timeout", "3"]) for i in range(3)]
+    for agent in agents:
+        assert agent.wait(timeout=WAIT) == 0, agent.text()[-3000:]
+    lingerer = next(a for a in agents if "lingering" in a.text())
+    warned = [a for a in agents if f"node {lingerer.node_id}'s workers still run" in a.text()]
+    assert warned and lingerer not in warned, [a.text()[-1500:] for a in agents]
+    assert "--exit-barrier-timeout 3s" in warned[0].text()
+    assert "job e2e" in lingerer.text() and "succeeded" in lingerer.text(), lingerer.text()[-2000:]
+    assert not any(alive(pid) for pid in lingerer.worker_pids())

@@ -83,15 +83,17 @@ def _conf_values(config: Mapping[str, Any]) -> dict[str, Any]:
     """--rdzv-conf pairs under our names, each checked for its type."""
     values: dict[str, Any] = {}
     for key, raw in config.items():
+        key, raw = _unquoted(key), _unquoted(raw)
         name = _ALIASES.get(key, key)
         if key in _IGNORED:
             log.warning("--rdzv-conf %s is ignored by %s: leases replace heartbeats and the store is in etcd",
                         key, BACKEND)
             continue
-        if name in values:
-            raise PluginConfigError(f"--rdzv-conf {key} and {name} are the same setting: give one")
         if name in _SECONDS or name in _TIMEOUTS:
-            values[name] = _number(key, raw, positive=name in _TIMEOUTS)
+            value = _number(key, raw, positive=name in _TIMEOUTS)
+            if name in values and values[name] != value:  # the same value twice says one thing
+                raise PluginConfigError(f"--rdzv-conf {key} and {name} are the same setting: give one")
+            values[name] = value
         elif name == "max_restarts":
             values[name] = _number(key, raw, whole=True)
         elif name in _TEXT:
@@ -101,6 +103,15 @@ def _conf_values(config: Mapping[str, Any]) -> dict[str, Any]:
         else:
             raise PluginConfigError(f"--rdzv-conf {key}={raw}: unknown key; {BACKEND} takes {', '.join(KNOWN_KEYS)}")
     return values
+
+
+def _unquoted(text: Any) -> Any:
+    """Without the quotes a shell would have removed: ``--rdzv-conf='a=1,b=2'`` passed as one
+    argv element (a subprocess list, torch's own launcher tests) reaches torch's parser with
+    them, which splits it into ``'a`` = ``1`` and ``b`` = ``2'``. The pairs still say what the
+    user meant; c10d would silently ignore the first key, and refusing it would fail a command
+    that works there."""
+    return text.strip().strip("'\"") if isinstance(text, str) else text
 
 
 def _number(key: str, raw: Any, *, whole: bool = False, positive: bool = False) -> Any:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import inspect
 import logging
 import os
 import re
@@ -104,6 +105,8 @@ class TorchrunRendezvous:
                 except LeaseLostError as exc:
                     log.warning("%s: lease lost while waiting for a round (%s); rejoining", self.node_id, exc)
                     self._lost = True
+                except JobFinishedError as exc:
+                    raise self._ended(exc) from None
             self._moved = False
             self._served = assignment.round
             self.keys = RoundKeys(self.store, self.config.settings, assignment.round, self.clock)
@@ -113,17 +116,18 @@ class TorchrunRendezvous:
             return assignment
 
     def _wait_for_round(self, deadline: float) -> Assignment:
-        """The participant's wait; a job that succeeded while this node waited to get in (a
-        standby, or one that arrived while the round ran: torch's redundancy list) ends the
-        wait gracefully, as under c10d. A late arrival's start() raised JobFinishedError before."""
-        try:
-            return self.participant.next_assignment(timeout=max(0.0, deadline - self.clock.monotonic()))
-        except JobFinishedError as exc:
-            current = self.participant.current_round
-            member = self._served is not None and current is not None and current.number == self._served
-            if exc.outcome == Outcome.SUCCEEDED and not member:
-                raise EndedWhileWaitingError(exc.outcome, exc.reason) from None
-            raise
+        return self.participant.next_assignment(timeout=max(0.0, deadline - self.clock.monotonic()))
+
+    def _ended(self, exc: JobFinishedError) -> JobFinishedError:
+        """A job that succeeded while this node waited to get in (a standby, one that arrived
+        while the round ran: torch's redundancy list, or one that arrived after the end, as the
+        second agent of torch's test_launch_elastic_multiple_agents) ends it gracefully: the
+        node has nothing to do and nothing failed. A failed job stays an error."""
+        current = self.participant.current_round
+        member = self._served is not None and current is not None and current.number == self._served
+        if exc.outcome == Outcome.SUCCEEDED and not member:
+            return EndedWhileWaitingError(exc.outcome, exc.reason)
+        return exc
 
     def _enter(self, deadline: float) -> None:
         """Start, rejoin, or ask for the round after the one this node served."""
@@ -307,12 +311,28 @@ def make_handler(params: Any, *, store: Store | None = None, environ: Mapping[st
 
 
 def handler_for_torchrun(params: Any) -> Any:
-    """What torch's registry calls: a bad setting is one line on stderr and exit 2, not a traceback."""
+    """What torch's registry calls. Under the torchrun command a bad setting is one line on
+    stderr and exit 2, not a traceback; called as a library (``elastic_launch`` inside a
+    process) it raises PluginConfigError: a library never exits its caller's process."""
     try:
         return make_handler(params)
     except PluginConfigError as exc:
+        if not _under_torchrun_command():
+            raise
         print(f"torchrun --rdzv-backend {BACKEND}: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def _under_torchrun_command() -> bool:
+    """Whether torchrun's command-line ``main`` (torch.distributed.run.main) is on our stack."""
+    main = getattr(sys.modules.get("torch.distributed.run"), "main", None)
+    code = getattr(inspect.unwrap(main), "__code__", None) if main is not None else None
+    frame = sys._getframe(1)
+    while frame is not None and code is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def create_handler() -> Callable[[Any], Any]:

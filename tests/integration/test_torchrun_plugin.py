@@ -157,8 +157,16 @@ def test_a_standby_exits_gracefully_when_the_job_succeeds(make: Make, pool: Thre
     assert a.shutdown() is True  # the job succeeded: the standby has nothing to wait for, and did not fail
     with pytest.raises(RendezvousGracefulExitError, match="job already succeeded"):
         waiting.result(timeout=HANG_S)
+    with pytest.raises(RendezvousGracefulExitError, match="job already succeeded"):
+        make().next_rendezvous()  # arriving after the end (torch's test_launch_elastic_multiple_agents): no failure
+
+
+def test_a_node_arriving_after_the_job_failed_finds_it_closed(make: Make, pool: ThreadPoolExecutor) -> None:
+    a, b = make(), make()
+    rendezvous(pool, a, b)
+    assert a.shutdown() is True  # before the exit barrier: the job failed
     with pytest.raises(RendezvousClosedError) as late:
-        make().next_rendezvous()  # a node arriving after the end finds the rendezvous closed, as under c10d
+        make().next_rendezvous()
     assert not isinstance(late.value, RendezvousGracefulExitError)
 
 
@@ -310,11 +318,29 @@ def test_a_bad_rdzv_conf_value_is_one_line_naming_the_key(etcd: EtcdServer, job_
                                                           conf: dict[str, str], named: str) -> None:
     params = RendezvousParameters(backend="etcd-v3", endpoint=etcd.endpoint, run_id=job_id, min_nodes=1,
                                   max_nodes=2, **conf)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(torchrun_plugin.PluginConfigError) as raised:  # a library raises; only the CLI exits
         registry.get_rendezvous_handler(params)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("torchrun --rdzv-backend etcd-v3: ") and named in err, err
+    assert named in str(raised.value) and "\n" not in str(raised.value), str(raised.value)
+    assert capsys.readouterr().err == ""
+
+
+def test_elastic_launch_in_a_process_raises_on_a_bad_setting_and_never_exits(etcd: EtcdServer, job_id: str) -> None:
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1, run_id=job_id, rdzv_backend="etcd-v3",
+                          rdzv_endpoint=etcd.endpoint, rdzv_configs={"lease_ttl": "soon"}, max_restarts=0)
+    with pytest.raises(torchrun_plugin.PluginConfigError, match="--rdzv-conf lease_ttl=soon"):
+        elastic_launch(config, print)("never runs")
+
+
+def test_quotes_left_around_rdzv_conf_are_taken_off() -> None:
+    # --rdzv-conf='join_timeout=5,last_call_timeout=1,timeout=5' as one argv element (torch's
+    # own launcher tests): torch's parser keeps the quotes on the first key and the last value.
+    params = RendezvousParameters(backend="etcd-v3", endpoint="127.0.0.1:2379", run_id="job", min_nodes=1,
+                                  max_nodes=2, **{"'join_timeout": "5", "last_call_timeout": "1"})
+    params.config["timeout"] = "5'"
+    config = torchrun_plugin.parse_config(params)
+    assert (config.join_timeout, config.settings.last_call) == (5.0, 1.0)
 
 
 def test_c10d_only_keys_are_ignored_with_a_warning(caplog: Any) -> None:

@@ -17,10 +17,11 @@ STEPS = 8
 
 pytestmark = pytest.mark.e2e
 
-# (example, workers per agent, extra agent flags, what global rank 0 prints at the end)
+# (example and its arguments, workers per agent, extra agent flags, what global rank 0 prints at the end)
 CASES = [
     ("torchrun_ddp.py", 1, [], "torchrun: trained 8 steps, world size 2"),
     ("launch_local_rank.py", 2, ["--local-rank-arg"], "launch: trained 8 steps, world size 4"),
+    ("apex_local_rank.py --local_rank=${local_rank}", 2, [], "apex: trained 8 steps, world size 4"),
     ("mp_spawn.py", 1, [], "mp.spawn: trained 8 steps, world size 2"),
     ("accelerate_train.py", 1, [], "accelerate: trained 8 steps, world size 2"),
     ("fabric_train.py", 1, [], "fabric: trained 8 steps, world size 2"),
@@ -36,13 +37,15 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
         server.stop()
 
 
-@pytest.mark.parametrize(("script", "nproc", "extra", "done"), CASES, ids=[c[0].removesuffix(".py") for c in CASES])
+@pytest.mark.parametrize(("script", "nproc", "extra", "done"), CASES,
+                         ids=[c[0].split()[0].removesuffix(".py") for c in CASES])
 def test_the_example_trains_and_every_agent_exits_0(etcd: EtcdServer, script: str, nproc: int, extra: list[str],
                                                      done: str) -> None:
+    script, *args = script.split()
     job = "migrate-" + script.removesuffix(".py").replace("_", "-")
     with Cluster(job_id=job, endpoints=etcd.endpoint) as cluster:
         agents = [cluster.start_agent(f"node-{n}", min_nodes=2, max_nodes=2, nproc=nproc, extra=extra,
-                                      command=[PYTHON, str(EXAMPLES / script), "--steps", str(STEPS)])
+                                      command=[PYTHON, str(EXAMPLES / script), *args, "--steps", str(STEPS)])
                   for n in range(2)]
         codes = [agent.wait(timeout=90) for agent in agents]
         text = "\n".join(agent.text() for agent in agents)

@@ -78,6 +78,7 @@ class AgentConfig:
     log_line_prefix_template: str = DEFAULT_TEMPLATE
     log_line_prefix: bool = True
     local_rank_arg: bool = False
+    abort_timeout: float = 2.0  # SIGTERM to SIGKILL after an unplanned loss (agent.daemon.local)
 
     def rendezvous_settings(self) -> Settings:
         return Settings(

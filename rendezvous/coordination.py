@@ -5,6 +5,12 @@ follows the joiner just before it, so the first joiner coordinates, and when it 
 next one takes over on its own key's deletion, with no herd of watchers. Only the coordinator
 reads and watches the whole round (its joiners and the live nodes); the decision itself is
 :func:`rendezvous.decide.close_decision`.
+
+A follower also watches its predecessor's presence key (--presence-ttl, 2 s), not only its
+join key (held by the membership lease, --lease-ttl, 10 s): a frozen coordinator keeps its join
+key for the whole lease, and the round would stall that long. A joiner without presence is
+passed over at the election, as the coordinator passes over it when closing. Should it come
+back and still act as coordinator, the round's compare-and-swap lets only one close win.
 """
 
 from __future__ import annotations
@@ -58,11 +64,17 @@ class Coordination:
     def _elect(self, number: int, join_rev: int) -> None:
         prefix = self.settings.joined_prefix(number)
         pred = self.store.predecessor(prefix, join_rev)
-        if pred is not None:
-            JoinRecord.decode(pred.key, pred.value)  # following garbage would block the round
-            self.role = Role.FOLLOWER
-            self.inbox.watch(pred.key, ItemKind.PREDECESSOR, pred.mod_revision + 1)
-            return
+        while pred is not None:
+            record = JoinRecord.decode(pred.key, pred.value)  # following garbage would block the round
+            presence_key = self.settings.presence_key(record.node_id)
+            presence, presence_rev = self.store.get(presence_key)
+            if presence is not None:
+                self.role = Role.FOLLOWER
+                self.inbox.watch(pred.key, ItemKind.PREDECESSOR, pred.mod_revision + 1)
+                self.inbox.watch(presence_key, ItemKind.PREDECESSOR, presence_rev + 1)
+                return
+            log.info("joiner %s before us is silent (no presence): passing over it", record.node_id)
+            pred = self.store.predecessor(prefix, pred.create_revision)
         self.role = Role.COORDINATOR
         joined, rev = self.store.get_prefix(prefix)
         # "Alive" is present: a member that went silent is not waited for.
@@ -102,7 +114,7 @@ class Coordination:
         """An event of this phase's watches (the caller has dropped stale ones)."""
         if item.kind is ItemKind.PREDECESSOR:
             if any(ev.kind == DELETE for ev in item.events):
-                self.role = None  # the joiner before us left: maybe we coordinate now
+                self.role = None  # the joiner before us left or went silent: maybe we coordinate now
                 self.inbox.end_phase()
         elif item.kind is ItemKind.JOINED:
             for ev in item.events:

@@ -48,7 +48,11 @@ class InboxItem:
 class Inbox:
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._queue: queue.Queue[InboxItem] = queue.Queue()
+        # A SimpleQueue, not a Queue: wake() runs in a signal handler, which can land while the
+        # loop is inside get(). Queue.put takes the non-reentrant lock get() may hold (the agent
+        # then hangs for good while its lease threads keep the node "alive"); SimpleQueue.put is
+        # reentrant in CPython (documented as safe from signal handlers).
+        self._queue: queue.SimpleQueue[InboxItem] = queue.SimpleQueue()
         self.watch_gen = 0
         self.phase_gen = 0
         self._lasting: list[Watch] = []  # the round and status watches
@@ -75,7 +79,7 @@ class Inbox:
         self._queue.put(InboxItem(ItemKind.LEASE_LOST, -1, reason=reason))
 
     def wake(self) -> None:
-        """End a wait at once (safe from a signal handler: a queue put, nothing else)."""
+        """End a wait at once. Safe from a signal handler: one reentrant SimpleQueue put."""
         self._queue.put(InboxItem(ItemKind.WAKE, -1))
 
     def get(self, timeout: float) -> InboxItem | None:

@@ -34,6 +34,9 @@ def _closed(store: Store, settings: Settings, number: int) -> tuple[RoundState, 
     return current, kv.mod_revision
 
 
+AMEND_TRIES = 16  # each lost try means another member's amendment went in
+
+
 def open_next_round(store: Store, settings: Settings, reason: str, after: int) -> bool:
     """Open round ``after + 1`` unless someone already moved past ``after``."""
     found = _closed(store, settings, after)
@@ -52,16 +55,24 @@ def open_round_after(store: Store, settings: Settings, current: RoundState, mod_
 
 
 def amend_round(store: Store, settings: Settings, number: int, change: Callable[[RoundState], RoundState]) -> bool:
-    """Change the closed round ``number`` in place (a stop step, a grow request) if it is
-    still the current one: read fresh, compare-and-swap. False when it moved on first."""
-    found = _closed(store, settings, number)
-    if found is None:
-        return False
-    current, mod_revision = found
-    changed = change(current)
-    if changed == current:
-        return True
-    return store.replace(settings.round_key, changed.encode(), mod_revision) is not None
+    """Change the closed round ``number`` in place (a stop asked for, a stop step) if it is
+    still the current one: read fresh, compare-and-swap. False when it moved on first.
+
+    A lost compare-and-swap while the round is still ``number`` means another member amended
+    it at the same moment (two nodes leaving, a leave during a grow): read again and apply
+    ``change`` to what they wrote. The changes merge (a stop asked for stays asked, the first
+    stop step stands), so concurrent planned changes end with one stop step, not two."""
+    for _ in range(AMEND_TRIES):
+        found = _closed(store, settings, number)
+        if found is None:
+            return False
+        current, mod_revision = found
+        changed = change(current)
+        if changed == current:
+            return True
+        if store.replace(settings.round_key, changed.encode(), mod_revision) is not None:
+            return True
+    return False  # amended by others this often in a row: treat it as moved on
 
 
 def announce_stop(store: Store, settings: Settings, number: int, step: int) -> int | None:

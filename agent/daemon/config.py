@@ -79,6 +79,7 @@ class AgentConfig:
     log_line_prefix: bool = True
     local_rank_arg: bool = False
     exit_barrier_timeout: float = 300.0  # torch's exit barrier's default
+    abort_timeout: float = 2.0  # SIGTERM to SIGKILL after an unplanned loss (agent.daemon.local)
 
     def rendezvous_settings(self) -> Settings:
         return Settings(

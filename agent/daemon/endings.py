@@ -85,7 +85,7 @@ class Endings:
         we were away, or a leave was asked for (nothing to hand over: exit 3 at once)."""
         log.error("lost our lease (%s): stopping local workers at once", why)
         self.metrics.restart(Reason.LEASE_LOST)
-        self.local.stop("lease lost")
+        self.local.stop("lease lost", planned=False)
         back = reconnect.rejoin(self.participant, self.clock, lambda: bool(self.signals.count), self.beat)
         if isinstance(back, reconnect.Finished):
             return self.finished(back.outcome, back.reason)

@@ -3,7 +3,7 @@
 The lease's local deadline (rendezvous.session: when the last refresh was sent, plus the TTL,
 minus a margin) is plain arithmetic. This thread checks it every ``POLL`` seconds and, once it
 has passed, signals the running workers' process groups itself: SIGTERM, then SIGKILL after
---shutdown-timeout. The agent's loop may meanwhile be stuck in a request to an unreachable
+--abort-timeout (a lost lease is an unplanned loss: no handler needs the longer grace). The agent's loop may meanwhile be stuck in a request to an unreachable
 etcd (each attempt waits its full timeout) or in a read of a hung network filesystem; the
 workers are stopped all the same, before etcd can expire the lease and let the others run a
 newer round without us. The loop, once it notices, does the bookkeeping and rejoins.

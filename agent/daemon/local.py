@@ -3,8 +3,9 @@ next round's workers pre-started. Acts only; the loop decides when.
 
 Stopping never holds up the rendezvous: the loop asks for a stop (SIGTERM now, or a drain
 to the next step boundary), joins the next round at once, and advances the stop on every
-tick (SIGKILL after --shutdown-timeout). So a node whose workers take seconds to stop is
-not left out of the round that follows, and its restart is the same restart as everyone's.
+tick (SIGKILL after --shutdown-timeout, or --abort-timeout after an unplanned loss). So a node
+whose workers take seconds to stop is not left out of the round that follows, and its restart
+is the same restart as everyone's.
 
 Logs: ``<log-dir>/<job-id>/<node-id>/<UTC start>-round<N>/<local rank>/``, one directory per
 attempt that no other node and no later attempt touches; the oldest beyond ``log_keep``
@@ -94,6 +95,14 @@ class Layout:
     log_keep: int = 100  # attempts of this node whose logs are kept
     console: ConsoleSettings = ConsoleSettings()  # what of the workers' output the console shows
     local_rank_arg: bool = False  # pass --local-rank=N, as torch.distributed.launch did
+    # SIGTERM to SIGKILL after an unplanned loss: ranks blocked in a broken collective cannot run
+    # a SIGTERM handler, so waiting --shutdown-timeout for them only delays the survivors.
+    abort_timeout: float = 2.0
+
+    @property
+    def abort_grace(self) -> float:
+        """SIGTERM to SIGKILL after an unplanned loss: never longer than a planned stop's."""
+        return min(self.abort_timeout, self.shutdown_timeout)
 
     @property
     def snapshot_dir(self) -> Path:
@@ -121,7 +130,8 @@ class Running:
     started_at: float  # monotonic
     draining_since: float | None = None  # asked to checkpoint and stop at a step boundary
     drain_budget: float = 0.0
-    terminated_at: float | None = None  # SIGTERM sent; SIGKILL after --shutdown-timeout
+    terminated_at: float | None = None  # SIGTERM sent; SIGKILL after kill_after seconds
+    kill_after: float = 0.0  # --shutdown-timeout for a planned stop, --abort-timeout otherwise
     # The last step the workers may start (the control file's clear_to): helper users start
     # none past their first until the agent clears more (agent.daemon.planning says why).
     cleared: int = -1
@@ -216,14 +226,9 @@ class LocalWorkers:
                 path.mkdir(parents=True)
             except FileExistsError:
                 continue
-            self._prune(node_dir, keep=path)
+            _prune(node_dir, path, self.layout.log_keep)
             return path
         raise AgentError(f"cannot create a new attempt directory under {node_dir}")
-
-    def _prune(self, node_dir: Path, keep: Path) -> None:
-        attempts = sorted(p for p in node_dir.iterdir() if _ATTEMPT.match(p.name) and p != keep)
-        for old in attempts[: max(0, len(attempts) + 1 - self.layout.log_keep)]:
-            shutil.rmtree(old, ignore_errors=True)
 
     def fill_warm(self) -> None:
         """Keep one pre-started worker per local rank ready for the next round."""
@@ -259,14 +264,16 @@ class LocalWorkers:
         self.warm.clear()
 
     # --- stopping ------------------------------------------------------------------------
-    def begin_stop(self, why: str, *, drain: bool, budget: float) -> None:
+    def begin_stop(self, why: str, *, drain: bool, budget: float, planned: bool = True) -> None:
         """Start stopping the workers without waiting. With ``drain`` (the workers were told
         a step to stop after, agent.daemon.steering), helper users get ``budget`` seconds to
         reach it, checkpoint and exit; otherwise (or without the helper) they get SIGTERM now.
-        :meth:`advance_stop` takes it from there."""
+        SIGKILL follows --shutdown-timeout later for a ``planned`` stop, --abort-timeout after
+        an unplanned loss. :meth:`advance_stop` takes it from there."""
         run = self.running
         if run is None or run.stopping:
             return
+        run.kill_after = self.layout.shutdown_timeout if planned else self.layout.abort_grace
         if drain and self.uses_helper(run) and any(c is None for c in run.group.poll()):
             log.info("letting workers reach their stop step, checkpoint and exit within %.0fs (%s)", budget, why)
             run.draining_since = self.clock.monotonic()
@@ -289,7 +296,7 @@ class LocalWorkers:
     def advance_stop(self, *, insist: bool = False) -> None:
         """Move a stop in progress on, never blocking for long: a drain ends when every worker
         exited, its budget ran out, or on ``insist``; then SIGTERM; then SIGKILL once
-        --shutdown-timeout has passed."""
+        the stop's grace (:meth:`begin_stop`) has passed."""
         run = self.running
         if run is None or not run.stopping:
             return
@@ -305,7 +312,7 @@ class LocalWorkers:
             return
         if run.group.settled():
             self._stopped(run, "they exited")
-        elif insist or now - run.terminated_at >= self.layout.shutdown_timeout:
+        elif insist or now - run.terminated_at >= run.kill_after:
             run.group.kill()
             self._stopped(run, f"SIGKILL after {now - run.terminated_at:.1f}s")
 
@@ -317,13 +324,14 @@ class LocalWorkers:
             if self.running is not None:
                 self.clock.sleep(0.02)
 
-    def stop(self, why: str) -> bool:
-        """Stop now: SIGTERM, SIGKILL after --shutdown-timeout. Returns whether anything ran."""
+    def stop(self, why: str, *, planned: bool = True) -> bool:
+        """Stop now: SIGTERM, SIGKILL after --shutdown-timeout (--abort-timeout when not
+        ``planned``). Returns whether anything ran."""
         run = self.running
         if run is None:
             return False
         began = self.clock.monotonic()
-        run.group.stop(self.layout.shutdown_timeout)
+        run.group.stop(self.layout.shutdown_timeout if planned else self.layout.abort_grace)
         self._stopped(run, f"{why}, in {self.clock.monotonic() - began:.2f}s")
         return True
 
@@ -331,3 +339,10 @@ class LocalWorkers:
         self.running = None
         self.on_stopped()
         log.info("stopped local workers of round %d (%s)", run.assignment.round, how)
+
+
+def _prune(node_dir: Path, keep: Path, log_keep: int) -> None:
+    """Delete this node's oldest attempt directories beyond ``log_keep`` (``keep`` included)."""
+    attempts = sorted(p for p in node_dir.iterdir() if _ATTEMPT.match(p.name) and p != keep)
+    for old in attempts[: max(0, len(attempts) + 1 - log_keep)]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -33,7 +33,7 @@ from agent.observe.metrics import AgentMetrics
 from rendezvous.clock import Clock, SystemClock
 from rendezvous.errors import CorruptStateError, JobFinishedError, LeaseLostError, StoreUnavailableError
 from rendezvous.participant import Participant
-from rendezvous.reasons import Reason, reason_text
+from rendezvous.reasons import PLANNED, Reason, reason_text
 from rendezvous.settings import Settings
 from rendezvous.state import Assignment, NodeRecord, Outcome
 from rendezvous.store import Store
@@ -66,7 +66,7 @@ class Agent:
                                        workers_ready=lambda: self.local.warm_ready())
         layout = Layout(tuple(config.command), self.nproc, config.node_id, config.job_id, config.log_dir,
                         config.checkpoint_dir, config.max_restarts, config.shutdown_timeout, config.log_keep,
-                        ConsoleSettings.of(config), config.local_rank_arg)
+                        ConsoleSettings.of(config), config.local_rank_arg, config.abort_timeout)
         self.local = LocalWorkers(layout, environ, self.clock, factory=group_factory,
                                   prewarm=config.prewarm and prewarmable(config.command),
                                   on_stopped=self.metrics.workers_stopped)
@@ -99,8 +99,8 @@ class Agent:
         except JobFinishedError as exc:
             return self.end.finished(exc.outcome, exc.reason, already=True)
         self.books.resume()
-        guard = FenceGuard(lambda: self.participant.session, self.local.running_pgids, cfg.shutdown_timeout,
-                           self.clock).start()
+        guard = FenceGuard(lambda: self.participant.session, self.local.running_pgids,
+                           self.local.layout.abort_grace, self.clock).start()
         log.info("node %s joined job %s (min %d, max %d nodes, %d workers per node)",
                  cfg.node_id, cfg.job_id, cfg.min_nodes, cfg.max_nodes, self.nproc)
         try:
@@ -229,9 +229,9 @@ class Agent:
                 if action.drain is False:
                     steering.abort_group(run)
                 return None
-            log.info("round %d opened (%s): restarting the local workers", action.round.number,
-                     action.round.reason)
-            self.local.begin_stop(action.round.reason, drain=action.drain, budget=self.config.drain_timeout)
+            log.info("round %d opened (%s): restarting the local workers", action.round.number, action.round.reason)
+            self.local.begin_stop(action.round.reason, drain=action.drain, budget=self.config.drain_timeout,
+                                  planned=action.kind in PLANNED)
             return None
         assert isinstance(action, supervise.Fail)
         reason = _failure_reason(action, run, self.config.node_id, self.config.hang_timeout)
@@ -239,7 +239,7 @@ class Agent:
         self._set_state(State.RESTARTING)
         self.participant.request_new_round(reason)  # first, so the other nodes react at once
         if not action.keep_workers:
-            self.local.begin_stop(reason, drain=False, budget=0.0)
+            self.local.begin_stop(reason, drain=False, budget=0.0, planned=False)
         return None
 
     def _beat(self) -> None:

@@ -100,6 +100,10 @@ OPTIONS: tuple[Option, ...] = (
            "did, for scripts that parse it", False, kind=SWITCH),
     Option("shutdown_timeout", v.seconds(0, strict=True),
            "seconds between SIGTERM and SIGKILL when stopping workers", 10.0, "SECONDS"),
+    Option("abort_timeout", v.seconds(0, strict=True),
+           "seconds between SIGTERM and SIGKILL after an unplanned loss (a node lost, a worker "
+           "failure, a hang, a lost lease): a collective is broken, so a SIGTERM handler may never run; "
+           "planned stops keep --shutdown-timeout", 2.0, "SECONDS"),
     # The rendezvous timings default to the rendezvous's own defaults (one place to tune).
     Option("lease_ttl", v.seconds(2, strict=False), "a node cut off from etcd this long loses its "
            "membership; it stops (fences) its own workers before", Settings.lease_ttl, "SECONDS"),

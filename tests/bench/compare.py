@@ -1,6 +1,7 @@
 """elastic-agent against torchrun: the same job, the same failures, the same machine, one run.
 
     python -m tests.bench.compare [--repeat 3] [--png docs/recovery-timeline.png] [--torchrun-defaults]
+                                  [--scenarios chain,freeze_handler]
 
 The job: docs/examples/train_ddp.py, 3 nodes of 1 worker (gloo), ~0.1 s a step, a checkpoint
 every 10 steps. torchrun runs the c10d rendezvous with the settings users tune for fast
@@ -28,6 +29,11 @@ One repetition per launcher is a chain of events on one job:
   (the frozen node is killed, a node is added back, world size 3)
   kill_store   kill -9 of the node hosting torchrun's c10d store (for elastic-agent: group
                rank 0, the master)                  -> first step at world size 2, or never
+Scenario "freeze_handler" (``--scenarios``; elastic-agent and the torchrun launchers), on a job
+of its own: 3 nodes running tests/bin/sigterm_handler_ddp.py, a plain DDP script whose SIGTERM
+handler prints a line and exits (Lightning's habit), no checkpoints; SIGSTOP of a whole node
+(not the store) -> first step at world size 2. The survivors' ranks sit in the all-reduce the
+frozen peer left hanging, so their handler cannot run: only SIGKILL frees them.
 Steps lost by a kill or a freeze = the last step printed before training resumed plus one,
 minus the step it resumed at (0 when it resumed right after; a step completed but not printed
 when its node died is not counted as lost). Node overhead = PSS summed over every process of
@@ -52,7 +58,7 @@ from dataclasses import dataclass, field
 
 from tests.bench import torchft_launch
 from tests.bench.overhead import children, node_overhead
-from tests.e2e.harness import (PYTHON, TRAIN, AgentProc, Cluster, cpu_seconds, free_port, listener_pid,
+from tests.e2e.harness import (PYTHON, REPO, TRAIN, AgentProc, Cluster, cpu_seconds, free_port, listener_pid,
                                rss_mib, wait_until)
 
 CMD = [PYTHON, str(TRAIN), "--steps", "100000", "--checkpoint-every", "10"]
@@ -61,6 +67,10 @@ AGENT_CMD = {"elastic-agent": CMD, "elastic-agent-inprocess": CMD + ["--inproces
 # host (DistNetworkError in RendezvousStoreInfo.build: the shared agent store went away).
 TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 NEVER = math.inf
+HANDLER_CMD = [PYTHON, str(REPO / "tests" / "bin" / "sigterm_handler_ddp.py")]
+SCENARIOS = ("chain", "freeze_handler")
+# In-process recovery and torchft run scripts written for them, not a plain script.
+HANDLER_LAUNCHERS = ("elastic-agent", "torchrun", "torchrun-etcd-v3", "torchrun-default")
 
 
 @dataclass
@@ -73,6 +83,7 @@ class Rep:
     cpu_percent: float = math.nan
     overhead: list[float] = field(default_factory=list)  # node overhead PSS (MiB), steady first
     unavailable: str = ""  # why this launcher could not run here, as it said
+    scenario: str = "chain"
 
 
 class Runner:
@@ -84,19 +95,20 @@ class Runner:
         self.started: list[AgentProc] = []
         self.n = 0
         self.torchft: torchft_launch.Torchft | None = None
+        self.script: list[str] | None = None  # the job's command instead of train_ddp.py
 
     def add(self) -> AgentProc:
         name = f"node-{self.n}"
         self.n += 1
         if self.launcher in AGENT_CMD:
-            agent = self.cluster.start_agent(name, nproc=1, command=AGENT_CMD[self.launcher])
+            agent = self.cluster.start_agent(name, nproc=1, command=self.script or AGENT_CMD[self.launcher])
         elif self.torchft is not None:
             agent = self.torchft.start(name, self.n - 1)
         elif self.launcher == "torchrun-etcd-v3":
-            command = CMD + ["--checkpoint-dir", str(self.cluster.checkpoint_dir)]
+            command = self.script or CMD + ["--checkpoint-dir", str(self.cluster.checkpoint_dir)]
             agent = self.cluster.start_torchrun(name, command=command, backend="etcd-v3")
         else:
-            command = CMD + ["--checkpoint-dir", str(self.cluster.checkpoint_dir)]
+            command = self.script or CMD + ["--checkpoint-dir", str(self.cluster.checkpoint_dir)]
             agent = self.cluster.start_torchrun(name, rdzv_port=self.rdzv_port, command=command,
                                                 tuned=self.launcher == "torchrun", extra_env=TORCHRUN_ENV)
         self.started.append(agent)
@@ -150,6 +162,27 @@ class Runner:
             return self._run(rep)
         finally:
             self.torchft.close()
+
+    def run_freeze_handler(self) -> Rep:
+        """Scenario freeze_handler (the module's docstring)."""
+        rep = Rep(self.launcher, scenario="freeze_handler")
+        self.script = HANDLER_CMD
+        with self.cluster:
+            t0 = time.monotonic()
+            for _ in range(3):
+                self.add()
+            if self.wait_step(t0, 3) is NEVER:
+                rep.measures["freeze_handler"] = NEVER
+                return self._finish(rep, t0)
+            time.sleep(2.0)
+            victim = self.not_store_host()
+            at = time.monotonic()
+            rep.events.append((at - t0, "freeze"))
+            frozen = victim.freeze()
+            rep.measures["freeze_handler"] = self.wait_step(at, 2)
+            victim.thaw(frozen)
+            victim.kill_node(with_workers=True)
+            return self._finish(rep, t0)
 
     def _lost(self, at: float, world: int) -> float:
         """Completed steps lost by the event at ``at`` (see the module's docstring)."""
@@ -258,6 +291,7 @@ ROWS = [
     ("kill_store_steps_lost", "completed steps lost by that kill -9"),
     ("freeze", "a node frozen whole (SIGSTOP) -> resumed (s)"),
     ("freeze_steps_lost", "completed steps lost by that freeze"),
+    ("freeze_handler", "a node frozen whole, plain script with a SIGTERM handler -> resumed (s)"),
     ("sigterm", "SIGTERM of a node -> resumed (s)"),
     ("sigterm_steps_lost", "completed steps lost by that SIGTERM"),
     ("scale_up", "node added -> training at the new size (s)"),
@@ -284,10 +318,18 @@ def _median(values: list[float]) -> str:
 def table(reps: list[Rep], launchers: list[str]) -> str:
     head = "| scenario | " + " | ".join(launchers) + " |"
     lines = [head, "|" + "---|" * (len(launchers) + 1)]
+    ran = {r.scenario for r in reps}
     for key, title in ROWS:
+        if (key if key == "freeze_handler" else "chain") not in ran:
+            continue  # a scenario not selected (--scenarios)
         cells = []
         for launcher in launchers:
+            if key == "freeze_handler" and launcher not in HANDLER_LAUNCHERS:
+                cells.append("n/a")
+                continue
             mine = [r for r in reps if r.launcher == launcher]
+            if key in ("overhead_steady", "overhead_max", "rss_mib", "cpu_percent"):
+                mine = [r for r in mine if r.scenario == "chain"]
             if any(r.unavailable for r in mine):
                 cells.append("could not run (see below)")
                 continue
@@ -323,7 +365,7 @@ def plot(reps: list[Rep], path: str) -> None:
                "torchrun-etcd-v3": "tab:blue", "elastic-agent-inprocess": "tab:olive", "torchft": "tab:purple"}
     seen = set()
     for rep in reps:
-        if rep.launcher in seen or not rep.timeline:
+        if rep.launcher in seen or not rep.timeline or rep.scenario != "chain":
             continue
         seen.add(rep.launcher)
         xs, ys = zip(*rep.timeline)
@@ -348,27 +390,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launchers", default="elastic-agent,elastic-agent-inprocess,torchrun,torchrun-etcd-v3,torchft",
                         help="comma-separated: elastic-agent, elastic-agent-inprocess, torchrun (c10d, tuned), "
                              "torchrun-etcd-v3, torchft")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help="comma-separated: chain (every event on one job), freeze_handler")
     args = parser.parse_args(argv)
     launchers = args.launchers.split(",")
     if args.torchrun_defaults:
         launchers.append("torchrun-default")
+    scenarios = args.scenarios.split(",")
+    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"--scenarios: unknown {', '.join(unknown)}; expected some of {', '.join(SCENARIOS)}")
+    runs = [(s, launcher) for s in SCENARIOS if s in scenarios for launcher in launchers
+            if s == "chain" or launcher in HANDLER_LAUNCHERS]
     reps: list[Rep] = []
     for i in range(args.repeat):
-        for launcher in launchers:
+        for scenario, launcher in runs:
             try:
-                rep = Runner(launcher, args.give_up).run()
+                runner = Runner(launcher, args.give_up)
+                rep = runner.run() if scenario == "chain" else runner.run_freeze_handler()
             except Exception:  # noqa: BLE001 - one launcher's broken chain must not lose the others' figures
                 traceback.print_exc()
-                rep = Rep(launcher)
+                rep = Rep(launcher, scenario=scenario)
             reps.append(rep)
             shown = ", ".join(f"{k}={'never' if v is NEVER else f'{v:.2f}'}" for k, v in rep.measures.items())
             overhead = ",".join(f"{v:.0f}" for v in rep.overhead)
-            print(f"[{i + 1}/{args.repeat}] {launcher}: {shown}, rss={rep.rss_mib:.0f}MiB, cpu={rep.cpu_percent:.1f}%, "
+            print(f"[{i + 1}/{args.repeat}] {scenario} {launcher}: {shown}, rss={rep.rss_mib:.0f}MiB, cpu={rep.cpu_percent:.1f}%, "
                   f"overhead={overhead}MiB{', could not run: ' + rep.unavailable if rep.unavailable else ''}", flush=True)
     print()
     print(f"medians of {args.repeat} runs (this machine, same run):")
     print(table(reps, launchers))
-    if args.png:
+    if args.png and "chain" in scenarios:
         plot(reps, args.png)
         print(f"\ntimeline written to {args.png}")
     return 0

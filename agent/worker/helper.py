@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from agent.worker import checkpoint as ckpt
-from agent.worker import choice, control
+from agent.worker import choice, control, sharded
 from agent.worker.protocol import (
     CHECKPOINT_DIR_ENV,
     CONTROL_FILE_ENV,
@@ -115,6 +115,7 @@ class Elastic:
         self._device: torch.device | None = None
         self.last_saved_step: int | None = None
         self._last_step: int | None = None  # the last step reported, for finish()
+        self._sharded: sharded.ShardedSaver | None = None  # made on the first sharded load or save
 
     # -- who we are ------------------------------------------------------------------------
 
@@ -144,15 +145,26 @@ class Elastic:
         must be shared by all nodes. Under the agent, rank 0 also fences the directory
         against late saves of older rounds."""
         collective = _TorchCollective(self) if self.distributed and self.world_size > 1 else None
+        template = default() if callable(default) else default
+        if sharded.is_sharded(template) and self.checkpoint_dir is not None:
+            # Sharded state (FSDP2, DTensor): DCP loads it in place into ``template``,
+            # re-sharded onto this job's world size and mesh.
+            names: tuple[str, ...] = ()
+            saver = self._sharded_saver()
 
-        def deserialize(loaded: choice.Loaded) -> Any:
-            return torch.load(io.BytesIO(loaded.payload[STATE_FILE]), map_location=map_location, **torch_load_kwargs)
+            def deserialize(loaded: choice.Loaded) -> Any:
+                return saver.load_into(template, loaded.checkpoint)
+        else:
+            names = (STATE_FILE,)
 
-        found = choice.load_agreed(self.checkpoint_dir, self.round_number, rank=self.rank, names=(STATE_FILE,),
+            def deserialize(loaded: choice.Loaded) -> Any:
+                return torch.load(io.BytesIO(loaded.payload[STATE_FILE]), map_location=map_location,
+                                  **torch_load_kwargs)
+
+        found = choice.load_agreed(self.checkpoint_dir, self.round_number, rank=self.rank, names=names,
                                    deserialize=deserialize, collective=collective)
         if found is None:
-            state = default() if callable(default) else default
-            return 0, state
+            return 0, template
         checkpoint, state = found
         self.last_saved_step = checkpoint.step
         return checkpoint.step + 1, state
@@ -177,7 +189,7 @@ class Elastic:
         periodic = self.checkpoint_every > 0 and (step + 1) % self.checkpoint_every == 0
         if drain or periodic:
             if self.checkpoint_dir is not None:
-                self.save(step, state_fn())
+                self.save(step, state_fn(), wait=drain)
             elif drain:
                 log.warning("drain requested at step %d but no checkpoint directory is set "
                             "(%s unset, none passed): stopping without a checkpoint", step, CHECKPOINT_DIR_ENV)
@@ -196,16 +208,29 @@ class Elastic:
         ``snapshot_every`` steps (0: never; agent.worker.snapshot), at most one at a time."""
         from agent.worker.inprocess import InProcess  # noqa: PLC0415
 
+        if sharded.module_is_sharded(model):
+            raise WorkerConfigError(
+                "el.run does not handle sharded models (FSDP2/DTensor parameters) yet: its in-memory recovery "
+                "assumes every rank holds the whole state. Use the el.step loop, which saves sharded state "
+                "through torch.distributed.checkpoint (docs/examples/train_fsdp.py)")
         InProcess(self, model, optimizer, state, load_state, snapshot_every=snapshot_every).run(train_step, steps)
 
-    def save(self, step: int, state: Any) -> None:
+    def save(self, step: int, state: Any, *, wait: bool = True) -> None:
         """Checkpoint ``state`` as step ``step``: global rank 0 writes, every rank waits for it.
         Collective: call on every rank. A failed save (e.g. ``StaleCheckpointError``) raises on
-        every rank, rank 0 with the original error."""
+        every rank, rank 0 with the original error.
+
+        Sharded state (a DTensor or ShardedTensor anywhere in it) goes through DCP instead
+        (agent.worker.sharded): every rank writes its own shards. With ``wait=False`` this
+        returns once they are copied to host memory; the save completes in the background and
+        the next save, a drain or ``finish`` waits for it and raises its failure on every rank."""
         if self.checkpoint_dir is None:
             raise WorkerConfigError(
                 f"cannot save step {step}: no checkpoint directory ({CHECKPOINT_DIR_ENV} unset, none passed)"
             )
+        if sharded.is_sharded(state):
+            self._note_saved(self._sharded_saver().save(step, state, wait=wait))
+            return
         failure: BaseException | None = None
         if self.rank == 0:
             try:
@@ -220,11 +245,30 @@ class Elastic:
             raise failure
         if failed:
             raise ckpt.CheckpointError(f"rank 0 failed to save the checkpoint of step {step} in {self.checkpoint_dir}")
-        self.last_saved_step = step
-        self._report(step, "checkpointed")
+        self._note_saved(step)
+
+    def _note_saved(self, step: int | None) -> None:
+        if step is not None:
+            self.last_saved_step = step
+            self._report(step, "checkpointed")
+
+    def _sharded_saver(self) -> sharded.ShardedSaver:
+        if self._sharded is None:
+            if self.checkpoint_dir is None:
+                raise WorkerConfigError(f"no checkpoint directory ({CHECKPOINT_DIR_ENV} unset, none passed)")
+            collective = _TorchCollective(self) if self.distributed and self.world_size > 1 else None
+            self._sharded = sharded.ShardedSaver(
+                self.checkpoint_dir, self.round_number, self.keep_last, rank=self.rank, agree=self._agree,
+                broadcast=collective.broadcast if collective is not None else (lambda obj: obj))
+        return self._sharded
 
     def finish(self) -> None:
-        """Training is over: the last progress report says so."""
+        """Training is over: a sharded save still in flight is waited for (collective), and the
+        last progress report says so."""
+        if self._sharded is not None:
+            step, last = self._last_step, self._sharded.wait()
+            self._note_saved(last)
+            self._last_step = step
         if self._last_step is not None:
             self._report(self._last_step, "finished")
 

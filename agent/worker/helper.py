@@ -146,21 +146,7 @@ class Elastic:
         against late saves of older rounds."""
         collective = _TorchCollective(self) if self.distributed and self.world_size > 1 else None
         template = default() if callable(default) else default
-        if sharded.is_sharded(template) and self.checkpoint_dir is not None:
-            # Sharded state (FSDP2, DTensor): DCP loads it in place into ``template``,
-            # re-sharded onto this job's world size and mesh.
-            names: tuple[str, ...] = ()
-            saver = self._sharded_saver()
-
-            def deserialize(loaded: choice.Loaded) -> Any:
-                return saver.load_into(template, loaded.checkpoint)
-        else:
-            names = (STATE_FILE,)
-
-            def deserialize(loaded: choice.Loaded) -> Any:
-                return torch.load(io.BytesIO(loaded.payload[STATE_FILE]), map_location=map_location,
-                                  **torch_load_kwargs)
-
+        names, deserialize = _reader(self, template, map_location, torch_load_kwargs)
         found = choice.load_agreed(self.checkpoint_dir, self.round_number, rank=self.rank, names=names,
                                    deserialize=deserialize, collective=collective)
         if found is None:
@@ -209,10 +195,7 @@ class Elastic:
         from agent.worker.inprocess import InProcess  # noqa: PLC0415
 
         if sharded.module_is_sharded(model):
-            raise WorkerConfigError(
-                "el.run does not handle sharded models (FSDP2/DTensor parameters) yet: its in-memory recovery "
-                "assumes every rank holds the whole state. Use the el.step loop, which saves sharded state "
-                "through torch.distributed.checkpoint (docs/examples/train_fsdp.py)")
+            raise WorkerConfigError(sharded.NOT_IN_PROCESS)
         InProcess(self, model, optimizer, state, load_state, snapshot_every=snapshot_every).run(train_step, steps)
 
     def save(self, step: int, state: Any, *, wait: bool = True) -> None:
@@ -220,16 +203,15 @@ class Elastic:
         Collective: call on every rank. A failed save (e.g. ``StaleCheckpointError``) raises on
         every rank, rank 0 with the original error.
 
-        Sharded state (a DTensor or ShardedTensor anywhere in it) goes through DCP instead
-        (agent.worker.sharded): every rank writes its own shards. With ``wait=False`` this
-        returns once they are copied to host memory; the save completes in the background and
-        the next save, a drain or ``finish`` waits for it and raises its failure on every rank."""
+        Sharded state (a DTensor/ShardedTensor in it) goes through DCP (agent.worker.sharded):
+        every rank writes its shards. ``wait=False`` returns once they are in host memory; the
+        next save, a drain or ``finish`` waits for it and raises its failure on every rank."""
         if self.checkpoint_dir is None:
             raise WorkerConfigError(
                 f"cannot save step {step}: no checkpoint directory ({CHECKPOINT_DIR_ENV} unset, none passed)"
             )
         if sharded.is_sharded(state):
-            self._note_saved(self._sharded_saver().save(step, state, wait=wait))
+            self._note_saved(_sharded_saver(self).save(step, state, wait=wait))
             return
         failure: BaseException | None = None
         if self.rank == 0:
@@ -252,25 +234,14 @@ class Elastic:
             self.last_saved_step = step
             self._report(step, "checkpointed")
 
-    def _sharded_saver(self) -> sharded.ShardedSaver:
-        if self._sharded is None:
-            if self.checkpoint_dir is None:
-                raise WorkerConfigError(f"no checkpoint directory ({CHECKPOINT_DIR_ENV} unset, none passed)")
-            collective = _TorchCollective(self) if self.distributed and self.world_size > 1 else None
-            self._sharded = sharded.ShardedSaver(
-                self.checkpoint_dir, self.round_number, self.keep_last, rank=self.rank, agree=self._agree,
-                broadcast=collective.broadcast if collective is not None else (lambda obj: obj))
-        return self._sharded
-
     def finish(self) -> None:
         """Training is over: a sharded save still in flight is waited for (collective), and the
         last progress report says so."""
+        last = self._last_step
         if self._sharded is not None:
-            step, last = self._last_step, self._sharded.wait()
-            self._note_saved(last)
-            self._last_step = step
-        if self._last_step is not None:
-            self._report(self._last_step, "finished")
+            self._note_saved(self._sharded.wait())
+        if last is not None:
+            self._report(last, "finished")
 
     def exit_drained(self) -> NoReturn:
         """End the process with ``DRAINED_EXIT_CODE`` (75): stopped at a step boundary on request,
@@ -305,22 +276,50 @@ class Elastic:
         """True on every rank when ``flag`` is True on any rank (all_reduce MAX)."""
         if not self.distributed or dist.get_world_size() == 1:
             return flag
-        group, device = self._agreement_group()
+        group, device = _agreement_group(self)
         value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
         return bool(value.item())
 
-    def _agreement_group(self) -> tuple[Any, torch.device]:
-        if self._device is None:
-            if dist.get_backend() == "gloo":
-                self._group, self._device = None, torch.device("cpu")
-            elif dist.is_gloo_available():
-                # A CPU side group keeps this tiny collective off the GPU stream. new_group is
-                # itself collective; every rank reaches its first step() together.
-                self._group, self._device = dist.new_group(backend="gloo"), torch.device("cpu")
-            else:
-                self._group, self._device = None, torch.device("cuda", torch.cuda.current_device())
-        return self._group, self._device
+
+def _agreement_group(el: Elastic) -> tuple[Any, torch.device]:
+    if el._device is None:
+        if dist.get_backend() == "gloo":
+            el._group, el._device = None, torch.device("cpu")
+        elif dist.is_gloo_available():
+            # A CPU side group keeps this tiny collective off the GPU stream. new_group is
+            # itself collective; every rank reaches its first step() together.
+            el._group, el._device = dist.new_group(backend="gloo"), torch.device("cpu")
+        else:
+            el._group, el._device = None, torch.device("cuda", torch.cuda.current_device())
+    return el._group, el._device
+
+
+def _sharded_saver(el: Elastic) -> sharded.ShardedSaver:
+    """The worker's one ``ShardedSaver``, made on first use (its DCP group is made collectively)."""
+    if el._sharded is None:
+        if el.checkpoint_dir is None:
+            raise WorkerConfigError(f"no checkpoint directory ({CHECKPOINT_DIR_ENV} unset, none passed)")
+        collective = _TorchCollective(el) if el.distributed and el.world_size > 1 else None
+        el._sharded = sharded.ShardedSaver(
+            el.checkpoint_dir, el.round_number, el.keep_last, rank=el.rank, agree=el._agree,
+            broadcast=collective.broadcast if collective is not None else (lambda obj: obj))
+    return el._sharded
+
+
+def _reader(el: Elastic, template: Any, map_location: Any,
+            torch_load_kwargs: Mapping[str, Any]) -> tuple[tuple[str, ...], Callable[[choice.Loaded], Any]]:
+    """The payload files ``load`` reads and how it turns them into state: sharded state (FSDP2,
+    DTensor) is loaded by DCP in place into ``template``, re-sharded onto this job's world size
+    and mesh; replicated state is ``state.pt``, read once and ``torch.load``ed."""
+    if sharded.is_sharded(template) and el.checkpoint_dir is not None:
+        saver = _sharded_saver(el)
+        return (), lambda loaded: saver.load_into(template, loaded.checkpoint)
+
+    def deserialize(loaded: choice.Loaded) -> Any:
+        return torch.load(io.BytesIO(loaded.payload[STATE_FILE]), map_location=map_location, **torch_load_kwargs)
+
+    return (STATE_FILE,), deserialize
 
 
 class _TorchCollective:
@@ -331,7 +330,7 @@ class _TorchCollective:
         self._elastic = elastic
 
     def broadcast(self, obj: Any) -> Any:
-        group, device = self._elastic._agreement_group()
+        group, device = _agreement_group(self._elastic)
         objects = [obj]
         dist.broadcast_object_list(objects, src=0, group=group, device=device)
         return objects[0]

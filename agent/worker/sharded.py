@@ -43,6 +43,12 @@ log = logging.getLogger("agent.worker.checkpoint")
 METADATA_FILE = ".metadata"  # DCP's name; the manifest allows exactly this dot name
 
 
+NOT_IN_PROCESS = (
+    "el.run does not handle sharded models (FSDP2/DTensor parameters) yet: its in-memory recovery assumes every "
+    "rank holds the whole state. Use the el.step loop, which saves sharded state through "
+    "torch.distributed.checkpoint (docs/examples/train_fsdp.py)")
+
+
 def _sharded_types() -> tuple[type, ...]:
     from torch.distributed.tensor import DTensor  # noqa: PLC0415
 

@@ -144,11 +144,8 @@ class Elastic:
         and every other rank loads exactly that one (``agent.worker.choice``); the directory
         must be shared by all nodes. Under the agent, rank 0 also fences the directory
         against late saves of older rounds."""
-        collective = _TorchCollective(self) if self.distributed and self.world_size > 1 else None
         template = default() if callable(default) else default
-        names, deserialize = _reader(self, template, map_location, torch_load_kwargs)
-        found = choice.load_agreed(self.checkpoint_dir, self.round_number, rank=self.rank, names=names,
-                                   deserialize=deserialize, collective=collective)
+        found = _load(self, template, map_location, torch_load_kwargs)
         if found is None:
             return 0, template
         checkpoint, state = found
@@ -307,19 +304,19 @@ def _sharded_saver(el: Elastic) -> sharded.ShardedSaver:
     return el._sharded
 
 
-def _reader(el: Elastic, template: Any, map_location: Any,
-            torch_load_kwargs: Mapping[str, Any]) -> tuple[tuple[str, ...], Callable[[choice.Loaded], Any]]:
-    """The payload files ``load`` reads and how it turns them into state: sharded state (FSDP2,
-    DTensor) is loaded by DCP in place into ``template``, re-sharded onto this job's world size
-    and mesh; replicated state is ``state.pt``, read once and ``torch.load``ed."""
+def _load(el: Elastic, template: Any, map_location: Any, torch_load_kwargs: Mapping[str, Any]) -> Any:
+    """``load``'s (checkpoint, state) or None. Sharded state (FSDP2, DTensor) is loaded by DCP in
+    place into ``template``, re-sharded onto this job's world size and mesh; replicated state
+    is ``state.pt``, read once and ``torch.load``ed."""
+    collective = _TorchCollective(el) if el.distributed and el.world_size > 1 else None
     if sharded.is_sharded(template) and el.checkpoint_dir is not None:
-        saver = _sharded_saver(el)
-        return (), lambda loaded: saver.load_into(template, loaded.checkpoint)
+        return _sharded_saver(el).load(template, collective)
 
     def deserialize(loaded: choice.Loaded) -> Any:
         return torch.load(io.BytesIO(loaded.payload[STATE_FILE]), map_location=map_location, **torch_load_kwargs)
 
-    return (STATE_FILE,), deserialize
+    return choice.load_agreed(el.checkpoint_dir, el.round_number, rank=el.rank, names=(STATE_FILE,),
+                              deserialize=deserialize, collective=collective)
 
 
 class _TorchCollective:

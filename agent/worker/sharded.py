@@ -36,6 +36,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
 from agent.worker import checkpoint as ckpt
+from agent.worker import choice
 from agent.worker.manifest import CheckpointError
 
 log = logging.getLogger("agent.worker.checkpoint")
@@ -179,6 +180,27 @@ class ShardedSaver:
             raise CheckpointError(f"rank {self.rank}: another rank failed to save the sharded checkpoint of "
                                   f"step {step} in {self.directory}; its own error says why")
         return step
+
+    def load(self, template: Mapping[str, Any], collective: Any) -> tuple[ckpt.Checkpoint, Mapping[str, Any]] | None:
+        """The checkpoint every rank resumes from (``choice.load_agreed``: chosen by rank 0, all
+        agreed before anything collective happens) loaded into ``template``, or None."""
+        self.group()  # collective: every rank makes it here, before any rank may fail
+        found = choice.load_agreed(self.directory, self.round_number, rank=self.rank, names=(),
+                                   deserialize=lambda loaded: loaded.checkpoint, collective=collective)
+        if found is None:
+            return None
+        checkpoint = found[0]
+        failure: Exception | None = None
+        try:
+            self.load_into(template, checkpoint)
+        except Exception as exc:  # every rank must learn of it
+            failure = exc
+        if self._agree(failure is not None):
+            if failure is not None:
+                raise failure
+            raise CheckpointError(f"rank {self.rank}: another rank could not load {checkpoint.path}; its own "
+                                  f"error says why")
+        return checkpoint, template
 
     def load_into(self, template: Mapping[str, Any], checkpoint: ckpt.Checkpoint) -> Mapping[str, Any]:
         """Load ``checkpoint`` into ``template`` in place (re-sharded to its layout) and return it."""

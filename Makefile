@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast soak soak-tutorial chaos demo bench bench-agent bench-rdzv gpu-check venv clean
+.PHONY: test test-fast soak soak-tutorial chaos demo bench bench-agent bench-rdzv bench-fsdp gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -63,6 +63,11 @@ bench-goodput: $(STAMP)
 # Issue-5 figures of elastic-agent alone (start, kill -9, scale-up, RSS, CPU).
 bench-agent: $(STAMP)
 	$(PY) -m tests.bench.agent_bench --repeat 3
+
+# FSDP2 disk checkpoints: async stall against a synchronous DCP save, step time (~100M
+# parameters + Adam, 2 ranks, gloo; a few minutes). Results: docs/benchmarks.md.
+bench-fsdp: $(STAMP)
+	$(PY) -m tests.bench.fsdp_bench --repeat 5
 
 bench-rdzv: $(STAMP)
 	$(PY) -m tests.bench.rdzv_scale --nodes 16

@@ -19,7 +19,9 @@ anything is written and again just before the commit rename, when the directory'
 (``agent.worker.fence``) or any complete checkpoint names a newer round. A save with
 ``round_number=None`` (plain torchrun, no agent) is not fenced.
 
-Only one process (global rank 0) saves; any number may read.
+Only one process (global rank 0) commits; any number may read. The payload of a sharded
+checkpoint is written by every rank through DCP (``agent.worker.sharded``) into a temporary
+directory that rank 0 then commits with :func:`commit_dir`, the same rule as :func:`save`.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ from agent.worker.manifest import (
 
 __all__ = [
     "MANIFEST_VERSION", "Checkpoint", "CheckpointError", "FileEntry", "Payload", "StaleCheckpointError",
-    "complete_checkpoints", "keep_last", "latest_step", "load_latest", "manifest_name", "order_key", "save",
-    "step_dir_name",
+    "commit_dir", "complete_checkpoints", "discard", "keep_last", "latest_step", "load_latest", "manifest_name",
+    "order_key", "refuse_if_stale", "save", "step_dir_name", "temp_name",
 ]
 
 # A payload file: its bytes, or a function that writes them to an open binary file.
@@ -88,15 +90,53 @@ def save(
     for name in payload:
         check_file_name(name, f"payload of step {step}")
     directory.mkdir(parents=True, exist_ok=True)
-    _refuse_if_stale(directory, round_number)
+    refuse_if_stale(directory, round_number)
 
-    temp = directory / f".tmp-{step_dir_name(step)}-{os.getpid()}-{secrets.token_hex(4)}"
+    temp = directory / temp_name(step)
     try:
         temp.mkdir()
-        files = {name: _write_file(temp / name, data) for name, data in payload.items()}
+        for name, data in payload.items():
+            _write_file(temp / name, data)
+    except BaseException:
+        discard(temp)
+        raise
+    return commit_dir(directory, step, temp, round_number=round_number, now=now)
+
+
+def temp_name(step: int) -> str:
+    """A fresh temporary name for the payload directory of ``step`` (``keep_last`` knows it)."""
+    return f".tmp-{step_dir_name(step)}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def discard(temp: Path) -> None:
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def commit_dir(
+    directory: Path,
+    step: int,
+    temp: Path,
+    *,
+    round_number: int | None,
+    now: Callable[[], float] = time.time,
+) -> Checkpoint:
+    """Commit ``temp``, a directory of payload files already written and fsynced (by this
+    process, or by every rank through DCP), as the checkpoint of ``step``: hash each file from
+    disk, check the fence again, rename it to ``step_N`` and write the manifest last. On any
+    failure ``temp`` is removed and nothing is committed."""
+    try:
+        files = {}
+        for entry in sorted(os.scandir(temp), key=lambda e: e.name):
+            check_file_name(entry.name, f"payload of step {step}")
+            if not entry.is_file(follow_symlinks=False):
+                raise CheckpointError(f"payload of step {step}: {entry.path} is not a plain file")
+            # Hash what is on disk, not what we meant to write.
+            files[entry.name] = FileEntry(entry.stat().st_size, sha256_of(Path(entry.path)))
+        if not files:
+            raise CheckpointError(f"checkpoint of step {step} has no files to write")
         fsync_dir(temp)
         # Checked again just before committing: the window for a zombie is the rename alone.
-        _refuse_if_stale(directory, round_number)
+        refuse_if_stale(directory, round_number)
         final = directory / step_dir_name(step)
         manifest = directory / manifest_name(step)
         if manifest.exists():
@@ -107,7 +147,7 @@ def save(
         os.rename(temp, final)
         fsync_dir(directory)
     except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
+        discard(temp)
         raise
 
     checkpoint = Checkpoint(directory, step, round_number, now(), files)
@@ -115,7 +155,7 @@ def save(
     return checkpoint
 
 
-def _write_file(path: Path, data: Payload) -> FileEntry:
+def _write_file(path: Path, data: Payload) -> None:
     with open(path, "xb") as handle:
         if isinstance(data, (bytes, bytearray, memoryview)):
             handle.write(data)
@@ -123,11 +163,9 @@ def _write_file(path: Path, data: Payload) -> FileEntry:
             data(handle)
         handle.flush()
         os.fsync(handle.fileno())
-    # Hash what is on disk, not what we meant to write.
-    return FileEntry(path.stat().st_size, sha256_of(path))
 
 
-def _refuse_if_stale(directory: Path, round_number: int | None) -> None:
+def refuse_if_stale(directory: Path, round_number: int | None) -> None:
     """Raise ``StaleCheckpointError`` when the fence or a complete checkpoint names a round
     newer than ``round_number``; never for ``None`` (plain torchrun)."""
     if round_number is None:

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from agent.worker import checkpoint as ckpt
-from agent.worker import choice, control
+from agent.worker import choice, control, sharded
 from agent.worker.protocol import (
     CHECKPOINT_DIR_ENV,
     CONTROL_FILE_ENV,
@@ -115,6 +115,7 @@ class Elastic:
         self._device: torch.device | None = None
         self.last_saved_step: int | None = None
         self._last_step: int | None = None  # the last step reported, for finish()
+        self._sharded: sharded.ShardedSaver | None = None  # made on the first sharded load or save
 
     # -- who we are ------------------------------------------------------------------------
 
@@ -143,16 +144,10 @@ class Elastic:
         and every other rank loads exactly that one (``agent.worker.choice``); the directory
         must be shared by all nodes. Under the agent, rank 0 also fences the directory
         against late saves of older rounds."""
-        collective = _TorchCollective(self) if self.distributed and self.world_size > 1 else None
-
-        def deserialize(loaded: choice.Loaded) -> Any:
-            return torch.load(io.BytesIO(loaded.payload[STATE_FILE]), map_location=map_location, **torch_load_kwargs)
-
-        found = choice.load_agreed(self.checkpoint_dir, self.round_number, rank=self.rank, names=(STATE_FILE,),
-                                   deserialize=deserialize, collective=collective)
+        template = default() if callable(default) else default
+        found = _load(self, template, map_location, torch_load_kwargs)
         if found is None:
-            state = default() if callable(default) else default
-            return 0, state
+            return 0, template
         checkpoint, state = found
         self.last_saved_step = checkpoint.step
         return checkpoint.step + 1, state
@@ -177,7 +172,7 @@ class Elastic:
         periodic = self.checkpoint_every > 0 and (step + 1) % self.checkpoint_every == 0
         if drain or periodic:
             if self.checkpoint_dir is not None:
-                self.save(step, state_fn())
+                self.save(step, state_fn(), wait=drain)
             elif drain:
                 log.warning("drain requested at step %d but no checkpoint directory is set "
                             "(%s unset, none passed): stopping without a checkpoint", step, CHECKPOINT_DIR_ENV)
@@ -196,16 +191,25 @@ class Elastic:
         ``snapshot_every`` steps (0: never; agent.worker.snapshot), at most one at a time."""
         from agent.worker.inprocess import InProcess  # noqa: PLC0415
 
+        if sharded.module_is_sharded(model):
+            raise WorkerConfigError(sharded.NOT_IN_PROCESS)
         InProcess(self, model, optimizer, state, load_state, snapshot_every=snapshot_every).run(train_step, steps)
 
-    def save(self, step: int, state: Any) -> None:
+    def save(self, step: int, state: Any, *, wait: bool = True) -> None:
         """Checkpoint ``state`` as step ``step``: global rank 0 writes, every rank waits for it.
         Collective: call on every rank. A failed save (e.g. ``StaleCheckpointError``) raises on
-        every rank, rank 0 with the original error."""
+        every rank, rank 0 with the original error.
+
+        Sharded state (a DTensor/ShardedTensor in it) goes through DCP (agent.worker.sharded):
+        every rank writes its shards. ``wait=False`` returns once they are in host memory; the
+        next save, a drain or ``finish`` waits for it and raises its failure on every rank."""
         if self.checkpoint_dir is None:
             raise WorkerConfigError(
                 f"cannot save step {step}: no checkpoint directory ({CHECKPOINT_DIR_ENV} unset, none passed)"
             )
+        if sharded.is_sharded(state):
+            self._note_saved(_sharded_saver(self).save(step, state, wait=wait))
+            return
         failure: BaseException | None = None
         if self.rank == 0:
             try:
@@ -220,13 +224,21 @@ class Elastic:
             raise failure
         if failed:
             raise ckpt.CheckpointError(f"rank 0 failed to save the checkpoint of step {step} in {self.checkpoint_dir}")
-        self.last_saved_step = step
-        self._report(step, "checkpointed")
+        self._note_saved(step)
+
+    def _note_saved(self, step: int | None) -> None:
+        if step is not None:
+            self.last_saved_step = step
+            self._report(step, "checkpointed")
 
     def finish(self) -> None:
-        """Training is over: the last progress report says so."""
-        if self._last_step is not None:
-            self._report(self._last_step, "finished")
+        """Training is over: a sharded save still in flight is waited for (collective), and the
+        last progress report says so."""
+        last = self._last_step
+        if self._sharded is not None:
+            self._note_saved(self._sharded.wait())
+        if last is not None:
+            self._report(last, "finished")
 
     def exit_drained(self) -> NoReturn:
         """End the process with ``DRAINED_EXIT_CODE`` (75): stopped at a step boundary on request,
@@ -261,22 +273,50 @@ class Elastic:
         """True on every rank when ``flag`` is True on any rank (all_reduce MAX)."""
         if not self.distributed or dist.get_world_size() == 1:
             return flag
-        group, device = self._agreement_group()
+        group, device = _agreement_group(self)
         value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
         return bool(value.item())
 
-    def _agreement_group(self) -> tuple[Any, torch.device]:
-        if self._device is None:
-            if dist.get_backend() == "gloo":
-                self._group, self._device = None, torch.device("cpu")
-            elif dist.is_gloo_available():
-                # A CPU side group keeps this tiny collective off the GPU stream. new_group is
-                # itself collective; every rank reaches its first step() together.
-                self._group, self._device = dist.new_group(backend="gloo"), torch.device("cpu")
-            else:
-                self._group, self._device = None, torch.device("cuda", torch.cuda.current_device())
-        return self._group, self._device
+
+def _agreement_group(el: Elastic) -> tuple[Any, torch.device]:
+    if el._device is None:
+        if dist.get_backend() == "gloo":
+            el._group, el._device = None, torch.device("cpu")
+        elif dist.is_gloo_available():
+            # A CPU side group keeps this tiny collective off the GPU stream. new_group is
+            # itself collective; every rank reaches its first step() together.
+            el._group, el._device = dist.new_group(backend="gloo"), torch.device("cpu")
+        else:
+            el._group, el._device = None, torch.device("cuda", torch.cuda.current_device())
+    return el._group, el._device
+
+
+def _sharded_saver(el: Elastic) -> sharded.ShardedSaver:
+    """The worker's one ``ShardedSaver``, made on first use (its DCP group is made collectively)."""
+    if el._sharded is None:
+        if el.checkpoint_dir is None:
+            raise WorkerConfigError(f"no checkpoint directory ({CHECKPOINT_DIR_ENV} unset, none passed)")
+        collective = _TorchCollective(el) if el.distributed and el.world_size > 1 else None
+        el._sharded = sharded.ShardedSaver(
+            el.checkpoint_dir, el.round_number, el.keep_last, rank=el.rank, agree=el._agree,
+            broadcast=collective.broadcast if collective is not None else (lambda obj: obj))
+    return el._sharded
+
+
+def _load(el: Elastic, template: Any, map_location: Any, torch_load_kwargs: Mapping[str, Any]) -> Any:
+    """``load``'s (checkpoint, state) or None. Sharded state (FSDP2, DTensor) is loaded by DCP in
+    place into ``template``, re-sharded onto this job's world size and mesh; replicated state
+    is ``state.pt``, read once and ``torch.load``ed."""
+    collective = _TorchCollective(el) if el.distributed and el.world_size > 1 else None
+    if sharded.is_sharded(template) and el.checkpoint_dir is not None:
+        return _sharded_saver(el).load(template, collective)
+
+    def deserialize(loaded: choice.Loaded) -> Any:
+        return torch.load(io.BytesIO(loaded.payload[STATE_FILE]), map_location=map_location, **torch_load_kwargs)
+
+    return choice.load_agreed(el.checkpoint_dir, el.round_number, rank=el.rank, names=(STATE_FILE,),
+                              deserialize=deserialize, collective=collective)
 
 
 class _TorchCollective:
@@ -287,7 +327,7 @@ class _TorchCollective:
         self._elastic = elastic
 
     def broadcast(self, obj: Any) -> Any:
-        group, device = self._elastic._agreement_group()
+        group, device = _agreement_group(self._elastic)
         objects = [obj]
         dist.broadcast_object_list(objects, src=0, group=group, device=device)
         return objects[0]

@@ -255,7 +255,13 @@ def sha256_of(path: Path) -> str:
 # Small helpers
 
 
+# torch.distributed.checkpoint's metadata file: the one dot name a payload may hold.
+DCP_METADATA = ".metadata"
+
+
 def check_file_name(name: object, where: str) -> None:
+    if name == DCP_METADATA:
+        return
     if (
         not isinstance(name, str)
         or not name

@@ -414,8 +414,10 @@ def main(argv: list[str] | None = None) -> int:
             reps.append(rep)
             shown = ", ".join(f"{k}={'never' if v is NEVER else f'{v:.2f}'}" for k, v in rep.measures.items())
             overhead = ",".join(f"{v:.0f}" for v in rep.overhead)
-            print(f"[{i + 1}/{args.repeat}] {scenario} {launcher}: {shown}, rss={rep.rss_mib:.0f}MiB, cpu={rep.cpu_percent:.1f}%, "
-                  f"overhead={overhead}MiB{', could not run: ' + rep.unavailable if rep.unavailable else ''}", flush=True)
+            if scenario == "chain":
+                shown += f", rss={rep.rss_mib:.0f}MiB, cpu={rep.cpu_percent:.1f}%, overhead={overhead}MiB"
+            print(f"[{i + 1}/{args.repeat}] {scenario} {launcher}: {shown}"
+                  f"{', could not run: ' + rep.unavailable if rep.unavailable else ''}", flush=True)
     print()
     print(f"medians of {args.repeat} runs (this machine, same run):")
     print(table(reps, launchers))

@@ -78,6 +78,9 @@ class AgentConfig:
     log_line_prefix_template: str = DEFAULT_TEMPLATE
     log_line_prefix: bool = True
     local_rank_arg: bool = False
+    straggler_evict: bool = False  # agent.daemon.straggler_watch
+    straggler_factor: float = 2.0
+    straggler_window: float = 300.0
 
     def rendezvous_settings(self) -> Settings:
         return Settings(

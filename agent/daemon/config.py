@@ -80,6 +80,9 @@ class AgentConfig:
     local_rank_arg: bool = False
     exit_barrier_timeout: float = 300.0  # torch's exit barrier's default
     abort_timeout: float = 2.0  # SIGTERM to SIGKILL after an unplanned loss (agent.daemon.local)
+    straggler_evict: bool = False  # agent.daemon.straggler_watch
+    straggler_factor: float = 2.0
+    straggler_window: float = 300.0
 
     def rendezvous_settings(self) -> Settings:
         return Settings(

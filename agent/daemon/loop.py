@@ -28,6 +28,7 @@ from agent.daemon import steering
 from agent.daemon.endings import Endings
 from agent.daemon.planning import Plans
 from agent.daemon.fence_guard import FenceGuard
+from agent.daemon.straggler_watch import StragglerWatch
 from agent.observe.collectors import CheckpointCollector
 from agent.observe.metrics import AgentMetrics
 from rendezvous.clock import Clock, SystemClock
@@ -72,6 +73,7 @@ class Agent:
                                   on_stopped=self.metrics.workers_stopped)
         checkpoints = checkpoints or CheckpointCollector(config.checkpoint_dir, self.metrics.labels)
         self.books = Bookkeeping(store, self.settings, config.node_id, self.metrics, checkpoints, self.clock)
+        self.stragglers = StragglerWatch.of(config, store, self.metrics, self.clock, self.participant, self.signals)
         self.state = State.INITIALIZING
         self.heartbeat = self.clock.monotonic()
         self.signals.on_wake = self.participant.wake
@@ -158,10 +160,9 @@ class Agent:
             raise CorruptStateError(self.settings.round_key, f"{mine.node_id} with nproc {self.nproc}",
                                     f"nproc {mine.nproc} in round {assignment.round}")
         self.metrics.rendezvous_done(self.clock.monotonic() - started, assignment, self.config.node_id)
-        log.info("round %d: %d nodes, world size %d; this node is group rank %s; master %s:%d",
-                 assignment.round, len(assignment.members), assignment.world_size,
-                 assignment.group_rank(self.config.node_id), assignment.master_addr,
-                 assignment.master_port)
+        log.info("round %d: %d nodes, world size %d; this node is group rank %s; master %s:%d", assignment.round,
+                 len(assignment.members), assignment.world_size, assignment.group_rank(self.config.node_id),
+                 assignment.master_addr, assignment.master_port)
         return assignment
 
     def _tick(self) -> None:
@@ -191,6 +192,7 @@ class Agent:
             codes = tuple(run.group.poll())
             progress = tuple(policy.read_progress(run.progress_files))
             self.metrics.progress(progress)
+            self.stragglers.tick(progress, run)
             seen = self.plans.look(run, list(codes))
             self.plans.advance(run, seen, list(codes))
             if seen.inprocess:  # not restarted when the job changes: nothing to pre-start

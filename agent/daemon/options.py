@@ -122,6 +122,14 @@ OPTIONS: tuple[Option, ...] = (
            "succeeded and that node stops its workers", 300.0, "SECONDS"),
     Option("hang_timeout", v.seconds(0, strict=False), "restart when a worker using the helper reports "
            "no step for this long (0 = off)", 0.0, "SECONDS"),
+    # Stragglers (agent.observe.stragglers): always measured and exported; removed only when asked.
+    Option("straggler_evict", v.boolean, "leave the job (at a step boundary, as on SIGTERM) when this "
+           "node's steps stay --straggler-factor times slower than the job's median for "
+           "--straggler-window", False, kind=SWITCH),
+    Option("straggler_factor", v.number_above(1, "must be a number > 1"), "how many times the job's "
+           "median step time counts as a straggler", 2.0, "FACTOR"),
+    Option("straggler_window", v.seconds(4, strict=False), "how long a node must stay that slow, "
+           "every comparison, before it is called a straggler", 300.0, "SECONDS"),
     Option("preemption_source", v.choice(PREEMPTION_SOURCES), "poll this cloud's metadata for a "
            "preemption notice: " + "|".join(PREEMPTION_SOURCES), "none", "SOURCE"),
     Option("monitor_interval", v.seconds(0, strict=True), "how often the agent polls its workers", 0.1,

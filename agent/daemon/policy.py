@@ -45,6 +45,7 @@ class Progress:
     phase: str = ""  # train | checkpointed | drained | finished | paused | broken
     mode: str = ""  # "inprocess": the worker re-forms in process when the job changes
     round: int | None = None  # the round the worker was in when it reported
+    busy: float | None = None  # seconds of the step's own work, when the worker said (stragglers)
 
 
 def read_progress(files: list[Path]) -> list[Progress | None]:
@@ -60,11 +61,19 @@ def read_progress(files: list[Path]) -> list[Progress | None]:
             out.append(Progress(int(data["step"]), wall,
                                 float(mono) if isinstance(mono, (int, float)) and not isinstance(mono, bool) else None,
                                 str(data.get("phase", "")), str(data.get("mode", "")),
-                                data["round"] if isinstance(data.get("round"), int) else None))
+                                data["round"] if isinstance(data.get("round"), int) else None,
+                                _seconds(data.get("busy"))))
         # Whatever a worker left there: a list has no .get, int(1e400) overflows, "[[[[..." recurses.
         except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
             out.append(None)
     return out
+
+
+def _seconds(value: object) -> float | None:
+    """A finite, non-negative number of seconds from a progress file, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value >= 0 else None
 
 
 def helper_in_use(files: list[Path]) -> bool:

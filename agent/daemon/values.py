@@ -52,6 +52,19 @@ def _float(raw: object) -> float:
     return value
 
 
+def number_above(low: float, form: str) -> Callable[[object], float]:
+    def parse(raw: object) -> float:
+        try:
+            value = _float(raw)
+        except Invalid:
+            raise Invalid(form) from None
+        if value <= low:
+            raise Invalid(form)
+        return value
+
+    return parse
+
+
 def int_at_least(low: int, form: str) -> Callable[[object], int]:
     def parse(raw: object) -> int:
         try:

@@ -154,7 +154,7 @@ class Elastic:
 
     # -- the per-step call -----------------------------------------------------------------
 
-    def step(self, step: int, state_fn: Callable[[], Any]) -> bool:
+    def step(self, step: int, state_fn: Callable[[], Any], *, busy: float | None = None) -> bool:
         """Call after step ``step`` completed, at the same step on every rank.
 
         Reports progress, and reads the control file: when the job's ranks were asked to stop
@@ -162,8 +162,8 @@ class Elastic:
         needed to agree), or ``checkpoint_every`` says so, saves a checkpoint of ``step``
         (``state_fn()`` is evaluated on every rank, so collective state dicts such as FSDP's
         work; only global rank 0 writes). Returns True, identically on every rank, when the
-        job must stop now: the checkpoint of ``step`` is then complete."""
-        self._report(step, "train")
+        job must stop now: the checkpoint of ``step`` is then complete. ``busy``: see protocol."""
+        self._report(step, "train", busy)
         stop_at = control.await_clearance(self.control, step + 1).stop_at
         drain = stop_at is not None and step >= stop_at
         if drain and step > stop_at:
@@ -255,12 +255,13 @@ class Elastic:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _report(self, step: int, phase: str) -> None:
+    def _report(self, step: int, phase: str, busy: float | None = None) -> None:
         self._last_step = step
         if self.progress_file is None:
             return
         record = {"v": PROGRESS_VERSION, "step": step, "time": self._clock(), "mono": self._monotonic(),
                   "pid": os.getpid(), "phase": phase, "mode": self.mode, "round": self.round_number}
+        record.update({} if busy is None else {"busy": float(busy)})
         temp = self.progress_file.with_name(f".{self.progress_file.name}.{os.getpid()}.tmp")
         try:
             temp.write_text(json.dumps(record))

@@ -12,7 +12,9 @@ Environment variables the agent sets for each worker (absent under plain torchru
   (temp file + ``os.replace``) with ``{"v": 1, "step": N, "time": <unix time>, "mono": <the
   host's time.monotonic(), what hang detection compares>, "pid": P, "round": R,
   "mode": "plain" | "inprocess", "phase": "train" | "checkpointed" | "drained" | "finished" |
-  "paused" | "broken"}``; ``step`` is the last completed step. Readers must ignore keys they
+  "paused" | "broken"}``, and ``"busy": <seconds>`` where the worker passed one to ``el.step``
+  (the step's own work, collectives' waits left out: what tells a straggler in a lockstep
+  job); ``step`` is the last completed step. Readers must ignore keys they
   do not know.
 - ``ELASTIC_AGENT_CONTROL_FILE``: one per node: what the agent asks of its workers
   (``agent.worker.control``): a step to stop after (every rank of the job is told the same

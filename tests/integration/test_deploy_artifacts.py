@@ -54,7 +54,9 @@ def promtool() -> str:
 
 def exercised_scrape(tmp_path: Path) -> str:
     """Every AgentMetrics method called at least once, then the exposition text."""
+    from agent.daemon.straggler_watch import StragglerWatch  # noqa: PLC0415
     from agent.observe import goodput  # noqa: PLC0415
+    from rendezvous.clock import FakeClock  # noqa: PLC0415
     from agent.observe.collectors import CheckpointCollector, RequestCountCollector  # noqa: PLC0415
     from agent.worker import checkpoint  # noqa: PLC0415
 
@@ -96,6 +98,9 @@ def exercised_scrape(tmp_path: Path) -> str:
     assert others is not None
     m.job_others(others)
     m.restarts_used(1)
+    watch = StragglerWatch(store, settings, "n0", m, FakeClock(), lambda: 0, evict=False, factor=2.0, window=8.0,
+                           leave=lambda why: None)
+    watch.compare([Progress(3, 1.7e9, 5.0, busy=0.5)], frozenset({"n0", "n1"}))
     m.preemption()
     m.state("stopping")
     m.workers_stopped()

@@ -155,10 +155,7 @@ class Agent:
         self.books.rendezvous(entered=True)
         assignment = self.participant.next_assignment(on_tick=self._tick)
         self.books.rendezvous(entered=False)
-        mine = next(m for m in assignment.members if m.node_id == self.config.node_id)
-        if mine.nproc != self.nproc:  # someone else wrote this assignment: never run a wrong world
-            raise CorruptStateError(self.settings.round_key, f"{mine.node_id} with nproc {self.nproc}",
-                                    f"nproc {mine.nproc} in round {assignment.round}")
+        _check_nproc(assignment, self.config.node_id, self.nproc, self.settings.round_key)
         self.metrics.rendezvous_done(self.clock.monotonic() - started, assignment, self.config.node_id)
         log.info("round %d: %d nodes, world size %d; this node is group rank %s; master %s:%d", assignment.round,
                  len(assignment.members), assignment.world_size, assignment.group_rank(self.config.node_id),
@@ -250,6 +247,14 @@ class Agent:
     def _set_state(self, state: State) -> None:
         self.state = state
         self.metrics.state(state)
+
+
+def _check_nproc(assignment: Assignment, node: str, nproc: int, round_key: str) -> None:
+    """Someone else may have written the assignment: never run a world of the wrong size."""
+    mine = next(m for m in assignment.members if m.node_id == node)
+    if mine.nproc != nproc:
+        raise CorruptStateError(round_key, f"{mine.node_id} with nproc {nproc}",
+                                f"nproc {mine.nproc} in round {assignment.round}")
 
 
 def _failure_reason(action: supervise.Fail, run: Running, node: str, hang_timeout: float) -> str:

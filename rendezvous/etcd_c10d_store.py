@@ -56,6 +56,7 @@ class RoundKeys:
         self.prefix = f"{settings.round_prefix(round_number)}c10d/"
         self._round_key = settings.round_key
         self.clock = clock or SystemClock()
+        self.added: set[str] = set()  # keys this node added to (torchrun's exit barrier counts)
 
     def full(self, key: str) -> str:
         return self.prefix + key
@@ -93,6 +94,7 @@ class RoundKeys:
             kv, _ = self.store.get(full)
             current = _counter(full, kv.value) if kv is not None else 0
             if self.store.replace(full, str(current + amount).encode(), kv.mod_revision if kv else 0) is not None:
+                self.added.add(key)
                 return current + amount
             lost += 1
             self._backoff(lost)

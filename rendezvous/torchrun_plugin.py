@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 # torchrun's exit barrier (torch.distributed.elastic.agent.server.api._TERMINAL_STATE_SYNC_ID):
 # its last member writes this key once every agent's workers exited 0.
 EXIT_BARRIER_DONE = "torchelastic/agent/terminal_state/last_member"
+EXIT_BARRIER_COUNT = "torchelastic/agent/terminal_state/num_members"  # +1 per agent whose workers succeeded
 START_RETRY_S = 1.0  # between tries to register while etcd does not answer yet
 
 
@@ -86,6 +87,7 @@ class TorchrunRendezvous:
         self._moved = False  # we told torchrun the round moved on: it is coming back, not failing
         self._lost = False  # our lease was lost: rejoin on the next rendezvous
         self._finished = False
+        self._finished_member_left = False  # a member whose workers succeeded left: no more restarts
         self._lock = threading.Lock()
         atexit.register(_leave_at_exit, weakref.ref(self))
 
@@ -157,12 +159,20 @@ class TorchrunRendezvous:
         if not self._lock.acquire(blocking=False):
             return 0  # a rendezvous is in progress
         try:
-            if self.participant.assignment is None or self._finished:
+            if self.participant.assignment is None or self._finished or self._finished_member_left:
                 return 0
             if self._moved:
                 return 1
             notice = self.participant.poll(0)
             if notice is None or notice.kind not in (NoticeKind.ROUND, NoticeKind.LEASE_LOST):
+                return 0
+            if notice.kind is NoticeKind.ROUND and self.keys is not None and self.keys.check([EXIT_BARRIER_COUNT]):
+                # A member left after its workers succeeded (it passed into torchrun's exit
+                # barrier, which may time out at once: exit_barrier_timeout=0). Ours are not
+                # restarted for that: they finish as they are, and the job ends after them.
+                log.info("%s: %s, after its workers succeeded: this node's workers finish as they are",
+                         self.node_id, notice.detail)
+                self._finished_member_left = True
                 return 0
             self._moved = True
             self._lost = notice.kind is NoticeKind.LEASE_LOST
@@ -193,7 +203,7 @@ class TorchrunRendezvous:
                 return True
             closed = True
             try:
-                if self._member_of_current_round():
+                if self._should_close():
                     self.close_job("shutdown")
             except RendezvousError as exc:
                 log.warning("%s: could not close the rendezvous: %s", self.node_id, exc)
@@ -202,6 +212,21 @@ class TorchrunRendezvous:
             return closed
         finally:
             self._lock.release()
+
+    def _should_close(self) -> bool:
+        """Whether this node's shutdown records the job's outcome: when every member passed
+        torchrun's exit barrier (succeeded, even if a round opened since), or as a member of
+        the current round, unless this node passed into the barrier and others have not yet
+        (a zero exit-barrier timeout): their workers still run, and the last one closes it."""
+        if self.keys is None:
+            return False
+        if self.keys.check([EXIT_BARRIER_DONE]):
+            return True
+        if EXIT_BARRIER_COUNT in self.keys.added:
+            log.info("%s: leaving before the other members' workers finished (exit barrier not passed by all); "
+                     "the last of them records the outcome", self.node_id)
+            return False
+        return self._member_of_current_round()
 
     def _member_of_current_round(self) -> bool:
         assignment = self.participant.assignment

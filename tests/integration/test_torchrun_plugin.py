@@ -374,3 +374,30 @@ def test_torchrun_itself_prints_one_line_and_exits_2(etcd: EtcdServer, job_id: s
     assert "Traceback" not in out.stderr + out.stdout
     assert out.stderr.strip().splitlines()[-1] == (
         "torchrun --rdzv-backend etcd-v3: --rdzv-conf lease_ttl=soon: expected a number of seconds >= 0")
+
+
+def test_agents_finishing_apart_with_a_zero_exit_barrier_timeout_both_succeed(etcd: EtcdServer, job_id: str,
+                                                                              tmp_path: Path) -> None:
+    # torch's test_workers_drift_fail shape: two agents, one worker each, finishing apart (8 s
+    # here, so the first one's leaving is surely seen), exit_barrier_timeout=0. The first
+    # leaves at once; the second must neither restart its healthy workers for the node that
+    # left nor wait for it in a new round (it hung until killed at 450 s).
+    script = str(Path(__file__).resolve().parents[1] / "bin" / "torchrun_agent_once.py")
+    env = torchrun_env(dict(os.environ), tmp_path)
+    procs = [subprocess.Popen([sys.executable, script, etcd.endpoint, job_id, sleep_s, "0"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+             for sleep_s in ("0", "8")]
+    outs = []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=90)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+    for proc, out in zip(procs, outs):
+        assert proc.returncode == 0 and "agent result: SUCCEEDED" in out, out[-3000:]
+    assert "restarts its workers" not in outs[1], outs[1][-3000:]
+    recorded = status(etcd, job_id)
+    assert recorded is not None and recorded.outcome == Outcome.SUCCEEDED, recorded

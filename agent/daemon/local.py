@@ -31,6 +31,7 @@ from agent.daemon.spawn import with_local_rank_arg
 from agent.daemon.workers import WorkerGroup, error_file_path
 from agent.errors import AgentError
 from agent.worker import control as worker_control
+from agent.worker import snapshot_wire
 from rendezvous.clock import Clock
 from rendezvous.state import Assignment
 
@@ -147,6 +148,9 @@ class LocalWorkers:
         # a leave right after a restart, before any report, still drains rather than loses steps.
         self.helper_seen = False
         self.warm: list[WarmWorker] = []
+        # The job's snapshot key (agent.worker.snapshot_wire), from etcd; None: workers send no
+        # snapshots to peers and serve none.
+        self.snapshot_key: bytes | None = None
 
     def start(self, assignment: Assignment) -> Running:
         lay = self.layout
@@ -155,6 +159,12 @@ class LocalWorkers:
         self.attempt += 1
         if assignment.round <= 1:  # the job's first round: snapshots here are an earlier job's
             lay.forget_snapshots()
+        if self.snapshot_key is not None:
+            try:
+                snapshot_wire.write_key(lay.snapshot_dir, self.snapshot_key)
+            except OSError as exc:
+                log.warning("cannot write the snapshot key into %s (%s); snapshots stay on this node",
+                            lay.snapshot_dir, exc)
         group_rank = assignment.group_rank(node)
         assert group_rank is not None
         offset = assignment.rank_offset(node)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Mapping
 
 from agent import __version__
@@ -41,6 +42,17 @@ log = logging.getLogger("elastic_agent")
 
 PREWARM_DELAY = 2.0  # workers run this long before the next ones are pre-started (spare the CPU)
 REASON_LIMIT = 400  # a round's reason is stored in etcd: keep it short
+
+
+def snapshot_key(store: Store, key: str) -> bytes | None:
+    """The job's snapshot key: the first agent's random one, kept in etcd (every member reads
+    the same); None, with a warning, when etcd does not give one."""
+    try:
+        value = store.get_or_create(key, secrets.token_hex(32).encode()).value
+    except (StoreUnavailableError, CorruptStateError) as exc:
+        log.warning("no snapshot key from etcd (%s); in-memory snapshots stay on this node", exc)
+        return None
+    return value if len(value) >= 32 else None
 
 
 class _Leave(Exception):
@@ -98,6 +110,7 @@ class Agent:
         except JobFinishedError as exc:
             return self.end.finished(exc.outcome, exc.reason, already=True)
         self.books.resume()
+        self.local.snapshot_key = snapshot_key(self.store, self.settings.snapshot_key_key)
         guard = FenceGuard(lambda: self.participant.session, self.local.running_pgids, cfg.shutdown_timeout,
                            self.clock).start()
         log.info("node %s joined job %s (min %d, max %d nodes, %d workers per node)",

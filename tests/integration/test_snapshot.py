@@ -198,3 +198,19 @@ def test_a_stray_sender_is_ignored_quietly_and_the_peer_still_gets_through(tmp_p
     assert here.pushed == 0 and there.offer(max_round=1) == (1, 0)
     assert crashed == []  # no receiving thread died with a traceback
     there.server.close()
+
+
+def test_a_rank_idle_in_an_old_round_does_not_roll_the_job_back_past_a_newer_checkpoint(tmp_path):
+    """Rank 1 holds step 90 of round 1 in memory (a standby idle for hours), rank 0 is new; the
+    checkpoint on disk is step 20 of round 3. Both resume from the checkpoint."""
+    checkpoints = tmp_path / "ckpt"
+    ckpt.save(checkpoints, 20, {"state.pt": payload_of(state_with(20.0, 20))}, round_number=3)
+    ranks = agree(tmp_path, [None, None], checkpoints, round_number=4, held=["", "1,90,90.0"])
+    assert [(r["after"], r["weight"]) for r in ranks] == [(20, 20.0), (20, 20.0)]
+
+
+def test_a_rank_holding_the_newest_state_gives_it_to_a_new_rank(tmp_path):
+    checkpoints = tmp_path / "ckpt"
+    ckpt.save(checkpoints, 20, {"state.pt": payload_of(state_with(20.0, 20))}, round_number=3)
+    ranks = agree(tmp_path, [None, None], checkpoints, round_number=4, held=["", "3,25,25.0"])
+    assert [(r["after"], r["weight"]) for r in ranks] == [(25, 25.0), (25, 25.0)]

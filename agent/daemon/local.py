@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -109,6 +109,21 @@ class Layout:
         except OSError:
             pass
 
+    def forget_snapshots_of_others(self, members: Collection[str]) -> list[str]:
+        """The snapshot directories on this host of node ids that are no members of the round
+        (an agent restarted under another id, a node gone from the job) go: nobody would ever
+        read them, and they hold RAM until the next reboot. Returns the ids whose went."""
+        gone = []
+        try:
+            siblings = [p for p in self.snapshot_dir.parent.iterdir() if p.is_dir()]
+        except OSError:
+            return gone
+        for path in siblings:
+            if path.name != self.node_id and path.name not in members and not path.name.startswith("."):
+                shutil.rmtree(path, ignore_errors=True)
+                gone.append(path.name)
+        return gone
+
 
 @dataclass
 class Running:
@@ -159,6 +174,7 @@ class LocalWorkers:
         self.attempt += 1
         if assignment.round <= 1:  # the job's first round: snapshots here are an earlier job's
             lay.forget_snapshots()
+        self._forget_gone(assignment)
         if self.snapshot_key is not None:
             try:
                 snapshot_wire.write_key(lay.snapshot_dir, self.snapshot_key)
@@ -197,6 +213,11 @@ class LocalWorkers:
                  offset + lay.nproc - 1, ",".join(map(str, group.pids)), attempt_dir)
         return self.running
 
+    def _forget_gone(self, assignment: Assignment) -> None:
+        gone = self.layout.forget_snapshots_of_others([*assignment.node_ids, *assignment.standbys])
+        if gone:
+            log.info("removed the in-memory snapshots of node ids no longer in the job: %s", ", ".join(gone))
+
     def running_pgids(self) -> list[int]:
         run = self.running
         return list(run.group.pids) if run is not None else []
@@ -207,6 +228,7 @@ class LocalWorkers:
         assert run is not None
         self.attempt += 1
         run.assignment = assignment
+        self._forget_gone(assignment)
         run.started_at = self.clock.monotonic()
         offset = assignment.rank_offset(self.layout.node_id)
         run.group.relabel([self.layout.console.route(local_rank=r, rank=offset + r, node_id=self.layout.node_id)

@@ -95,6 +95,9 @@ class Layout:
     log_keep: int = 100  # attempts of this node whose logs are kept
     console: ConsoleSettings = ConsoleSettings()  # what of the workers' output the console shows
     local_rank_arg: bool = False  # pass --local-rank=N, as torch.distributed.launch did
+    # The job's snapshot key (agent.worker.snapshot_wire), from etcd; None: workers neither
+    # send snapshots to a peer nor serve any.
+    snapshot_key: Callable[[], bytes | None] = lambda: None
 
     @property
     def snapshot_dir(self) -> Path:
@@ -108,6 +111,25 @@ class Layout:
             self.snapshot_dir.parent.rmdir()  # the job's, once every node on this host is done
         except OSError:
             pass
+
+    def prepare_snapshots(self, assignment: Assignment) -> None:
+        """Before a round's workers start: an earlier job's snapshots (the job's first round)
+        and orphans go, and the job's key is in the workers' directory."""
+        if assignment.round <= 1:
+            self.forget_snapshots()
+        self.forget_gone(assignment)
+        key = self.snapshot_key()
+        if key is not None:
+            try:
+                snapshot_wire.write_key(self.snapshot_dir, key)
+            except OSError as exc:
+                log.warning("cannot write the snapshot key into %s (%s); snapshots stay on this node",
+                            self.snapshot_dir, exc)
+
+    def forget_gone(self, assignment: Assignment) -> None:
+        gone = self.forget_snapshots_of_others([*assignment.node_ids, *assignment.standbys])
+        if gone:
+            log.info("removed the in-memory snapshots of node ids no longer in the job: %s", ", ".join(gone))
 
     def forget_snapshots_of_others(self, members: Collection[str]) -> list[str]:
         """The snapshot directories on this host of node ids that are no members of the round
@@ -163,24 +185,13 @@ class LocalWorkers:
         # a leave right after a restart, before any report, still drains rather than loses steps.
         self.helper_seen = False
         self.warm: list[WarmWorker] = []
-        # The job's snapshot key (agent.worker.snapshot_wire), from etcd; None: workers send no
-        # snapshots to peers and serve none.
-        self.snapshot_key: bytes | None = None
 
     def start(self, assignment: Assignment) -> Running:
         lay = self.layout
         node = lay.node_id
         attempt_dir = self._new_attempt_dir(assignment.round)
         self.attempt += 1
-        if assignment.round <= 1:  # the job's first round: snapshots here are an earlier job's
-            lay.forget_snapshots()
-        self._forget_gone(assignment)
-        if self.snapshot_key is not None:
-            try:
-                snapshot_wire.write_key(lay.snapshot_dir, self.snapshot_key)
-            except OSError as exc:
-                log.warning("cannot write the snapshot key into %s (%s); snapshots stay on this node",
-                            lay.snapshot_dir, exc)
+        lay.prepare_snapshots(assignment)
         group_rank = assignment.group_rank(node)
         assert group_rank is not None
         offset = assignment.rank_offset(node)
@@ -213,11 +224,6 @@ class LocalWorkers:
                  offset + lay.nproc - 1, ",".join(map(str, group.pids)), attempt_dir)
         return self.running
 
-    def _forget_gone(self, assignment: Assignment) -> None:
-        gone = self.layout.forget_snapshots_of_others([*assignment.node_ids, *assignment.standbys])
-        if gone:
-            log.info("removed the in-memory snapshots of node ids no longer in the job: %s", ", ".join(gone))
-
     def running_pgids(self) -> list[int]:
         run = self.running
         return list(run.group.pids) if run is not None else []
@@ -228,7 +234,7 @@ class LocalWorkers:
         assert run is not None
         self.attempt += 1
         run.assignment = assignment
-        self._forget_gone(assignment)
+        self.layout.forget_gone(assignment)
         run.started_at = self.clock.monotonic()
         offset = assignment.rank_offset(self.layout.node_id)
         run.group.relabel([self.layout.console.route(local_rank=r, rank=offset + r, node_id=self.layout.node_id)

@@ -35,6 +35,7 @@ from rendezvous.clock import Clock, SystemClock
 from rendezvous.errors import CorruptStateError, JobFinishedError, LeaseLostError, StoreUnavailableError
 from rendezvous.participant import Participant
 from rendezvous.reasons import Reason, reason_text
+from rendezvous.settings import Settings
 from rendezvous.state import Assignment, NodeRecord
 from rendezvous.store import Store
 
@@ -44,15 +45,24 @@ PREWARM_DELAY = 2.0  # workers run this long before the next ones are pre-starte
 REASON_LIMIT = 400  # a round's reason is stored in etcd: keep it short
 
 
-def snapshot_key(store: Store, key: str) -> bytes | None:
-    """The job's snapshot key: the first agent's random one, kept in etcd (every member reads
-    the same); None, with a warning, when etcd does not give one."""
-    try:
-        value = store.get_or_create(key, secrets.token_hex(32).encode()).value
-    except (StoreUnavailableError, CorruptStateError) as exc:
-        log.warning("no snapshot key from etcd (%s); in-memory snapshots stay on this node", exc)
-        return None
-    return value if len(value) >= 32 else None
+class SnapshotKey:
+    """The job's snapshot key (agent.worker.snapshot_wire): the first agent's random one, kept
+    in etcd (every member reads the same), asked once; None, with a warning, when etcd does
+    not give one (workers then keep their snapshots on their node)."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store, self.key = store, settings.snapshot_key_key
+        self.value: bytes | None = None
+
+    def __call__(self) -> bytes | None:
+        if self.value is None:
+            try:
+                value = self.store.get_or_create(self.key, secrets.token_hex(32).encode()).value
+            except (StoreUnavailableError, CorruptStateError) as exc:
+                log.warning("no snapshot key from etcd (%s); in-memory snapshots stay on this node", exc)
+                return None
+            self.value = value if len(value) >= 32 else None
+        return self.value
 
 
 class _Leave(Exception):
@@ -77,7 +87,7 @@ class Agent:
                                        workers_ready=lambda: self.local.warm_ready())
         layout = Layout(tuple(config.command), self.nproc, config.node_id, config.job_id, config.log_dir,
                         config.checkpoint_dir, config.max_restarts, config.shutdown_timeout, config.log_keep,
-                        ConsoleSettings.of(config), config.local_rank_arg)
+                        ConsoleSettings.of(config), config.local_rank_arg, SnapshotKey(store, self.settings))
         self.local = LocalWorkers(layout, environ, self.clock, factory=group_factory,
                                   prewarm=config.prewarm and prewarmable(config.command),
                                   on_stopped=self.metrics.workers_stopped)
@@ -110,7 +120,6 @@ class Agent:
         except JobFinishedError as exc:
             return self.end.finished(exc.outcome, exc.reason, already=True)
         self.books.resume()
-        self.local.snapshot_key = snapshot_key(self.store, self.settings.snapshot_key_key)
         guard = FenceGuard(lambda: self.participant.session, self.local.running_pgids, cfg.shutdown_timeout,
                            self.clock).start()
         log.info("node %s joined job %s (min %d, max %d nodes, %d workers per node)",

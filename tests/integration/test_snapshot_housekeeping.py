@@ -20,10 +20,10 @@ class NoGroup:
         pass
 
 
-def workers(tmp_path, monkeypatch) -> LocalWorkers:
+def workers(tmp_path, monkeypatch, key: bytes | None = None) -> LocalWorkers:
     monkeypatch.setattr("agent.daemon.local.snapshots_of", lambda job, log_dir: tmp_path / "shm" / job)
     layout = Layout(command=("true",), nproc=1, node_id="host-a-123456", job_id="j", log_dir=tmp_path / "logs",
-                    checkpoint_dir=None, max_restarts=0, shutdown_timeout=1)
+                    checkpoint_dir=None, max_restarts=0, shutdown_timeout=1, snapshot_key=lambda: key)
     return LocalWorkers(layout, {}, SystemClock(), factory=NoGroup)
 
 
@@ -43,8 +43,7 @@ def test_snapshots_of_node_ids_gone_from_the_job_are_removed_when_a_round_starts
 
 
 def test_the_workers_get_the_jobs_snapshot_key_readable_by_their_user_only(tmp_path, monkeypatch):
-    local = workers(tmp_path, monkeypatch)
-    local.snapshot_key = b"s" * 64
+    local = workers(tmp_path, monkeypatch, key=b"s" * 64)
     run = local.start(assignment(1, "host-a-123456"))
     directory = local.layout.snapshot_dir
     assert stat.S_IMODE((directory / KEY_FILE).stat().st_mode) == 0o600

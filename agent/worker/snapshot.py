@@ -15,7 +15,10 @@ once: the whole job's workers restarted (an agent restarted by systemd, every wo
    shared memory (``/dev/shm``: it outlives the worker process, not the machine), then sends
    it to its peer: local rank 0 of the next node in rank order, whose snapshot server
    stores it in *its* node's directory. A node lost with its memory is thus recovered from
-   the peer's copy.
+   the peer's copy. The transport (agent.worker.snapshot_wire) is authenticated with the
+   job's key and bounded; a snapshot is only ever loaded with ``weights_only=True``.
+   Before the first write the node must have room for three copies (:meth:`Snapshots.fits`);
+   without it snapshots are off on this node, said once.
 3. When the ranks of a new process group agree on the state (agent.worker.held) and no
    rank holds any in memory (every worker is new), each node offers the newest complete
    snapshot in its directory, its own or a peer's copy; the newest one wins over the disk

@@ -68,7 +68,7 @@ class HeldState:
         if source.kind == "memory" and source.rank is not None:
             best = memory[source.rank]
             assert best is not None
-            self._take(source.rank, memory[dist.get_rank()] != best, f"the state of step {best[1]} (round {best[0]})")
+            self._take(source.rank, memory[dist.get_rank()] != best, f"the state of step {best[1]}")
             self.completed = best[1]
         elif not (source.kind == "snapshot" and self._from_snapshot(snapshots, source.rank)):
             start, state = elastic.load(default=None)

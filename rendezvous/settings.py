@@ -98,6 +98,11 @@ class Settings:
         return f"{self.root}rounds/{number}/"
 
     @property
+    def snapshot_key_key(self) -> str:
+        """The job's secret for the workers' snapshot transport (agent.worker.snapshot_wire)."""
+        return f"{self.root}snapshot-key"
+
+    @property
     def status_key(self) -> str:
         return f"{self.root}status"
 

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start(argv: list[str]) -> int:
+    from agent.daemon import node_identity  # noqa: PLC0415
     from agent.daemon.config import load_config, prepare_directories  # noqa: PLC0415
 
     if argv and argv[0] in ("-h", "--help"):
@@ -58,7 +59,7 @@ def _start(argv: list[str]) -> int:
 
         start_parser().print_help()
         return 0
-    config = load_config(argv, os.environ)
+    config = load_config(argv, os.environ, id_dir=node_identity.state_dir())
     from agent.daemon.config import PASSWORD_VAR  # noqa: PLC0415
 
     os.environ.pop(PASSWORD_VAR, None)  # read: workers inherit our environment, not our etcd password

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.daemon.console import DEFAULT_TEMPLATE, PerRank
+from agent.daemon.node_identity import kept_suffix
 from agent.daemon.options import (
     BY_FIELD, CONNECTION_FIELDS, OPTIONS, PET_VARS, defaults, env_var, flag, start_parser,
 )
@@ -213,10 +214,13 @@ def load_config(
     hostname: Callable[[], str] = socket.gethostname,
     fqdn: Callable[[], str] = socket.getfqdn,
     random_hex: Callable[[], str] = lambda: secrets.token_hex(3),
+    id_dir: Path | None = None,
 ) -> AgentConfig:
     """Build the configuration of ``elastic-agent start`` from ``argv`` (after ``start``) and ``environ``.
 
     ``hostname``, ``fqdn`` and ``random_hex`` are injected so tests get stable defaults.
+    ``id_dir``: where the default node id's suffix is kept across restarts (node_identity);
+    None: a new one each time.
     """
     cli, config_path, command = _command_line_layer(argv)
     env = _env_layer(environ)
@@ -274,7 +278,9 @@ def load_config(
         if values.get(field) is not None:
             values[field] = Path(os.path.abspath(os.path.expanduser(values[field])))
     if "node_id" not in values:
-        values["node_id"] = _default_node_id(hostname(), random_hex())
+        host = hostname()
+        kept = kept_suffix(id_dir, host, values["job_id"], random_hex) if id_dir is not None else None
+        values["node_id"] = _default_node_id(host, kept or random_hex())
     if "node_addr" not in values:
         values["node_addr"] = fqdn()
 

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +32,7 @@ from agent.daemon.spawn import with_local_rank_arg
 from agent.daemon.workers import WorkerGroup, error_file_path
 from agent.errors import AgentError
 from agent.worker import control as worker_control
+from agent.worker import snapshot_wire
 from rendezvous.clock import Clock
 from rendezvous.state import Assignment
 
@@ -98,6 +99,9 @@ class Layout:
     # SIGTERM to SIGKILL after an unplanned loss: ranks blocked in a broken collective cannot run
     # a SIGTERM handler, so waiting --shutdown-timeout for them only delays the survivors.
     abort_timeout: float = 2.0
+    # The job's snapshot key (agent.worker.snapshot_wire), from etcd; None: workers neither
+    # send snapshots to a peer nor serve any.
+    snapshot_key: Callable[[], bytes | None] = lambda: None
 
     @property
     def abort_grace(self) -> float:
@@ -116,6 +120,40 @@ class Layout:
             self.snapshot_dir.parent.rmdir()  # the job's, once every node on this host is done
         except OSError:
             pass
+
+    def prepare_snapshots(self, assignment: Assignment) -> None:
+        """Before a round's workers start: an earlier job's snapshots (the job's first round)
+        and orphans go, and the job's key is in the workers' directory."""
+        if assignment.round <= 1:
+            self.forget_snapshots()
+        self.forget_gone(assignment)
+        key = self.snapshot_key()
+        if key is not None:
+            try:
+                snapshot_wire.write_key(self.snapshot_dir, key)
+            except OSError as exc:
+                log.warning("cannot write the snapshot key into %s (%s); snapshots stay on this node",
+                            self.snapshot_dir, exc)
+
+    def forget_gone(self, assignment: Assignment) -> None:
+        gone = self.forget_snapshots_of_others([*assignment.node_ids, *assignment.standbys])
+        if gone:
+            log.info("removed the in-memory snapshots of node ids no longer in the job: %s", ", ".join(gone))
+
+    def forget_snapshots_of_others(self, members: Collection[str]) -> list[str]:
+        """The snapshot directories on this host of node ids that are no members of the round
+        (an agent restarted under another id, a node gone from the job) go: nobody would ever
+        read them, and they hold RAM until the next reboot. Returns the ids whose went."""
+        gone = []
+        try:
+            siblings = [p for p in self.snapshot_dir.parent.iterdir() if p.is_dir()]
+        except OSError:
+            return gone
+        for path in siblings:
+            if path.name != self.node_id and path.name not in members and not path.name.startswith("."):
+                shutil.rmtree(path, ignore_errors=True)
+                gone.append(path.name)
+        return gone
 
 
 @dataclass
@@ -163,8 +201,7 @@ class LocalWorkers:
         node = lay.node_id
         attempt_dir = self._new_attempt_dir(assignment.round)
         self.attempt += 1
-        if assignment.round <= 1:  # the job's first round: snapshots here are an earlier job's
-            lay.forget_snapshots()
+        lay.prepare_snapshots(assignment)
         group_rank = assignment.group_rank(node)
         assert group_rank is not None
         offset = assignment.rank_offset(node)
@@ -207,6 +244,7 @@ class LocalWorkers:
         assert run is not None
         self.attempt += 1
         run.assignment = assignment
+        self.layout.forget_gone(assignment)
         run.started_at = self.clock.monotonic()
         offset = assignment.rank_offset(self.layout.node_id)
         run.group.relabel([self.layout.console.route(local_rank=r, rank=offset + r, node_id=self.layout.node_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Mapping
 
 from agent import __version__
@@ -45,6 +46,26 @@ PREWARM_DELAY = 2.0  # workers run this long before the next ones are pre-starte
 REASON_LIMIT = 400  # a round's reason is stored in etcd: keep it short
 
 
+class SnapshotKey:
+    """The job's snapshot key (agent.worker.snapshot_wire): the first agent's random one, kept
+    in etcd (every member reads the same), asked once; None, with a warning, when etcd does
+    not give one (workers then keep their snapshots on their node)."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store, self.key = store, settings.snapshot_key_key
+        self.value: bytes | None = None
+
+    def __call__(self) -> bytes | None:
+        if self.value is None:
+            try:
+                value = self.store.get_or_create(self.key, secrets.token_hex(32).encode()).value
+            except (StoreUnavailableError, CorruptStateError) as exc:
+                log.warning("no snapshot key from etcd (%s); in-memory snapshots stay on this node", exc)
+                return None
+            self.value = value if len(value) >= 32 else None
+        return self.value
+
+
 class _Leave(Exception):
     """Raised from a rendezvous wait when this node was asked to leave."""
 
@@ -67,7 +88,8 @@ class Agent:
                                        workers_ready=lambda: self.local.warm_ready())
         layout = Layout(tuple(config.command), self.nproc, config.node_id, config.job_id, config.log_dir,
                         config.checkpoint_dir, config.max_restarts, config.shutdown_timeout, config.log_keep,
-                        ConsoleSettings.of(config), config.local_rank_arg, config.abort_timeout)
+                        ConsoleSettings.of(config), config.local_rank_arg, config.abort_timeout,
+                        SnapshotKey(store, self.settings))
         self.local = LocalWorkers(layout, environ, self.clock, factory=group_factory,
                                   prewarm=config.prewarm and prewarmable(config.command),
                                   on_stopped=self.metrics.workers_stopped)

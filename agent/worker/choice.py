@@ -25,7 +25,7 @@ The collectives are a parameter (``Collective``); ``agent.worker.helper`` backs 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -196,3 +196,35 @@ def record_round(directory: Path, round_number: int) -> None:
         # Not fatal: a save of an older round is still refused once this round has checkpointed.
         log.warning("cannot record round %d in the fence file of %s (%s); an older round's late save is "
                     "refused only once this round has saved", round_number, directory, exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a new process group resumes from (agent.worker.held)
+
+Key = tuple[int, int]  # (round, step): a later round wins over a higher step, as for checkpoints
+
+
+@dataclass(frozen=True)
+class Source:
+    """``kind``: "memory" (``rank`` broadcasts the state it holds), "snapshot" (``rank``
+    loads its node's snapshot and broadcasts it) or "disk" (the newest checkpoint, or the
+    beginning when there is none)."""
+
+    kind: str
+    rank: int | None = None
+
+
+def newest_source(memory: Sequence[Key | None], snapshots: Sequence[Key | None], disk: Key | None) -> Source:
+    """The one rule: the newest (round, step) across the state ranks hold in memory, the
+    snapshots nodes offer and the newest complete checkpoint on disk. On a tie memory wins
+    (nothing to read), then disk (its checksums are verified), then a snapshot. A rank idle
+    in an old round never rolls the job back past a newer checkpoint or snapshot."""
+    candidates: list[tuple[Key, int, Source]] = []
+    candidates += [(key, 2, Source("memory", rank)) for rank, key in enumerate(memory) if key is not None]
+    if disk is not None:
+        candidates.append((disk, 1, Source("disk")))
+    candidates += [(key, 0, Source("snapshot", rank)) for rank, key in enumerate(snapshots) if key is not None]
+    if not candidates:
+        return Source("disk")
+    # Highest key, then the preferred kind, then the lowest rank (every rank computes the same).
+    return max(candidates, key=lambda c: (c[0], c[1], -(c[2].rank or 0)))[2]

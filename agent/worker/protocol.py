@@ -22,7 +22,10 @@ Environment variables the agent sets for each worker (absent under plain torchru
   next round.
 - ``ELASTIC_AGENT_SNAPSHOT_DIR``: one per node, in shared memory (``/dev/shm``) where there
   is one: the in-memory snapshots of in-process workers and their peers' copies
-  (``agent.worker.snapshot``). The agent removes it when the job has finished.
+  (``agent.worker.snapshot``). The agent removes it when the job has finished. In it the
+  agent leaves ``.key`` (mode 0600): the job's key for the snapshot transport
+  (``agent.worker.snapshot_wire``); a worker that turned snapshots off (no room) leaves
+  ``.off``: ``{"v": 1, "why": ...}``.
 - ``ELASTIC_AGENT_PID``: the agent's pid (see below).
 
 Exit code ``DRAINED_EXIT_CODE`` (75, ``EX_TEMPFAIL``): the worker stopped at a step boundary

@@ -15,7 +15,10 @@ once: the whole job's workers restarted (an agent restarted by systemd, every wo
    shared memory (``/dev/shm``: it outlives the worker process, not the machine), then sends
    it to its peer: local rank 0 of the next node in rank order, whose snapshot server
    stores it in *its* node's directory. A node lost with its memory is thus recovered from
-   the peer's copy.
+   the peer's copy. The transport (agent.worker.snapshot_wire) is authenticated with the
+   job's key and bounded; a snapshot is only ever loaded with ``weights_only=True``.
+   Before the first write the node must have room for three copies (:meth:`Snapshots.fits`);
+   without it snapshots are off on this node, said once.
 3. When the ranks of a new process group agree on the state (agent.worker.held) and no
    rank holds any in memory (every worker is new), each node offers the newest complete
    snapshot in its directory, its own or a peer's copy; the newest one wins over the disk
@@ -50,13 +53,16 @@ from typing import Any
 
 import torch
 
+from agent.worker import snapshot_wire as wire
 from agent.worker.protocol import NODE_ID_ENV, SNAPSHOT_DIR_ENV
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"ELASTIC-AGENT-SNAPSHOT 1\n"
-PUSH_TIMEOUT = 10.0  # seconds to send one snapshot to the peer
-_CHUNK = 1 << 20
+OFF_FILE = ".off"  # in the snapshot directory: why snapshots are off on this node (the agent reads it)
+# Bytes a node holds per snapshot it keeps: its own copy, the peer's copy, and a temporary
+# file while either is replaced.
+HELD_COPIES = 3
 
 
 class SnapshotDir:
@@ -67,13 +73,45 @@ class SnapshotDir:
         self.job = job
 
     def write(self, name: str, header: dict[str, Any], payload: bytes) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Write one snapshot whole or not at all: on any error its temporary file goes."""
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         head = {**header, "job": self.job, "size": len(payload), "crc32": zlib.crc32(payload)}
-        tmp = self.path / f".{name}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + json.dumps(head).encode() + b"\n")
-            f.write(payload)
-        os.replace(tmp, self.path / name)
+        tmp = self.path / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(MAGIC + json.dumps(head).encode() + b"\n")
+                f.write(payload)
+            os.replace(tmp, self.path / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def room(self) -> int:
+        """Bytes still free where the snapshots live (0 when that cannot be told)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            st = os.statvfs(self.path)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
+
+    def held(self) -> int:
+        """Bytes the snapshot files here take now (replacing them frees as much)."""
+        total = 0
+        try:
+            for path in self.path.iterdir():
+                if not path.name.startswith("."):
+                    total += path.stat().st_size
+        except OSError:
+            pass
+        return total
+
+    def switch_off(self, why: str) -> None:
+        """Tell the agent (and whoever looks) that snapshots are off on this node, and why."""
+        try:
+            (self.path / OFF_FILE).write_text(json.dumps({"v": 1, "why": why}) + "\n")
+        except OSError:
+            pass
 
     def read(self, path: Path) -> tuple[dict[str, Any], bytes] | None:
         """The header and payload of one snapshot file, or None (with a warning) when it is
@@ -142,55 +180,6 @@ def to_host(obj: Any, stream: Any = None) -> Any:
     return obj
 
 
-class PeerServer:
-    """Receives the peer's snapshots into this node's directory (a daemon thread)."""
-
-    def __init__(self, store: SnapshotDir, host: str) -> None:
-        self.store = store
-        self._sock = socket.create_server((host, 0))
-        self.address = f"{host}:{self._sock.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True, name="snapshot-server").start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._receive, args=(conn,), daemon=True, name="snapshot-receive").start()
-
-    def _receive(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(PUSH_TIMEOUT)
-            try:
-                reader = conn.makefile("rb")
-                head = json.loads(reader.readline())
-                payload = reader.read(int(head["size"]))
-                if len(payload) != int(head["size"]):
-                    raise ValueError("connection closed before the whole snapshot arrived")
-                name = f"peer-{_safe(head['node'])}-{int(head['local_rank'])}"
-                self.store.write(name, {"step": int(head["step"]), "round": int(head["round"]),
-                                        "from": head["node"]}, payload)
-                conn.sendall(b"ok\n")
-            except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
-                log.debug("a peer snapshot was not received: %s", exc)  # a stray or broken sender: ignored
-
-    def close(self) -> None:
-        self._sock.close()
-
-
-def push(address: str, header: dict[str, Any], payload: bytes) -> None:
-    """Send one snapshot to a peer's :class:`PeerServer`; raises OSError when it did not land."""
-    host, _, port = address.rpartition(":")
-    with socket.create_connection((host, int(port)), timeout=PUSH_TIMEOUT) as conn:
-        conn.sendall(json.dumps({**header, "size": len(payload)}).encode() + b"\n")
-        view = memoryview(payload)
-        for start in range(0, len(view), _CHUNK):
-            conn.sendall(view[start:start + _CHUNK])
-        if conn.makefile("rb").readline() != b"ok\n":
-            raise OSError(f"peer {address} did not confirm the snapshot")
-
-
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
 
@@ -210,10 +199,13 @@ class Snapshots:
     (its local rank 0): in data parallel training every rank holds the same state, and the
     ranks agree on one rank's state anyway (agent.worker.held)."""
 
-    def __init__(self, store: SnapshotDir, every: int, node: str, local_rank: int) -> None:
+    def __init__(self, store: SnapshotDir, every: int, node: str, local_rank: int, *,
+                 key: bytes | None = None) -> None:
         self.store, self.every, self.node, self.local_rank = store, every, node, local_rank
+        self.key = key  # the job's snapshot key; None: no peer transport (nothing served or sent)
         self.peer: str | None = None  # the peer's snapshot server, host:port
-        self.server: PeerServer | None = None
+        self.server: wire.PeerServer | None = None
+        self.off: str | None = None  # why snapshots are off on this node (see fits)
         self.taken = self.written = self.pushed = -1  # steps, for tests and logs
         self._busy = threading.Lock()
         self._stream: Any = None
@@ -224,10 +216,26 @@ class Snapshots:
     def address(self) -> str | None:
         return None if self.server is None else self.server.address
 
-    def serve(self, host: str) -> str:
-        if self.server is None:
-            self.server = PeerServer(self.store, host)
-        return self.server.address
+    def serve(self, host: str) -> str | None:
+        """Start this node's snapshot server; None (nothing served) without the job's key."""
+        if self.server is None and self.key is not None:
+            self.server = wire.PeerServer(self._store_peer, host, job=self.store.job, key=self.key,
+                                          max_bytes=lambda: 0 if self.off else self.store.room())
+        return self.address
+
+    def _store_peer(self, head: dict[str, Any], payload: bytes) -> None:
+        name = f"peer-{_safe(head['node'])}-{head['local_rank']}"
+        self.store.write(name, {"step": head["step"], "round": head["round"], "from": head["node"]}, payload)
+
+    def fits(self, size: int) -> bool:
+        """Whether this node can hold a snapshot of ``size`` bytes (its own copy, the peer's and
+        a temporary file); when it cannot, snapshots are off, said once, and left so."""
+        if self.off is None and self.store.room() + self.store.held() < HELD_COPIES * size:
+            self.off = (f"{self.store.path} has {self.store.room()} bytes free, a snapshot needs "
+                        f"{HELD_COPIES} x {size} bytes (own copy, peer's copy, temporary file)")
+            log.warning("in-memory snapshots are off on this node: %s", self.off)
+            self.store.switch_off(self.off)
+        return self.off is None
 
     def choose_peer(self, addresses: list[str | None], rank: int) -> None:
         """The next snapshot server after ours in rank order (another node's), if any."""
@@ -239,7 +247,8 @@ class Snapshots:
     def after_step(self, step: int, round_number: int, state: Any) -> bool:
         """At a step boundary: start a snapshot of ``state`` (taken now) unless one is still
         being written. Returns whether one was started."""
-        if self.every <= 0 or (step + 1) % self.every != 0 or not self._busy.acquire(blocking=False):
+        if (self.every <= 0 or self.off is not None or (step + 1) % self.every != 0
+                or not self._busy.acquire(blocking=False)):
             return False
         began = time.monotonic()
         try:
@@ -275,11 +284,13 @@ class Snapshots:
             buf = io.BytesIO()
             torch.save(host, buf)
             payload = buf.getvalue()
+            if not self.fits(len(payload)):
+                return
             self.store.write(f"own-{self.local_rank}", header, payload)
             self.written = header["step"]
-            if peer is not None:
+            if peer is not None and self.key is not None:
                 try:
-                    push(peer, header, payload)
+                    wire.push(peer, header, payload, job=self.store.job, key=self.key)
                     self.pushed = header["step"]
                 except OSError as exc:
                     log.debug("snapshot of step %d not sent to peer %s: %s", header["step"], peer, exc)
@@ -312,7 +323,9 @@ class Snapshots:
             return None
         head, payload, path = found
         try:
-            state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+            # Tensors and plain containers only: the file is in shared memory, and a peer's
+            # copy came over the network; neither is ever unpickled.
+            state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - a bad file is skipped, never half loaded
             log.warning("snapshot %s cannot be loaded (%s); skipped", path, exc)
             return None
@@ -327,4 +340,4 @@ def from_env(environ: Mapping[str, str], every: int) -> Snapshots | None:
     if not directory or every <= 0 or environ.get("LOCAL_RANK", "0") != "0":
         return None
     store = SnapshotDir(Path(directory), environ.get("TORCHELASTIC_RUN_ID", ""))
-    return Snapshots(store, every, environ.get(NODE_ID_ENV, "node"), 0)
+    return Snapshots(store, every, environ.get(NODE_ID_ENV, "node"), 0, key=wire.read_key(Path(directory)))

@@ -25,6 +25,10 @@ snaps = snapshot.from_env(os.environ, every=1)
 if snaps is not None:
     snaps.serve("127.0.0.1")
 held = HeldState(model, optimizer)
+if os.environ.get("TEST_HELD"):  # "round,step,weight": this rank holds that state in memory
+    held_round, held_step, held_weight = os.environ["TEST_HELD"].split(",")
+    torch.nn.init.constant_(model.weight, float(held_weight))
+    held.round, held.completed = int(held_round), int(held_step)
 after = held.agree(el, snaps, int(os.environ["ELASTIC_AGENT_ROUND"]))
 print(json.dumps({"after": after, "weight": model.weight.item(), "peer": None if snaps is None else snaps.peer}),
       flush=True)

@@ -21,12 +21,14 @@ from agent.worker import checkpoint as ckpt
 from agent.worker.held import HeldState
 from agent.worker.protocol import NODE_ID_ENV, SNAPSHOT_DIR_ENV
 from agent.worker.snapshot import MAGIC, SnapshotDir, Snapshots
+from agent.worker.snapshot_wire import write_key
 from rendezvous.net import free_port
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 AGREE = ROOT / "tests" / "bin" / "snapshot_agree.py"
 DEADLINE_S = 60.0
+KEY = b"0123456789abcdef" * 4  # the job's snapshot key, as the agent hands it over
 
 
 def state_with(weight: float, step: int) -> dict:
@@ -75,8 +77,8 @@ def test_a_later_round_wins_over_a_higher_step(tmp_path):
 
 
 def test_every_snapshot_lands_on_this_node_and_on_the_peer_node(tmp_path):
-    here = Snapshots(SnapshotDir(tmp_path / "a", "j"), 2, "a", 0)
-    there = Snapshots(SnapshotDir(tmp_path / "b", "j"), 2, "b", 0)
+    here = Snapshots(SnapshotDir(tmp_path / "a", "j"), 2, "a", 0, key=KEY)
+    there = Snapshots(SnapshotDir(tmp_path / "b", "j"), 2, "b", 0, key=KEY)
     addresses = [here.serve("127.0.0.1"), None, there.serve("127.0.0.1"), None]  # ranks 0 and 2 take them
     here.choose_peer(addresses, 0)
     there.choose_peer(addresses, 2)
@@ -97,7 +99,7 @@ def test_a_step_never_waits_for_a_snapshot_still_on_its_way(tmp_path):
     silent = socket.create_server(("127.0.0.1", 0))
     held: list[socket.socket] = []
     threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True).start()
-    snaps = Snapshots(SnapshotDir(tmp_path, "j"), 1, "a", 0)
+    snaps = Snapshots(SnapshotDir(tmp_path, "j"), 1, "a", 0, key=KEY)
     snaps.peer = f"127.0.0.1:{silent.getsockname()[1]}"
     state = state_with(1.0, 0)
     assert snaps.after_step(0, 1, state)
@@ -112,8 +114,10 @@ def test_a_step_never_waits_for_a_snapshot_still_on_its_way(tmp_path):
     assert snaps.wait_idle(DEADLINE_S) and snaps.written == 0
 
 
-def agree(tmp_path: Path, node_dirs: list[Path | None], checkpoint_dir: Path, round_number: int) -> list[dict]:
-    """Every rank new (one per node): what each resumes from, as tests/bin/snapshot_agree.py prints."""
+def agree(tmp_path: Path, node_dirs: list[Path | None], checkpoint_dir: Path, round_number: int,
+          held: list[str] | None = None) -> list[dict]:
+    """One rank per node, each new unless ``held`` gives it "round,step,weight" in memory: what
+    each resumes from, as tests/bin/snapshot_agree.py prints."""
     port = free_port()
     procs = []
     for rank, node_dir in enumerate(node_dirs):
@@ -123,6 +127,9 @@ def agree(tmp_path: Path, node_dirs: list[Path | None], checkpoint_dir: Path, ro
                     "ELASTIC_AGENT_ROUND": str(round_number)})
         if node_dir is not None:
             env[SNAPSHOT_DIR_ENV] = str(node_dir)
+            write_key(node_dir, KEY)
+        if held is not None and held[rank]:
+            env["TEST_HELD"] = held[rank]
         procs.append(subprocess.Popen([sys.executable, str(AGREE), str(checkpoint_dir)], env=env, cwd=tmp_path,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     out = []
@@ -180,8 +187,8 @@ def test_a_snapshot_with_a_garbled_header_is_skipped_with_a_warning(tmp_path, ca
 def test_a_stray_sender_is_ignored_quietly_and_the_peer_still_gets_through(tmp_path, monkeypatch):
     crashed: list[object] = []
     monkeypatch.setattr(threading, "excepthook", crashed.append)
-    here = Snapshots(SnapshotDir(tmp_path / "a", "j"), 1, "a", 0)
-    there = Snapshots(SnapshotDir(tmp_path / "b", "j"), 1, "b", 0)
+    here = Snapshots(SnapshotDir(tmp_path / "a", "j"), 1, "a", 0, key=KEY)
+    there = Snapshots(SnapshotDir(tmp_path / "b", "j"), 1, "b", 0, key=KEY)
     host, _, port = there.serve("127.0.0.1").rpartition(":")
     for junk in (b"[]\n", b"{\"size\": 1e400}\n", b"[" * 50_000 + b"\n"):
         with socket.create_connection((host, int(port)), timeout=DEADLINE_S) as conn:
@@ -191,3 +198,19 @@ def test_a_stray_sender_is_ignored_quietly_and_the_peer_still_gets_through(tmp_p
     assert here.pushed == 0 and there.offer(max_round=1) == (1, 0)
     assert crashed == []  # no receiving thread died with a traceback
     there.server.close()
+
+
+def test_a_rank_idle_in_an_old_round_does_not_roll_the_job_back_past_a_newer_checkpoint(tmp_path):
+    """Rank 1 holds step 90 of round 1 in memory (a standby idle for hours), rank 0 is new; the
+    checkpoint on disk is step 20 of round 3. Both resume from the checkpoint."""
+    checkpoints = tmp_path / "ckpt"
+    ckpt.save(checkpoints, 20, {"state.pt": payload_of(state_with(20.0, 20))}, round_number=3)
+    ranks = agree(tmp_path, [None, None], checkpoints, round_number=4, held=["", "1,90,90.0"])
+    assert [(r["after"], r["weight"]) for r in ranks] == [(20, 20.0), (20, 20.0)]
+
+
+def test_a_rank_holding_the_newest_state_gives_it_to_a_new_rank(tmp_path):
+    checkpoints = tmp_path / "ckpt"
+    ckpt.save(checkpoints, 20, {"state.pt": payload_of(state_with(20.0, 20))}, round_number=3)
+    ranks = agree(tmp_path, [None, None], checkpoints, round_number=4, held=["", "3,25,25.0"])
+    assert [(r["after"], r["weight"]) for r in ranks] == [(25, 25.0), (25, 25.0)]

@@ -1,0 +1,229 @@
+"""The snapshot transport between nodes: local rank 0 of each node sends its snapshots to a
+peer node's :class:`PeerServer`. Only the job's members can store anything there.
+
+The port is reachable by anyone on the network, and what it stores is later loaded and sent
+to every rank, so (docs/security.md):
+
+- Authenticated: every message carries two HMAC-SHA256 tags under the job's snapshot key (a
+  random 32-byte secret the agents keep in etcd, handed to the workers in a 0600 file, never on
+  a command line or in the environment): one over the header line, checked before a byte of
+  the payload is read, one over header and payload, checked before anything is stored.
+- Bounded: the header line is at most ``MAX_HEADER`` bytes; its size is checked against the
+  receiver's limit (``max_bytes``: what the snapshot directory can hold) before the payload is
+  read; at most ``MAX_CONNECTIONS`` connections are served at a time (the rest are closed at
+  once); a connection has ``HEADER_TIMEOUT`` seconds for its header and a deadline for the
+  whole transfer, not just per read.
+- Checked: every header field has its type and range checked (``check_header``).
+- Never unpickled: the payload is stored as bytes; loading it is ``torch.load(...,
+  weights_only=True)`` (agent.worker.snapshot), which builds tensors and plain containers only.
+
+Message: one JSON header line, 32 bytes HMAC(header line), ``size`` payload bytes, 32 bytes
+HMAC(header line + payload). The receiver answers ``ok`` only once the snapshot is stored.
+No torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+WIRE_VERSION = 1
+KEY_FILE = ".key"  # in the node's snapshot directory, written by the agent (mode 0600)
+KEY_BYTES = 32
+MAX_HEADER = 4096
+MAX_CONNECTIONS = 2
+HEADER_TIMEOUT = 5.0
+PUSH_TIMEOUT = 10.0  # seconds to send one snapshot to the peer, plus MIN_RATE below
+MIN_RATE = 50 * 2**20  # bytes per second a transfer must at least reach
+MAX_INT = 2**62
+_TAG = 32
+_CHUNK = 1 << 20
+_NODE = re.compile(r"[A-Za-z0-9._-]{1,253}")
+
+
+class WireError(ValueError):
+    """A message that is not a whole, authentic snapshot of this job."""
+
+
+def write_key(directory: Path, key: bytes) -> Path:
+    """The job's snapshot key in ``directory`` (created 0700), readable by this user only."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / KEY_FILE
+    tmp = directory / f".key.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_key(directory: Path) -> bytes | None:
+    """The key the agent left for this node's workers; None (no transport) when there is none,
+    or when others than this user could read it."""
+    path = directory / KEY_FILE
+    try:
+        st = path.stat()
+        if st.st_mode & 0o077 or st.st_uid != os.getuid():
+            log.warning("snapshot key %s is readable by others (mode %o) or not ours; snapshots are not "
+                        "sent to a peer", path, st.st_mode & 0o777)
+            return None
+        key = path.read_bytes()
+    except OSError:
+        return None
+    return key if len(key) >= 16 else None
+
+
+def _tag(key: bytes, *parts: bytes) -> bytes:
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for part in parts:
+        mac.update(part)
+    return mac.digest()
+
+
+def _int(head: dict[str, Any], name: str, low: int, high: int) -> int:
+    value = head.get(name)
+    if type(value) is not int or not low <= value <= high:  # bool is not a step
+        raise WireError(f"header field {name!r} is {value!r}, expected an integer in [{low}, {high}]")
+    return value
+
+
+def check_header(head: Any, job: str, max_bytes: int) -> dict[str, Any]:
+    """The header's fields, each of the type and range expected; WireError otherwise."""
+    if not isinstance(head, dict):
+        raise WireError("the header is not a JSON object")
+    if head.get("v") != WIRE_VERSION or head.get("job") != job:
+        raise WireError(f"header of version {head.get('v')!r}, job {head.get('job')!r}: not this job's")
+    node = head.get("node")
+    if not isinstance(node, str) or not _NODE.fullmatch(node):
+        raise WireError(f"header field 'node' is {node!r}, expected a node id")
+    return {"node": node, "local_rank": _int(head, "local_rank", 0, 65535),
+            "round": _int(head, "round", 0, MAX_INT), "step": _int(head, "step", 0, MAX_INT),
+            "size": _int(head, "size", 0, max_bytes)}
+
+
+class _Reader:
+    """Reads a connection to a deadline for the whole message, never more than asked."""
+
+    def __init__(self, conn: socket.socket, deadline: float) -> None:
+        self.conn, self.deadline = conn, deadline
+
+    def _left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise WireError("the sender is too slow")
+        return left
+
+    def exactly(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            self.conn.settimeout(self._left())
+            chunk = self.conn.recv(min(_CHUNK, n - len(buf)))
+            if not chunk:
+                raise WireError("connection closed before the whole message arrived")
+            buf += chunk
+        return bytes(buf)
+
+    def line(self, limit: int) -> bytes:
+        buf = bytearray()
+        while not buf.endswith(b"\n"):
+            if len(buf) >= limit:
+                raise WireError(f"header longer than {limit} bytes")
+            self.conn.settimeout(self._left())
+            chunk = self.conn.recv(1)
+            if not chunk:
+                raise WireError("connection closed before the header ended")
+            buf += chunk
+        return bytes(buf)
+
+
+def _transfer_time(size: int) -> float:
+    return PUSH_TIMEOUT + size / MIN_RATE
+
+
+# (header, payload) -> stores them; raises OSError when they cannot be kept
+Store = Callable[[dict[str, Any], bytes], None]
+
+
+class PeerServer:
+    """Receives the peer's snapshots; ``store`` keeps each authentic one. ``max_bytes`` is
+    asked at each connection (the directory's room may change)."""
+
+    def __init__(self, store: Store, host: str, *, job: str, key: bytes, max_bytes: Callable[[], int]) -> None:
+        self.store, self.job, self.key, self.max_bytes = store, job, key, max_bytes
+        self.stored = 0  # snapshots stored, for tests
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._sock = socket.create_server((host, 0))
+        self.address = f"{host}:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True, name="snapshot-server").start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            if not self._slots.acquire(blocking=False):
+                conn.close()  # enough being served: a flood costs nothing here
+                continue
+            threading.Thread(target=self._receive, args=(conn,), daemon=True, name="snapshot-receive").start()
+
+    def _receive(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self.receive(conn)
+                conn.sendall(b"ok\n")
+        except (OSError, WireError) as exc:
+            log.debug("a peer snapshot was not received: %s", exc)  # a stray or hostile sender: ignored
+        except Exception:  # noqa: BLE001 - nothing a sender does may end this thread with a traceback
+            log.warning("a peer snapshot was not received", exc_info=True)
+        finally:
+            self._slots.release()
+
+    def receive(self, conn: socket.socket) -> None:
+        reader = _Reader(conn, time.monotonic() + HEADER_TIMEOUT)
+        line = reader.line(MAX_HEADER)
+        if not hmac.compare_digest(reader.exactly(_TAG), _tag(self.key, line)):
+            raise WireError("header not signed with this job's snapshot key")
+        try:
+            head = check_header(json.loads(line), self.job, self.max_bytes())
+        except (ValueError, RecursionError) as exc:
+            raise WireError(f"bad header: {exc}") from exc
+        reader.deadline = time.monotonic() + _transfer_time(head["size"])
+        payload = reader.exactly(head["size"])
+        if not hmac.compare_digest(reader.exactly(_TAG), _tag(self.key, line, payload)):
+            raise WireError("payload not signed with this job's snapshot key")
+        self.store(head, payload)
+        self.stored += 1
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def push(address: str, header: dict[str, Any], payload: bytes, *, job: str, key: bytes) -> None:
+    """Send one snapshot to a peer's :class:`PeerServer`; raises OSError when it did not land."""
+    host, _, port = address.rpartition(":")
+    line = json.dumps({**header, "v": WIRE_VERSION, "job": job, "size": len(payload)}).encode() + b"\n"
+    with socket.create_connection((host, int(port)), timeout=_transfer_time(len(payload))) as conn:
+        conn.sendall(line + _tag(key, line))
+        view = memoryview(payload)
+        for start in range(0, len(view), _CHUNK):
+            conn.sendall(view[start:start + _CHUNK])
+        conn.sendall(_tag(key, line, payload))
+        if conn.makefile("rb").readline(8) != b"ok\n":
+            raise OSError(f"peer {address} did not confirm the snapshot")

@@ -137,7 +137,7 @@ def test_a_stop_asked_for_is_reported_once_then_the_stop_step_even_when_both_cam
 
 def test_a_round_with_a_stop_asked_for_survives_etcd_and_old_records_have_none():
     rnd = closed(stop_asked=True, stop_at=12)
-    assert RoundState.decode("/k", rnd.encode()) == rnd
+    assert RoundState.decode("/k", rnd.encode()).with_members("/m", rnd.encode_members()) == rnd
     assert RoundState.decode("/k", closed().encode()).stop_asked is False
 
 

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast soak chaos demo bench bench-agent bench-rdzv gpu-check venv clean
+.PHONY: test test-fast soak chaos demo bench bench-agent bench-rdzv bench-scale gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -58,6 +58,15 @@ bench-goodput: $(STAMP)
 # Issue-5 figures of elastic-agent alone (start, kill -9, scale-up, RSS, CPU).
 bench-agent: $(STAMP)
 	$(PY) -m tests.bench.agent_bench --repeat 3
+
+# The rendezvous at scale: N real participants over 16 processes (each its own gRPC channel)
+# against one etcd, then a 3-member cluster; four scenarios (first round, a node lost, one
+# joining, a planned leave) at 256, 1,024 and 4,096 nodes. Needs many cores: on 2 the
+# simulator, not etcd, is the bottleneck past ~512 nodes (docs/architecture.md, "Scale").
+SCALE_NODES ?= 256 1024 4096
+bench-scale: $(STAMP)
+	$(PY) -m tests.bench.rdzv_sim --nodes $(SCALE_NODES)
+	$(PY) -m tests.bench.rdzv_sim --nodes $(SCALE_NODES) --cluster
 
 bench-rdzv: $(STAMP)
 	$(PY) -m tests.bench.rdzv_scale --nodes 16

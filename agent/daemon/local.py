@@ -147,7 +147,7 @@ class LocalWorkers:
         # a leave right after a restart, before any report, still drains rather than loses steps.
         self.helper_seen = False
         self.warm: list[WarmWorker] = []
-        self.local_dir: Path | None = None  # control and progress files (runtime_dir)
+        self.local_files = runtime_dir.NodeLocal(layout.job_id, layout.node_id, self.environ)  # control, progress
 
     def start(self, assignment: Assignment) -> Running:
         lay = self.layout
@@ -159,9 +159,7 @@ class LocalWorkers:
         group_rank = assignment.group_rank(node)
         assert group_rank is not None
         offset = assignment.rank_offset(node)
-        local = self._local_attempt_dir(attempt_dir.name)
-        control = local / "control"  # node-local, rewritten often: never on the shared log dir
-        progress = [local / f"progress-{r}.json" for r in range(lay.nproc)]
+        control, progress = self.local_files.attempt(attempt_dir.name, lay.nproc, self.running)  # not on --log-dir
         envs = []
         for local_rank in range(lay.nproc):
             env = worker_env(
@@ -205,21 +203,6 @@ class LocalWorkers:
                      for r in range(self.layout.nproc)])
         log.info("workers re-form in process in round %d (global ranks %d-%d of %d)", assignment.round, offset,
                  offset + self.layout.nproc - 1, assignment.world_size)
-
-    def _local_attempt_dir(self, name: str) -> Path:
-        """This attempt's directory for control and progress files (runtime_dir says why)."""
-        if self.local_dir is None:
-            self.local_dir = runtime_dir.create(self.layout.job_id, self.layout.node_id, self.environ)
-        previous = self.running.control_file.parent.name if self.running is not None else ""
-        runtime_dir.prune(self.local_dir, keep={previous})
-        path = self.local_dir / name
-        path.mkdir(mode=0o700)
-        return path
-
-    def close(self) -> None:
-        """The agent is leaving: its node-local files go."""
-        runtime_dir.remove(self.local_dir)
-        self.local_dir = None
 
     def _new_attempt_dir(self, round_number: int) -> Path:
         """A directory of this node's own that no earlier attempt (of this or an earlier agent

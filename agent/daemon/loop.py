@@ -108,7 +108,6 @@ class Agent:
             guard.close()
             self.local.stop("agent exiting")
             self.local.discard_warm()
-            self.local.close()
             self.books.sync()
             self.participant.close()
 

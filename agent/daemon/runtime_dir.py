@@ -10,6 +10,7 @@ the system's temporary directory. Logs, error files and checkpoints stay under `
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import stat
@@ -44,13 +45,29 @@ def create(job_id: str, node_id: str, environ: Mapping[str, str]) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"elastic-agent-{job_id}-{node_id}-", dir=root(environ)))
 
 
-def prune(local_dir: Path, keep: set[str]) -> None:
-    """Remove the attempts' subdirectories other than ``keep`` (the current and the last one)."""
-    for entry in local_dir.iterdir():
-        if entry.name not in keep:
-            shutil.rmtree(entry, ignore_errors=True)
+class NodeLocal:
+    """One agent's private directory, made on first use, with a subdirectory per attempt."""
 
+    def __init__(self, job_id: str, node_id: str, environ: Mapping[str, str]) -> None:
+        self.job_id, self.node_id, self.environ = job_id, node_id, environ
+        self.path: Path | None = None
 
-def remove(local_dir: Path | None) -> None:
-    if local_dir is not None:
-        shutil.rmtree(local_dir, ignore_errors=True)
+    def attempt(self, name: str, nproc: int, running: object | None) -> tuple[Path, list[Path]]:
+        """Attempt ``name``'s control file and its ranks' progress files, in a new subdirectory;
+        the others go but the one of the attempt still ``running`` (a Running, or None)."""
+        if self.path is None:
+            self.path = create(self.job_id, self.node_id, self.environ)
+            atexit.register(self.close)  # the agent leaves: its node-local files go
+        keep = running.control_file.parent.name if running is not None else ""  # type: ignore[attr-defined]
+        for entry in self.path.iterdir():
+            if entry.name != keep:
+                shutil.rmtree(entry, ignore_errors=True)
+        made = self.path / name
+        made.mkdir(mode=0o700)
+        return made / "control", [made / f"progress-{r}.json" for r in range(nproc)]
+
+    def close(self) -> None:
+        """The agent is leaving: its node-local files go."""
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.path = None

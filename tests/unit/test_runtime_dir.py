@@ -36,5 +36,5 @@ def test_control_and_progress_files_are_private_node_local_and_removed_at_exit(t
     private = files[0][0].parent.parent
     assert stat.S_IMODE(os.stat(private).st_mode) == 0o700
     assert not files[0][0].exists() and files[2][0].exists()  # old attempts' files do not pile up
-    local.close()
+    local.local_files.close()  # what the agent's exit does (atexit)
     assert not private.exists()

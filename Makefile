@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast soak soak-tutorial chaos demo bench bench-agent bench-rdzv bench-fsdp gpu-check venv clean
+.PHONY: test test-fast soak soak-tutorial chaos demo bench bench-agent bench-rdzv bench-fsdp bench-scale gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -68,6 +68,15 @@ bench-agent: $(STAMP)
 # parameters + Adam, 2 ranks, gloo; a few minutes). Results: docs/benchmarks.md.
 bench-fsdp: $(STAMP)
 	$(PY) -m tests.bench.fsdp_bench --repeat 5
+
+# The rendezvous at scale: N real participants over 16 processes (each its own gRPC channel)
+# against one etcd, then a 3-member cluster; four scenarios (first round, a node lost, one
+# joining, a planned leave) at 256, 1,024 and 4,096 nodes. Needs many cores: on 2 the
+# simulator, not etcd, is the bottleneck past ~512 nodes (docs/architecture.md, "Scale").
+SCALE_NODES ?= 256 1024 4096
+bench-scale: $(STAMP)
+	$(PY) -m tests.bench.rdzv_sim --nodes $(SCALE_NODES)
+	$(PY) -m tests.bench.rdzv_sim --nodes $(SCALE_NODES) --cluster
 
 bench-rdzv: $(STAMP)
 	$(PY) -m tests.bench.rdzv_scale --nodes 16

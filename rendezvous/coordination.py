@@ -16,9 +16,10 @@ back and still act as coordinator, the round's compare-and-swap lets only one cl
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from enum import Enum
 
-from rendezvous import decide
+from rendezvous import decide, round_members
 from rendezvous.clock import Clock
 from rendezvous.inbox import Inbox, InboxItem, ItemKind
 from rendezvous.settings import Settings
@@ -45,6 +46,7 @@ class Coordination:
         self._joined: dict[str, decide.Joiner] = {}  # by join key
         self._alive: set[str] = set()
         self._last_join_seen = 0.0
+        self._previous: tuple[str, ...] = ()
 
     def step(self, rnd: RoundState, round_rev: int, join_rev: int) -> float | None:
         """Elect (once), and as the coordinator close the round when the rules say so.
@@ -54,6 +56,7 @@ class Coordination:
             self._elect(rnd.number, join_rev)
         if self.role is not Role.COORDINATOR:
             return None
+        rnd = replace(rnd, previous=self._previous)  # not on the round record (round_members)
         view = decide.RoundView(rnd, tuple(self._joined.values()), frozenset(self._alive), self._last_join_seen)
         action = decide.close_decision(view, self.settings, self.clock.monotonic())
         if isinstance(action, decide.Wait):
@@ -76,6 +79,7 @@ class Coordination:
             log.info("joiner %s before us is silent (no presence): passing over it", record.node_id)
             pred = self.store.predecessor(prefix, pred.create_revision)
         self.role = Role.COORDINATOR
+        self._previous = round_members.previous(self.store, self.settings, number)
         joined, rev = self.store.get_prefix(prefix)
         # "Alive" is present: a member that went silent is not waited for.
         nodes, nodes_rev = self.store.get_prefix(self.settings.presence_prefix)
@@ -97,13 +101,14 @@ class Coordination:
         compares = [(s.round_key, round_rev),
                     (s.restarts_key, restarts_kv.mod_revision if restarts_kv else 0),
                     (s.status_key, 0)]  # an outcome, once recorded, is final
+        closing = [(s.round_key, action.round.encode()),
+                   (s.members_key(rnd.number), action.round.encode_members())]
         if charge.exhausted:
             puts = [(s.status_key, JobStatus(Outcome.FAILED, charge.why).encode())]
         elif charge.consume:
-            puts = [(s.round_key, action.round.encode()),
-                    (s.restarts_key, RestartCount(used.count + 1, rnd.reason).encode())]
+            puts = [*closing, (s.restarts_key, RestartCount(used.count + 1, rnd.reason).encode())]
         else:
-            puts = [(s.round_key, action.round.encode())]
+            puts = closing
         if self.store.commit(compares, puts).succeeded:
             log.info("round %d closed (%s; %s): %s", rnd.number, action.why, charge.why,
                      ", ".join(action.round.assignment.node_ids) if action.round.assignment else "-")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from rendezvous import decide
+from rendezvous import decide, round_members
 from rendezvous.clock import Clock
 from rendezvous.errors import (
     CorruptStateError,
@@ -133,8 +133,10 @@ class JobView:
     def _set_round(self, kv: KV | Event | None) -> None:
         if kv is None:
             raise CorruptStateError(self.settings.round_key, "a round record", "the key deleted")
-        self.round = RoundState.decode(kv.key, kv.value)
-        self.round_rev = kv.mod_revision
+        if kv.mod_revision < self.round_rev:  # read past already (round_members.load re-reads)
+            return
+        known = self.round.assignment if self.round is not None else None
+        self.round, self.round_rev = round_members.load(self.store, self.settings, kv, known)
 
 
 def _raise_if_finished(status_kv: KV | None) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from rendezvous import decide
+from rendezvous.answers import await_answers
 from rendezvous.inbox import Inbox, InboxItem, ItemKind
 from rendezvous.reasons import Reason, reason_text
 from rendezvous.settings import Settings
@@ -114,6 +115,10 @@ class PlannedStop:
             except ValueError:
                 log.warning("ignoring %s: %r is not a step", kv.key, kv.value[:40])
         return answers
+
+    def await_answers(self, members: set[str], timeout: float) -> tuple[dict[str, int], bool]:
+        """The answers, waiting up to ``timeout`` for every member's (answers.await_answers)."""
+        return await_answers(self.store, self.settings, self.number, members, timeout)
 
     def announce(self, step: int) -> int | None:
         """The step every rank stops after (rounds.announce_stop): the standing one."""

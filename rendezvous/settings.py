@@ -94,6 +94,10 @@ class Settings:
         """Each member's answer to a planned stop: the last step its workers may start."""
         return f"{self.root}rounds/{number}/cleared/"
 
+    def members_key(self, number: int) -> str:
+        """A closed round's assignment, apart from ``round`` so that changing that costs O(1)."""
+        return f"{self.root}rounds/{number}/members"
+
     def round_prefix(self, number: int) -> str:
         return f"{self.root}rounds/{number}/"
 

@@ -8,7 +8,7 @@ value in etcd is a one-line error, never a traceback from deep inside.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -202,7 +202,8 @@ class RoundState:
     number: int
     state: RoundPhase
     reason: str = ""
-    # Members of the previous round in rank order: survivors keep their relative order.
+    # Members of the previous round in rank order: survivors keep their relative order. Not
+    # on the wire: the coordinator alone reads them from the previous round's members key.
     previous: tuple[str, ...] = ()
     assignment: Assignment | None = field(default=None)
     # A planned change of a closed round, announced before the next round opens: every rank
@@ -219,18 +220,9 @@ class RoundState:
         return self.state == RoundPhase.OPEN
 
     def encode(self) -> bytes:
-        data: dict[str, Any] = {
-            "number": self.number, "state": self.state, "reason": self.reason,
-            "previous": list(self.previous),
-        }
-        if self.assignment is not None:
-            a = self.assignment
-            data["members"] = [
-                {"node_id": m.node_id, "addr": m.addr, "nproc": m.nproc} for m in a.members
-            ]
-            data["master_addr"] = a.master_addr
-            data["master_port"] = a.master_port
-            data["standbys"] = list(a.standbys)
+        """The ``round`` record: a few facts, never the member list (that is ``encode_members``,
+        under its own key), so a change every node watches costs each of them O(1) bytes."""
+        data: dict[str, Any] = {"number": self.number, "state": self.state, "reason": self.reason}
         if self.stop_at is not None:
             data["stop_at"] = self.stop_at
         if self.grow_request:
@@ -239,46 +231,47 @@ class RoundState:
             data["stop_asked"] = True
         return _dump(data)
 
+    def encode_members(self) -> bytes:
+        """``rounds/<n>/members``: the closed round's assignment, written once with the close."""
+        assert self.assignment is not None
+        a = self.assignment
+        return _dump({"round": self.number, "members": [[m.node_id, m.addr, m.nproc] for m in a.members],
+                      "master_addr": a.master_addr, "master_port": a.master_port, "standbys": list(a.standbys)})
+
     @classmethod
     def decode(cls, key: str, raw: bytes) -> RoundState:
+        """The ``round`` record alone: a closed round's assignment is ``with_members``' business."""
         d = _load(key, raw, "round")
-        number = _ranged(key, d, "number", 1)
-        state = _one_of(key, d, "state", RoundPhase)
-        previous = tuple(_strings(key, d.get("previous", []), "previous"))
-        assignment = None
-        if state == RoundPhase.CLOSED:
-            raw_members = _field(key, d, "members", list)
-            members = []
-            # A thousand-node assignment is decoded by every node: keep this loop lean.
-            for item in raw_members:
-                try:
-                    node_id, addr, nproc = item["node_id"], item["addr"], item["nproc"]
-                except (TypeError, KeyError):
-                    raise CorruptStateError(key, "members as objects with node_id, addr, nproc",
-                                            repr(item)) from None
-                if type(node_id) is not str or type(addr) is not str or type(nproc) is not int:
-                    raise CorruptStateError(key, "member node_id and addr strings, nproc an integer",
-                                            repr(item))
-                if not node_id or not addr or not _is_address(addr) or nproc < 1:
-                    raise CorruptStateError(key, "members with a node_id, an addr (a host) and nproc >= 1",
-                                            repr(item))
-                members.append(Member(node_id, addr, nproc))
-            if not members or len({m.node_id for m in members}) != len(members):
-                raise CorruptStateError(key, "a closed round with members, each node once",
-                                        repr([m.node_id for m in members]))
-            assignment = Assignment(
-                round=number,
-                members=tuple(members),
-                master_addr=_address(key, d, "master_addr"),
-                master_port=_ranged(key, d, "master_port", 1, 65535),
-                standbys=tuple(_strings(key, d.get("standbys", []), "standbys")),
-            )
         reason = d.get("reason", "")
         stop_at = _ranged(key, d, "stop_at", 0) if "stop_at" in d else None
         grow = d.get("grow_request", "")
-        return cls(number=number, state=state, reason=reason if isinstance(reason, str) else "",
-                   previous=previous, assignment=assignment, stop_at=stop_at,
+        return cls(number=_ranged(key, d, "number", 1), state=_one_of(key, d, "state", RoundPhase),
+                   reason=reason if isinstance(reason, str) else "", stop_at=stop_at,
                    grow_request=grow if isinstance(grow, str) else "", stop_asked=d.get("stop_asked") is True)
+
+    def with_members(self, key: str, raw: bytes) -> RoundState:
+        """This closed round with its assignment read from ``rounds/<n>/members`` (``key``)."""
+        d = _load(key, raw, "members")
+        if _ranged(key, d, "round", 1) != self.number:
+            raise CorruptStateError(key, f"the members of round {self.number}", repr(d.get("round")))
+        members = []
+        # A thousand-node assignment is decoded by every node: keep this loop lean.
+        for item in _field(key, d, "members", list):
+            if (type(item) is not list or len(item) != 3 or type(item[0]) is not str or type(item[1]) is not str
+                    or type(item[2]) is not int):
+                raise CorruptStateError(key, "members as [node_id, addr, nproc]", repr(item))
+            node_id, addr, nproc = item
+            if not node_id or not addr or not _is_address(addr) or nproc < 1:
+                raise CorruptStateError(key, "members with a node_id, an addr (a host) and nproc >= 1", repr(item))
+            members.append(Member(node_id, addr, nproc))
+        if not members or len({m.node_id for m in members}) != len(members):
+            raise CorruptStateError(key, "a closed round with members, each node once",
+                                    repr([m.node_id for m in members]))
+        assignment = Assignment(
+            round=self.number, members=tuple(members), master_addr=_address(key, d, "master_addr"),
+            master_port=_ranged(key, d, "master_port", 1, 65535),
+            standbys=tuple(_strings(key, d.get("standbys", []), "standbys")))
+        return replace(self, assignment=assignment)
 
 
 def _strings(key: str, value: Any, name: str) -> list[str]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from agent.daemon import keeper, policy
+from agent.daemon import keeper, policy, runtime_dir
 from agent.daemon.console import ConsoleSettings, Route
 from agent.daemon.env import worker_env
 from agent.daemon.prewarm import WarmWorker
@@ -195,6 +195,7 @@ class LocalWorkers:
         # a leave right after a restart, before any report, still drains rather than loses steps.
         self.helper_seen = False
         self.warm: list[WarmWorker] = []
+        self.local_files = runtime_dir.NodeLocal(layout.job_id, layout.node_id, self.environ)  # control, progress
 
     def start(self, assignment: Assignment) -> Running:
         lay = self.layout
@@ -205,8 +206,7 @@ class LocalWorkers:
         group_rank = assignment.group_rank(node)
         assert group_rank is not None
         offset = assignment.rank_offset(node)
-        control = attempt_dir / "control"
-        progress = [attempt_dir / str(r) / "progress.json" for r in range(lay.nproc)]
+        control, progress = self.local_files.attempt(attempt_dir.name, lay.nproc, self.running)  # not on --log-dir
         envs = []
         for local_rank in range(lay.nproc):
             env = worker_env(

@@ -34,7 +34,6 @@ from rendezvous.state import Assignment
 log = logging.getLogger("elastic_agent")
 
 ANSWER_WAIT = 3.0  # seconds an initiator waits for every member's answer before choosing without it
-ANSWER_POLL = 0.01
 CLEAR_INTERVAL = 0.05  # how often the clearing thread looks at the workers' progress
 
 _AT_REST = frozenset({"paused", "drained", "finished"})
@@ -183,24 +182,18 @@ class Plans:
 
     def _answers(self) -> tuple[dict[str, int], bool]:
         """Every member's answer to the stop asked for, waiting up to ANSWER_WAIT (and the
-        drain budget). Returns (the answers, whether every member gave one)."""
+        drain budget) on a watch. Returns (the answers, whether every member gave one)."""
         assert self.participant.assignment is not None
         members = set(self.participant.assignment.node_ids)
-        deadline = self.clock.monotonic() + min(ANSWER_WAIT, self.budget())
-        answers: dict[str, int] = {}
-        while True:
-            try:
-                answers = self.participant.planned_stop().answers()
-            except RendezvousError as exc:
-                log.warning("could not read the answers to the stop asked for (%s)", exc)
-            missing = members - answers.keys()
-            if not missing:
-                return answers, True
-            if self.clock.monotonic() >= deadline:
-                log.warning("no answer to the stop asked for from %s; choosing the stop step without them",
-                            ", ".join(sorted(missing)))
-                return answers, False
-            self.clock.sleep(ANSWER_POLL)
+        try:
+            answers, complete = self.participant.planned_stop().await_answers(members, min(ANSWER_WAIT, self.budget()))
+        except RendezvousError as exc:
+            log.warning("could not read the answers to the stop asked for (%s)", exc)
+            return {}, False
+        if not complete:
+            log.warning("no answer to the stop asked for from %s; choosing the stop step without them",
+                        ", ".join(sorted(members - answers.keys())))
+        return answers, complete
 
     def _announce_on_round(self, wanted: int) -> int | None:
         try:

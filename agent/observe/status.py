@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 from agent.daemon.options import RaisingParser
@@ -22,7 +23,8 @@ def snapshot(store: Any, job_id: str, *, now: float | None = None) -> dict[str, 
     """Everything ``status`` shows, as plain data (the ``--json`` output)."""
     from agent.observe import goodput  # noqa: PLC0415
     from rendezvous.settings import Settings  # noqa: PLC0415
-    from rendezvous.state import JobStatus, NodeRecord, RestartCount, RoundState  # noqa: PLC0415
+    from rendezvous import round_members  # noqa: PLC0415
+    from rendezvous.state import JobStatus, NodeRecord, RestartCount  # noqa: PLC0415
 
     now = time.time() if now is None else now
     try:
@@ -35,7 +37,9 @@ def snapshot(store: Any, job_id: str, *, now: float | None = None) -> dict[str, 
     reports = goodput.load(store, s)
     if round_kv is None and not nodes and status_kv is None and not reports:
         raise ConfigError(f"--job-id ({job_id!r}): no such job in etcd (nothing under {s.root})")
-    rnd = RoundState.decode(round_kv.key, round_kv.value) if round_kv else None
+    rnd = round_members.load(store, s, round_kv)[0] if round_kv else None
+    if rnd is not None and rnd.is_open:  # who was in the last round: not on the round record
+        rnd = replace(rnd, previous=round_members.previous(store, s, rnd.number))
     status = JobStatus.decode(status_kv.key, status_kv.value) if status_kv else None
     restarts = RestartCount.decode(restarts_kv.key, restarts_kv.value) if restarts_kv else RestartCount(0)
     records = {NodeRecord.decode(kv.key, kv.value).node_id: kv for kv in nodes}

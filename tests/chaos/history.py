@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rendezvous.errors import CorruptStateError
 from rendezvous.settings import Settings
-from rendezvous.state import JobStatus, RestartCount, RoundState
+from rendezvous.state import JobStatus, RestartCount, RoundPhase, RoundState
 from rendezvous.store import DELETE, PUT, Event
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,8 +114,15 @@ def check(events: list[Event], settings: Settings) -> RoundHistory:
             if rnd.number < last:
                 violations.append(f"revision {ev.mod_revision}: round went back from {last} to {rnd.number}")
             last = max(last, rnd.number)
-            if rnd.assignment is None:
+        elif ev.key.startswith(f"{settings.root}rounds/") and ev.key.endswith("/members") and ev.kind == PUT:
+            # A closed round's assignment, written with its close (rendezvous/round_members.py).
+            try:
+                number = int(ev.key.split("/")[-2])
+                rnd = RoundState(number, RoundPhase.CLOSED).with_members(ev.key, ev.value)
+            except (ValueError, CorruptStateError) as exc:
+                violations.append(f"revision {ev.mod_revision}: {exc}")
                 continue
+            assert rnd.assignment is not None
             given = tuple((m.node_id, m.nproc) for m in rnd.assignment.members)
             if len({node for node, _ in given}) != len(given):
                 violations.append(f"round {rnd.number} (revision {ev.mod_revision}) gives a node two ranks: {given}")

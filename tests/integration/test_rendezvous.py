@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from rendezvous.errors import (
     RendezvousError,
     RendezvousTimeoutError,
 )
+from rendezvous import round_members
 from rendezvous.etcd_server import EtcdServer
 from rendezvous.etcd_store import EtcdStore
 from rendezvous.participant import Notice, Participant
@@ -106,19 +108,32 @@ class Job:
     def round(self) -> RoundState:
         kv, _ = self.admin.get(self.settings.round_key)
         assert kv is not None
-        return RoundState.decode(kv.key, kv.value)
+        return round_members.load(self.admin, self.settings, kv)[0]
 
     def round_history(self) -> list[RoundState]:
-        """Every value ever written to the round key (etcd keeps the history; nothing is compacted)."""
+        """Every value ever written to the round key (etcd keeps the history; nothing is compacted),
+        each closed one with the members written in the same transaction (or, amended in place,
+        the assignment before)."""
         kv, _ = self.admin.get(self.settings.round_key)
         assert kv is not None
         events: list[Event] = []
-        w = self.admin.watch(self.settings.round_key, events.extend, lambda e: None, 1)
+        w = self.admin.watch(self.settings.root, events.extend, lambda e: None, 1, prefix=True)
         try:
             wait_until(lambda: events and events[-1].mod_revision >= kv.mod_revision, 10, "round history")
         finally:
             w.cancel()
-        return [RoundState.decode(e.key, e.value) for e in events if e.kind == PUT]
+        members = {e.mod_revision: e for e in events if e.kind == PUT and e.key.endswith("/members")}
+        history: list[RoundState] = []
+        for e in events:
+            if e.kind != PUT or e.key != self.settings.round_key:
+                continue
+            rnd = RoundState.decode(e.key, e.value)
+            if not rnd.is_open and e.mod_revision in members:
+                rnd = rnd.with_members(members[e.mod_revision].key, members[e.mod_revision].value)
+            elif not rnd.is_open and history and history[-1].number == rnd.number:
+                rnd = replace(rnd, assignment=history[-1].assignment)
+            history.append(rnd)
+        return history
 
     def close(self) -> None:
         for p in self.participants.values():
@@ -495,14 +510,15 @@ def test_finish_first_writer_wins(make_job: Callable[..., Job]) -> None:
 @pytest.mark.parametrize("raw,expected", [
     (b"{oops", "expected a JSON round record, found '{oops'"),
     (b'{"v": 2, "number": 1, "state": "open"}', 'expected "v": 1 (round record), found "v": 2'),
-    (b'{"v": 1, "number": 1, "state": "closed"}', "expected field 'members' of type list, found None"),
+    (b'{"v": 1, "number": 1, "state": "closed"}', "expected the members of closed round 1, found no such key"),
 ])
 def test_corrupt_round_at_start(make_job: Callable[..., Job], raw: bytes, expected: str) -> None:
     job = make_job(1, 2)
     job.admin.put(job.settings.round_key, raw)
     with pytest.raises(CorruptStateError) as info:
         job.participant("a")
-    assert str(info.value) == f"etcd key {job.settings.round_key!r}: {expected}"
+    key = job.settings.members_key(1) if "members" in expected else job.settings.round_key
+    assert str(info.value) == f"etcd key {key!r}: {expected}"
     wait_until(lambda: job.admin.get(job.settings.node_key("a"))[0] is None, 5, "the failed start to clean up")
 
 

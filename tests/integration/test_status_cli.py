@@ -30,8 +30,10 @@ def seeded(etcd, job_id):
     try:
         lease = store.grant(30)
         store.put(s.node_key("n0"), NodeRecord("n0", "127.0.0.1", 2).encode(), lease=lease)
-        store.put(s.round_key, RoundState(3, "closed", "node_lost: n1", assignment=Assignment(
-            3, (Member("n0", "127.0.0.1", 2),), "127.0.0.1", 29500)).encode())
+        closed = RoundState(3, "closed", "node_lost: n1", assignment=Assignment(
+            3, (Member("n0", "127.0.0.1", 2),), "127.0.0.1", 29500))
+        store.put(s.round_key, closed.encode())
+        store.put(s.members_key(3), closed.encode_members())
         store.put(s.restarts_key, RestartCount(1, "worker_failure: n0 rank 1").encode())
         persist(store, s, "n0", NodeReport("n0", Totals(100.0, 75.0), state="running", last_step=42,
                                            last_step_time=time.time(), max_restarts=4, time=time.time()))

@@ -25,7 +25,13 @@ def put(rev: int, key: str, value: bytes) -> Event:
 
 
 def rounds(*states: RoundState) -> list[Event]:
-    return [put(i + 1, SETTINGS.round_key, s.encode()) for i, s in enumerate(states)]
+    """The round records, each closed one with its members written in the same revision."""
+    events = []
+    for i, s in enumerate(states):
+        events.append(put(i + 1, SETTINGS.round_key, s.encode()))
+        if s.assignment is not None:
+            events.append(put(i + 1, SETTINGS.members_key(s.number), s.encode_members()))
+    return events
 
 
 def test_a_clean_history_has_no_violation():

@@ -5,7 +5,7 @@ range fields, or a real record cut short or flipped, either becomes a record tha
 on one line. Never another exception. Derandomized and bounded: a few seconds, every run alike.
 
 The records: ``nodes/<id>`` (NodeRecord), ``rounds/<n>/joined/<id>`` (JoinRecord), ``round``
-(RoundState), ``status`` (JobStatus), ``restarts`` (RestartCount), ``goodput/<id>`` (NodeReport).
+(RoundState), ``rounds/<n>/members`` (a closed round's assignment), ``status`` (JobStatus), ``restarts`` (RestartCount), ``goodput/<id>`` (NodeReport).
 The agent loop's handling of the same garbage in a live store is in
 tests/integration/test_fuzz_agent_store.py.
 """
@@ -31,12 +31,23 @@ S = Settings(job_id="fuzz", min_nodes=1, max_nodes=4)
 ASSIGNED = RoundState(3, RoundPhase.CLOSED, "node_lost: c", ("a", "b", "c"),
                       Assignment(3, (Member("a", "10.0.0.1", 8), Member("b", "10.0.0.2", 8)), "10.0.0.1", 29500,
                                  ("d",)), stop_at=120, grow_request="d")
+
+
+class Members:
+    """``rounds/3/members``, read as every member of closed round 3 reads it."""
+
+    @staticmethod
+    def decode(key: str, raw: bytes) -> RoundState:
+        return RoundState(3, RoundPhase.CLOSED).with_members(key, raw)
+
+
 # One real record of each kind, as an agent writes it, under its key.
 RECORDS = {
     "node": (S.node_key("a"), NodeRecord, NodeRecord("a", "10.0.0.1", 8, "host-a", "0.1.0").encode()),
     "join": (S.joined_key(3, "a"), JoinRecord, JoinRecord("a", "10.0.0.1", 8, 29500).encode()),
     "open round": (S.round_key, RoundState, RoundState(4, RoundPhase.OPEN, "scale_up", ("a", "b")).encode()),
     "closed round": (S.round_key, RoundState, ASSIGNED.encode()),
+    "members": (S.members_key(3), Members, ASSIGNED.encode_members()),
     "status": (S.status_key, JobStatus, JobStatus(Outcome.FAILED, "budget spent").encode()),
     "restarts": (S.restarts_key, RestartCount, RestartCount(2, "worker_failure: a").encode()),
     "goodput": (f"{S.root}goodput/a", NodeReport,
@@ -59,8 +70,8 @@ def fields_of(raw: bytes) -> list[str]:
     """Every field name of a record, and of its first member when it has members."""
     data = json.loads(raw)
     names = list(data)
-    if data.get("members"):
-        names += [f"members.0.{n}" for n in data["members"][0]]
+    if data.get("members"):  # [node_id, addr, nproc]
+        names += [f"members.0.{n}" for n in range(len(data["members"][0]))]
     return names + ["extra"]
 
 
@@ -76,9 +87,9 @@ def garbled(draw) -> tuple[str, type, bytes]:
         path = "v" if how == "version" else draw(st.sampled_from(fields_of(raw)))
         target, leaf = data, path
         if path.startswith("members.0."):
-            target, leaf = data["members"][0], path.removeprefix("members.0.")
+            target, leaf = data["members"][0], int(path.removeprefix("members.0."))
         if how == "drop":
-            target.pop(leaf, None)
+            target.pop(leaf) if isinstance(target, list) else target.pop(leaf, None)
         else:
             target[leaf] = draw(json_values if how == "field" else st.sampled_from(
                 [0, 2, -1, "1", True, 1.0, None, [1], {"v": 1}, 10**30]))
@@ -116,7 +127,7 @@ def sound(record: object, raw: bytes) -> None:
         assert all(isinstance(p, str) for p in record.previous)
         assert record.stop_at is None or (_is_int(record.stop_at) and record.stop_at >= 0)
         a = record.assignment
-        assert (a is None) == record.is_open
+        assert a is None or not record.is_open  # the assignment is read from the members key
         if a is not None:
             assert a.round == record.number and a.members and len(set(a.node_ids)) == len(a.members)
             for m in a.members:
@@ -159,7 +170,7 @@ def test_the_real_records_decode() -> None:
 @given(garbled())
 @example((S.round_key, RoundState, b"[" * 200_000))
 @example((S.node_key("a"), NodeRecord, b'{"v": true, "node_id": "a", "addr": "h", "nproc": 1}'))
-@example((S.round_key, RoundState, ASSIGNED.encode().replace(b'"10.0.0.1",', b'"10.0.0.1\\u0000",', 1)))
+@example((S.members_key(3), Members, ASSIGNED.encode_members().replace(b'"10.0.0.1",', b'"10.0.0.1\\u0000",', 1)))
 @example((f"{S.root}goodput/a", NodeReport, RECORDS["goodput"][2].replace(b'"elapsed":100.0', b'"elapsed":NaN')))
 @example((f"{S.root}goodput/a", NodeReport, RECORDS["goodput"][2].replace(b'"time":12.5', b'"time":1' + b"0" * 400)))
 @example((f"{S.root}goodput/a", NodeReport, RECORDS["goodput"][2].replace(b'"v":1', b'"v":true')))

@@ -31,7 +31,8 @@ def closed(**changes) -> RoundState:
 class FakeStop:
     """The round's planned stop in etcd, shared by every member."""
 
-    def __init__(self, answers: dict[str, int] | None = None) -> None:
+    def __init__(self, answers: dict[str, int] | None = None, clock: FakeClock | None = None) -> None:
+        self.clock = clock
         self.asked = False
         self.answers_given = dict(answers or {})
         self.stop_at: int | None = None
@@ -45,6 +46,12 @@ class FakeStop:
 
     def answers(self) -> dict[str, int]:
         return dict(self.answers_given)
+
+    def await_answers(self, members: set[str], timeout: float) -> tuple[dict[str, int], bool]:
+        complete = members <= self.answers_given.keys()
+        if not complete and self.clock is not None:  # nobody else answers: the whole wait passes
+            self.clock.sleep(timeout)
+        return dict(self.answers_given), complete
 
     def announce(self, step: int) -> int:
         self.stop_at = step if self.stop_at is None else self.stop_at
@@ -111,8 +118,8 @@ def test_the_initiator_announces_the_furthest_answer_and_its_workers_are_cleared
 
 
 def test_an_answer_that_never_comes_is_waited_for_at_most_answer_wait_then_a_lead_and_a_step_added(tmp_path):
-    stop = FakeStop({"node-1": 25})  # node-2 is silent
     clock = FakeClock()
+    stop = FakeStop({"node-1": 25}, clock)  # node-2 is silent
     plans, run = plans_for(stop, clock), running(tmp_path, 20)
     began = clock.monotonic()
     assert plans.leave(run) is True  # type: ignore[arg-type]
@@ -137,7 +144,7 @@ def test_a_stop_asked_for_is_reported_once_then_the_stop_step_even_when_both_cam
 
 def test_a_round_with_a_stop_asked_for_survives_etcd_and_old_records_have_none():
     rnd = closed(stop_asked=True, stop_at=12)
-    assert RoundState.decode("/k", rnd.encode()) == rnd
+    assert RoundState.decode("/k", rnd.encode()).with_members("/m", rnd.encode_members()) == rnd
     assert RoundState.decode("/k", closed().encode()).stop_asked is False
 
 
@@ -180,3 +187,30 @@ def test_a_stop_step_ends_the_wait_and_so_does_the_callers_condition(tmp_path):
     began = time.monotonic()
     assert control.await_clearance(control.Reader(path), 6, until=lambda ask: ask.abort >= 2).abort == 2
     assert time.monotonic() - began < 1.0
+
+
+def test_the_initiator_waits_for_a_late_answer_on_a_watch_not_by_reading_cleared_again_and_again(tmp_path):
+    """Issue 25: it read rounds/<n>/cleared/ every 10 ms for up to 3 s (O(N) bytes each time)."""
+    from rendezvous.clock import SystemClock
+    from rendezvous.memory_store import MemoryStore
+    from rendezvous.rounds import PlannedStop
+    from rendezvous.settings import Settings
+
+    store, settings = MemoryStore(), Settings(job_id="j", min_nodes=1, max_nodes=3)
+    store.put(settings.round_key, closed().encode())
+    store.put(settings.members_key(2), closed().encode_members())
+    store.put(f"{settings.cleared_prefix(2)}node-1", b"30")
+    participant = FakeParticipant(FakeStop())
+    participant.planned_stop = lambda: PlannedStop(store, settings, 2, "node-0")  # type: ignore[method-assign]
+    plans = Plans(participant, SimpleNamespace(uses_helper=lambda run: True), "node-0", 1,  # type: ignore[arg-type]
+                  SystemClock(), lambda: 60.0)
+    run = running(tmp_path, 20)
+    late = threading.Timer(0.3, lambda: store.put(f"{settings.cleared_prefix(2)}node-2", b"41"))
+    late.start()
+    began = time.monotonic()
+    try:
+        assert plans.leave(run) is True  # type: ignore[arg-type]
+    finally:
+        late.cancel()
+    assert plans.stopping_at == 41 and time.monotonic() - began < ANSWER_WAIT  # the late answer counted
+    assert store.requests.snapshot().get("get_prefix", 0) <= 2

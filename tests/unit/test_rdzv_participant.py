@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from hypothesis import HealthCheck, event, given
@@ -24,6 +24,7 @@ from rendezvous.clock import FakeClock
 from rendezvous.errors import CorruptStateError, JobFinishedError, LeaseLostError, RendezvousTimeoutError
 from rendezvous.memory_store import MemoryStore
 from rendezvous import participant as participant_module
+from rendezvous import round_members
 from rendezvous.participant import Notice, Participant
 from rendezvous.reasons import reason_kind
 from rendezvous.settings import Settings
@@ -181,7 +182,7 @@ class Cluster:
     def round(self) -> RoundState:
         kv, _ = self.store.get(self.settings.round_key)
         assert kv is not None
-        return RoundState.decode(kv.key, kv.value)
+        return round_members.load(self.store, self.settings, kv)[0]
 
     def describe(self) -> str:
         return f"round={self.round()} nodes={ {k: n.state for k, n in self.nodes.items()} }"
@@ -189,8 +190,7 @@ class Cluster:
     # --- invariants over the whole history -------------------------------------------------
     def check_invariants(self) -> None:
         s = self.settings
-        rounds = [(e.mod_revision, RoundState.decode(e.key, e.value)) for e in self.events
-                  if e.key == s.round_key and e.kind == PUT]
+        rounds = self._rounds_written()
         assert not [e for e in self.events if e.key == s.round_key and e.kind == DELETE], "round key deleted"
         closed: dict[int, RoundState] = {}
         opened: dict[int, RoundState] = {}
@@ -231,6 +231,31 @@ class Cluster:
             assert count <= s.max_restarts
         statuses = [JobStatus.decode(e.key, e.value) for e in self.events if e.key == s.status_key and e.kind == PUT]
         assert len(statuses) <= 1, statuses
+
+    def _rounds_written(self) -> list[tuple[int, RoundState]]:
+        """Every round record written, with its assignment from the members key written in the
+        same transaction and ``previous`` from the round before (neither is on the record)."""
+        s = self.settings
+        members = {(e.mod_revision, e.key): e for e in self.events if e.kind == PUT and e.key.endswith("/members")}
+        rounds: list[tuple[int, RoundState]] = []
+        previous: tuple[str, ...] = ()  # the rank order of the last closed round
+        for e in self.events:
+            if e.key != s.round_key or e.kind != PUT:
+                continue
+            rnd = RoundState.decode(e.key, e.value)
+            prior = rounds[-1][1] if rounds else None
+            if rnd.is_open:
+                rnd = replace(rnd, previous=previous)
+            else:
+                m = members.get((e.mod_revision, s.members_key(rnd.number)))
+                if m is not None:
+                    rnd = rnd.with_members(m.key, m.value)
+                elif prior is not None and prior.number == rnd.number:  # amended in place
+                    rnd = replace(rnd, assignment=prior.assignment)
+                rnd = replace(rnd, previous=prior.previous if prior is not None else ())
+                previous = rnd.assignment.node_ids if rnd.assignment else previous
+            rounds.append((e.mod_revision, rnd))
+        return rounds
 
     def _check_closed(self, rev: int, rnd: RoundState) -> None:
         s = self.settings

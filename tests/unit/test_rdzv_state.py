@@ -21,10 +21,30 @@ from rendezvous.state import (
 KEY = "/elastic-agent/j/round"
 
 
+class Members:
+    """The members record of closed round 2 (``rounds/2/members``), decoded as a node does."""
+
+    @staticmethod
+    def decode(key: str, raw: bytes) -> RoundState:
+        return RoundState(2, RoundPhase.CLOSED).with_members(key, raw)
+
+
 def test_records_round_trip() -> None:
     a = Assignment(3, (Member("a", "10.0.0.1", 8), Member("b", "10.0.0.2", 4)), "10.0.0.1", 29500, ("c",))
-    for rnd in (RoundState(3, RoundPhase.CLOSED, "node_lost: x", ("x", "a"), a), RoundState(4, RoundPhase.OPEN, "start")):
-        assert RoundState.decode(KEY, rnd.encode()) == rnd
+    closed = RoundState(3, RoundPhase.CLOSED, "node_lost: x", (), a, stop_at=7, grow_request="c", stop_asked=True)
+    assert RoundState.decode(KEY, closed.encode()).with_members(KEY, closed.encode_members()) == closed
+    opened = RoundState(4, RoundPhase.OPEN, "start")
+    assert RoundState.decode(KEY, opened.encode()) == opened
+
+
+def test_a_change_to_the_round_rewrites_o1_bytes_whatever_the_size() -> None:
+    """Every node watches ``round``: its record must not grow with the job (issue 25)."""
+    def closed(n: int) -> RoundState:
+        members = tuple(Member(f"node-{i:05d}", f"10.0.{i // 256}.{i % 256}", 8) for i in range(n))
+        return RoundState(2, RoundPhase.CLOSED, "node_lost: node-00007 went silent",
+                          tuple(m.node_id for m in members), Assignment(2, members, "10.0.0.0", 29500), stop_at=12345)
+    assert len(closed(4096).encode()) == len(closed(3).encode()) < 200
+    assert len(closed(4096).encode_members()) > 100_000  # read once per round, not on every change
     for rec, cls in ((NodeRecord("a", "h:1", 8, "host", "0.1"), NodeRecord), (JoinRecord("a", "h", 2, 29501), JoinRecord),
                      (JobStatus("failed", "budget"), JobStatus), (RestartCount(2, "worker_failure: x"), RestartCount)):
         assert cls.decode(KEY, rec.encode()) == rec  # type: ignore[attr-defined]
@@ -37,8 +57,7 @@ def test_every_record_is_versioned() -> None:
 
 
 def closed_json(**over: object) -> bytes:
-    d: dict[str, object] = {"v": 1, "number": 2, "state": "closed", "reason": "", "previous": [],
-                            "members": [{"node_id": "a", "addr": "h", "nproc": 1}],
+    d: dict[str, object] = {"v": 1, "round": 2, "members": [["a", "h", 1]],
                             "master_addr": "h", "master_port": 1, "standbys": []}
     d.update(over)
     return json.dumps({k: v for k, v in d.items() if v is not ...}).encode()
@@ -57,13 +76,14 @@ CORRUPT = [
     (RoundState, b'{"v": 1, "number": "1", "state": "open"}', ["field 'number' of type int", "found '1'"]),
     (RoundState, b'{"v": 1, "number": true, "state": "open"}', ["field 'number' of type int", "found True"]),
     (RoundState, b'{"v": 1, "number": 1, "state": "ajar"}', ["'open' or 'closed'", "found 'ajar'"]),
-    (RoundState, b'{"v": 1, "number": 1, "state": "open", "previous": "a"}', ["'previous' as a list of strings"]),
-    (RoundState, closed_json(members=...), ["field 'members' of type list", "found None"]),
-    (RoundState, closed_json(members=["a"]), ["members as objects with node_id, addr, nproc", "found 'a'"]),
-    (RoundState, closed_json(members=[{"node_id": "a", "addr": "h"}]), ["members as objects"]),
-    (RoundState, closed_json(members=[{"node_id": "a", "addr": "h", "nproc": "8"}]), ["nproc an integer"]),
-    (RoundState, closed_json(master_port="29500"), ["field 'master_port' of type int"]),
-    (RoundState, closed_json(standbys=[1]), ["'standbys' as a list of strings"]),
+    (Members, b"{", ["expected a JSON members record"]),
+    (Members, closed_json(round=3), ["expected the members of round 2", "found 3"]),
+    (Members, closed_json(members=...), ["field 'members' of type list", "found None"]),
+    (Members, closed_json(members=["a"]), ["members as [node_id, addr, nproc]", "found 'a'"]),
+    (Members, closed_json(members=[["a", "h"]]), ["members as [node_id, addr, nproc]"]),
+    (Members, closed_json(members=[["a", "h", "8"]]), ["members as [node_id, addr, nproc]"]),
+    (Members, closed_json(master_port="29500"), ["field 'master_port' of type int"]),
+    (Members, closed_json(standbys=[1]), ["'standbys' as a list of strings"]),
     (JoinRecord, b"{", ["expected a JSON join record"]),
     (JoinRecord, b'{"v": 7, "node_id": "a"}', ['expected "v": 1 (join record)', 'found "v": 7']),
     (JoinRecord, b'{"v": 1, "node_id": "a", "addr": "h", "nproc": 1}', ["field 'master_port' of type int"]),
@@ -112,8 +132,7 @@ def test_assignment_helpers() -> None:
 
 
 def _round(**over: object) -> bytes:
-    record = {"v": 1, "number": 2, "state": "closed", "reason": "", "previous": [],
-              "members": [{"node_id": "a", "addr": "10.0.0.1", "nproc": 8}], "master_addr": "10.0.0.1",
+    record = {"v": 1, "round": 2, "members": [["a", "10.0.0.1", 8]], "master_addr": "10.0.0.1",
               "master_port": 29500, "standbys": []}
     record.update(over)
     return json.dumps(record).encode()
@@ -124,12 +143,13 @@ def _round(**over: object) -> bytes:
     (NodeRecord, b'{"v":1,"node_id":"","addr":"h","nproc":1}', "field 'node_id' non-empty"),
     (JoinRecord, b'{"v":1,"node_id":"a","addr":"h","nproc":1,"master_port":70000}', "field 'master_port' in 1..65535"),
     (JoinRecord, b'{"v":1,"node_id":"a","addr":"h","nproc":-2,"master_port":1}', "field 'nproc' in >= 1"),
-    (RoundState, _round(number=0), "field 'number' in >= 1"),
-    (RoundState, _round(master_port=0), "field 'master_port' in 1..65535"),
-    (RoundState, _round(master_addr=" "), "field 'master_addr' non-empty"),
-    (RoundState, _round(members=[{"node_id": "a", "addr": "h", "nproc": 0}]), "nproc >= 1"),
-    (RoundState, _round(members=[]), "a closed round with members"),
-    (RoundState, _round(members=[{"node_id": "a", "addr": "h", "nproc": 1}] * 2), "each node once"),
+    (RoundState, b'{"v":1,"number":0,"state":"open"}', "field 'number' in >= 1"),
+    (Members, _round(round=0), "field 'round' in >= 1"),
+    (Members, _round(master_port=0), "field 'master_port' in 1..65535"),
+    (Members, _round(master_addr=" "), "field 'master_addr' non-empty"),
+    (Members, _round(members=[["a", "h", 0]]), "nproc >= 1"),
+    (Members, _round(members=[]), "a closed round with members"),
+    (Members, _round(members=[["a", "h", 1]] * 2), "each node once"),
     (RestartCount, b'{"v":1,"count":-1}', "field 'count' in >= 0"),
 ])
 def test_values_out_of_range_are_typed_errors_naming_the_key(cls: type, raw: bytes, fragment: str) -> None:

@@ -22,11 +22,14 @@ def job(store: MemoryStore, *, round_open: bool = False) -> None:
         store.put(S.node_key(node), NodeRecord(node, addr, 8).encode(), lease=lease)
     members = (Member("b", "10.0.0.2", 8), Member("a", "10.0.0.1", 8), Member("gone", "10.0.0.9", 8))
     if round_open:
-        rnd = RoundState(8, "open", "node_lost: gone", previous=("b", "a", "gone"))
+        rnd = RoundState(8, "open", "node_lost: gone")
+        store.put(S.members_key(7), RoundState(7, "closed", assignment=Assignment(7, members, "h", 1)).encode_members())
     else:
         rnd = RoundState(7, "closed", "worker_failure: a rank 3 exited 1",
                          assignment=Assignment(7, members, "10.0.0.2", 29500))
     store.put(S.round_key, rnd.encode())
+    if rnd.assignment is not None:
+        store.put(S.members_key(rnd.number), rnd.encode_members())
     store.put(S.restarts_key, RestartCount(2, "worker_failure: a rank 3 exited 1").encode())
     badput = {r: 0.0 for r in BADPUT_REASONS} | {"rendezvous": 60.0, "lost_progress": 40.0}
     for node, age, step in (("a", 10, 1200), ("b", 40, 1199)):

@@ -75,7 +75,10 @@ def _start(argv: list[str]) -> int:
 
     from agent.daemon.loop import Agent  # noqa: PLC0415
     from agent.daemon.signals import Signals  # noqa: PLC0415
-    from agent.observe.collectors import CheckpointCollector, RequestCountCollector  # noqa: PLC0415
+    from agent.daemon.local import snapshots_of  # noqa: PLC0415
+    from agent.observe.collectors import (  # noqa: PLC0415
+        CheckpointCollector, RequestCountCollector, SnapshotsOffCollector)
+    from agent.worker.protocol import OFF_FILE  # noqa: PLC0415
     from agent.observe.http import HealthServer, loop_liveness  # noqa: PLC0415
     from agent.observe.metrics import AgentMetrics  # noqa: PLC0415
     from agent.daemon.connect import open_store, usage_error  # noqa: PLC0415
@@ -107,6 +110,8 @@ def _start(argv: list[str]) -> int:
         metrics.registry.register(RequestCountCollector(store.requests, metrics.labels))
         checkpoints = CheckpointCollector(config.checkpoint_dir, metrics.labels)
         metrics.registry.register(checkpoints)
+        node_snapshots = snapshots_of(config.job_id, config.log_dir) / config.node_id
+        metrics.registry.register(SnapshotsOffCollector(lambda: node_snapshots / OFF_FILE, metrics.labels))
         store.observer = metrics.etcd_request
         try:
             agent = Agent(config, store, metrics=metrics, signals=signals, checkpoints=checkpoints)

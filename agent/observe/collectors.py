@@ -161,3 +161,24 @@ class CheckpointCollector(_Collector):
                                       "Unix time the latest complete checkpoint was saved.", labels=LABELS)
             saved.add_metric(self._lv, latest[1])
             yield saved
+
+
+class SnapshotsOffCollector(_Collector):
+    """``elastic_agent_snapshots_off``: 1 when this node's workers turned in-memory snapshots
+    off (``/dev/shm`` cannot hold them: ``agent.worker.snapshot`` writes why into ``.off`` in
+    the node's snapshot directory), else 0. Read at scrape time: one stat of a local file."""
+
+    def __init__(self, off_file: Callable[[], Path], labels: tuple[str, str]) -> None:
+        self._off_file = off_file
+        self._lv = list(labels)
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            off = self._off_file().is_file()
+        except OSError:
+            off = False
+        g = GaugeMetricFamily("elastic_agent_snapshots_off",
+                              "1 when this node's in-memory snapshots are off (no room in /dev/shm), else 0.",
+                              labels=LABELS)
+        g.add_metric(self._lv, 1.0 if off else 0.0)
+        yield g

@@ -47,3 +47,4 @@ AGENT_PID_ENV = "ELASTIC_AGENT_PID"
 
 DRAINED_EXIT_CODE = 75
 PROGRESS_VERSION = 1
+OFF_FILE = ".off"  # in a node's snapshot directory: why snapshots are off there (the agent exports it)

@@ -54,12 +54,11 @@ from typing import Any
 import torch
 
 from agent.worker import snapshot_wire as wire
-from agent.worker.protocol import NODE_ID_ENV, SNAPSHOT_DIR_ENV
+from agent.worker.protocol import NODE_ID_ENV, OFF_FILE, SNAPSHOT_DIR_ENV
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"ELASTIC-AGENT-SNAPSHOT 1\n"
-OFF_FILE = ".off"  # in the snapshot directory: why snapshots are off on this node (the agent reads it)
 # Bytes a node holds per snapshot it keeps: its own copy, the peer's copy, and a temporary
 # file while either is replaced.
 HELD_COPIES = 3

@@ -304,3 +304,17 @@ def test_unlimited_budget_is_infinite() -> None:
     m.restarts_used(7)
     s = samples(m)
     assert math.isinf(s["elastic_agent_max_restarts"]) and math.isinf(s["elastic_agent_restart_budget_remaining"])
+
+
+def test_snapshots_off_is_read_from_the_workers_signal_file_at_scrape_time(tmp_path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from agent.observe.collectors import SnapshotsOffCollector
+    from agent.worker.protocol import OFF_FILE
+
+    registry = CollectorRegistry()
+    registry.register(SnapshotsOffCollector(lambda: tmp_path / OFF_FILE, ("job", "n1")))
+    line = 'elastic_agent_snapshots_off{job_id="job",node="n1"} '
+    assert line + "0.0" in generate_latest(registry).decode()
+    (tmp_path / OFF_FILE).write_text('{"v": 1, "why": "no room"}')  # what a worker writes when /dev/shm is short
+    assert line + "1.0" in generate_latest(registry).decode()

@@ -24,7 +24,9 @@ from agent.worker.protocol import AGENT_PID_ENV
 
 log = logging.getLogger(__name__)
 
-GROUP_TIMEOUT = timedelta(seconds=60)
+# How long a re-forming rank probes for rank 0's store before init_process_group takes over
+# the wait (with the user's timeout). Never a collective's timeout: those stay the user's.
+LISTENER_PROBE_S = 60.0
 
 
 class Aborted(Exception):
@@ -59,7 +61,23 @@ def tell_agent() -> None:
         pass  # no agent to tell (plain torchrun): nothing waits on it either
 
 
-def await_listener(host: str, port: int, timeout: float = GROUP_TIMEOUT.total_seconds()) -> None:
+def group_timeout() -> timedelta | None:
+    """The collective timeout of the default group the script formed itself (None: torch's
+    default). The helper re-forms with the same: a rank that is slow (an evaluation on rank
+    0, a long save, a recompile) is not a failure (DESIGN invariant 8); a dead peer is the
+    agent's to notice (etcd presence), not a timeout's."""
+    if not dist.is_initialized():
+        return None
+    try:
+        group = dist.distributed_c10d._get_default_group()
+        device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+        timeout = group._get_backend(device).options._timeout
+    except Exception:  # noqa: BLE001 - a private API: torch's default when it moved
+        return None
+    return timeout if isinstance(timeout, timedelta) else None
+
+
+def await_listener(host: str, port: int, timeout: float = LISTENER_PROBE_S) -> None:
     """Until rank 0's store listens. torch's store client backs off a whole second after a
     refused connection, and the ranks of a new round start within milliseconds of each
     other: probing first keeps that second off every recovery."""

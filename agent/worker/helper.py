@@ -40,6 +40,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -188,15 +189,20 @@ class Elastic:
 
     def run(self, train_step: Callable[[int, Any], Any], *, model: Any, optimizer: Any, steps: int,
             state: Callable[[], dict[str, Any]] | None = None,
-            load_state: Callable[[dict[str, Any]], None] | None = None, snapshot_every: int = 1) -> None:
+            load_state: Callable[[dict[str, Any]], None] | None = None, snapshot_every: int = 1,
+            timeout: timedelta | None = None) -> None:
         """Run the training loop with recovery in process (see agent.worker.inprocess):
         ``train_step(step, ddp_model)`` is called for each step until ``steps``; extra state
         beyond the model and optimizer goes through ``state``/``load_state``. Under the agent,
         a snapshot of the state is kept in host memory and on a peer node every
-        ``snapshot_every`` steps (0: never; agent.worker.snapshot), at most one at a time."""
+        ``snapshot_every`` steps (0: never; agent.worker.snapshot), at most one at a time.
+        ``timeout``: the collectives' timeout, as init_process_group's (None: the group the
+        script formed keeps its own, else torch's default). Kept at every re-form: a rank that
+        is only slow is never a failure; a dead peer is noticed by the agent, not a timeout."""
         from agent.worker.inprocess import InProcess  # noqa: PLC0415
 
-        InProcess(self, model, optimizer, state, load_state, snapshot_every=snapshot_every).run(train_step, steps)
+        InProcess(self, model, optimizer, state, load_state, snapshot_every=snapshot_every,
+                  timeout=timeout).run(train_step, steps)
 
     def save(self, step: int, state: Any) -> None:
         """Checkpoint ``state`` as step ``step``: global rank 0 writes, every rank waits for it.

@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -53,8 +54,10 @@ class Aborted(Exception):
 class InProcess:
     def __init__(self, elastic: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  state: Callable[[], dict[str, Any]] | None, load_state: Callable[[dict[str, Any]], None] | None,
-                 environ: dict[str, str] | None = None, snapshot_every: int = 1) -> None:
+                 environ: dict[str, str] | None = None, snapshot_every: int = 1,
+                 timeout: timedelta | None = None) -> None:
         self.el = elastic
+        self.timeout = timeout  # the collectives' timeout, the user's (None: torch's default)
         self.model = model
         self.held = HeldState(model, optimizer, state, load_state)
         self.environ = os.environ if environ is None else environ
@@ -76,8 +79,9 @@ class InProcess:
         self.el.mode = "inprocess"
         before = groups.connected_sockets()
         if not (dist.is_available() and dist.is_initialized()):
-            dist.init_process_group(groups.backend(), init_method="env://", timeout=groups.GROUP_TIMEOUT)
+            dist.init_process_group(groups.backend(), init_method="env://", timeout=self.timeout)
         else:
+            self.timeout = self.timeout or groups.group_timeout()  # the script's, kept at each re-form
             before = set()  # the script formed the group: every connection it holds may be the group's
         step = self._sync_and_wrap() + 1
         self._group_sockets = groups.connected_sockets() - before
@@ -180,7 +184,7 @@ class InProcess:
             groups.await_listener(place.master_addr, place.master_port)
         before = groups.connected_sockets()
         dist.init_process_group(groups.backend(), init_method=f"tcp://{place.master_addr}:{place.master_port}",
-                                rank=place.rank(local_rank), world_size=place.world_size, timeout=groups.GROUP_TIMEOUT)
+                                rank=place.rank(local_rank), world_size=place.world_size, timeout=self.timeout)
         held = self._sync_and_wrap()
         self._group_sockets = groups.connected_sockets() - before
         log.info("re-formed in round %d as rank %d of %d in %.2fs (%s); going on after step %d", self.round,

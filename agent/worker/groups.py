@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -41,6 +42,35 @@ def collective_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(
         mark in text for mark in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe",
                                   "ProcessGroup", "process group"))
+
+
+# In-process mode needs the NCCL group aborted by us, not by torch: with asynchronous error
+# handling on (the agent's default for plain scripts, torch's own default too) NCCL's watchdog
+# tears the process down on a failed or timed-out collective, which is what a restart wants
+# and what recovery in process must avoid (torch's _abort_process_group says it needs 0).
+# Read by ProcessGroupNCCL when a group is constructed, so set before any group forms.
+INPROCESS_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}
+
+
+def prepare(environ: Any, local_rank: int, cuda: Any = None) -> list[str]:
+    """Before a group forms in process: this rank's GPU is the current device (NCCL and
+    DDP use the current device; without it every local rank would share GPU 0) and the
+    environment is the in-process one. Returns the variables it changed (a group formed
+    earlier by the script was built with their old values)."""
+    cuda = torch.cuda if cuda is None else cuda
+    if cuda.is_available() and local_rank < cuda.device_count():  # else: one GPU per process, already chosen
+        cuda.set_device(local_rank)
+    changed = [name for name, value in INPROCESS_ENV.items() if environ.get(name) != value]
+    environ.update(INPROCESS_ENV)
+    return changed
+
+
+def await_step_collectives(model: torch.nn.Module) -> None:
+    """Block until the GPU work queued so far (the step's gradient all-reduce) completed. DDP
+    hands the CPU back before an NCCL all-reduce ran on the GPU; deciding on the CPU that
+    the step may be applied before then would let an all-reduce cut under it be applied."""
+    if torch.cuda.is_available() and any(p.is_cuda for p in model.parameters()):
+        torch.cuda.current_stream().synchronize()
 
 
 def backend() -> str:
@@ -77,12 +107,16 @@ def group_timeout() -> timedelta | None:
     return timeout if isinstance(timeout, timedelta) else None
 
 
-def await_listener(host: str, port: int, timeout: float = LISTENER_PROBE_S) -> None:
+def await_listener(host: str, port: int, timeout: float = LISTENER_PROBE_S,
+                   until: Callable[[], bool] = lambda: False) -> None:
     """Until rank 0's store listens. torch's store client backs off a whole second after a
     refused connection, and the ranks of a new round start within milliseconds of each
-    other: probing first keeps that second off every recovery."""
+    other: probing first keeps that second off every recovery. Raises ``Aborted`` once
+    ``until`` holds (the round was superseded: rank 0 may never come)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if until():
+            raise Aborted(f"gave up waiting for rank 0's store at {host}:{port}: the round was superseded")
         try:
             with socket.create_connection((host, port), timeout=1.0):
                 return
@@ -108,6 +142,40 @@ def connected_sockets() -> set[int]:
         finally:
             sock.detach()
     return found
+
+
+Endpoint = tuple[str, int]
+
+
+def _endpoint(address: Any) -> Endpoint:
+    host = str(address[0])
+    return (host.removeprefix("::ffff:"), int(address[1]))  # an IPv4 peer seen from an IPv6 socket
+
+
+def connections() -> dict[int, tuple[Endpoint, Endpoint]]:
+    """This process's connected TCP sockets: descriptor -> (local, remote) endpoint."""
+    found = {}
+    for fd in connected_sockets():
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                found[fd] = (_endpoint(sock.getsockname()), _endpoint(sock.getpeername()))
+        except OSError:
+            pass
+        finally:
+            sock.detach()
+    return found
+
+
+def among_members(mine: dict[int, tuple[Endpoint, Endpoint]], members: set[Endpoint]) -> set[int]:
+    """The group's own connections in a group the script formed: those whose far end is a
+    socket of one of the group's ranks (``members``: every rank's local endpoints, this one's
+    too). Its store and pair connections qualify; a connection to a metrics or data server
+    outside the job does not, and is never cut."""
+    return {fd for fd, (_, remote) in mine.items() if remote in members}
 
 
 def drop_group(abort: bool = False) -> None:

@@ -195,14 +195,11 @@ class Elastic:
         ``train_step(step, ddp_model)`` is called for each step until ``steps``; extra state
         beyond the model and optimizer goes through ``state``/``load_state``. Under the agent,
         a snapshot of the state is kept in host memory and on a peer node every
-        ``snapshot_every`` steps (0: never; agent.worker.snapshot), at most one at a time.
-        ``timeout``: the collectives' timeout, as init_process_group's (None: the group the
-        script formed keeps its own, else torch's default). Kept at every re-form: a rank that
-        is only slow is never a failure; a dead peer is noticed by the agent, not a timeout."""
+        ``snapshot_every`` steps (0: never; agent.worker.snapshot). ``timeout``: as
+        init_process_group's (default: the script's group's, else torch's), at every re-form."""
         from agent.worker.inprocess import InProcess  # noqa: PLC0415
 
-        InProcess(self, model, optimizer, state, load_state, snapshot_every=snapshot_every,
-                  timeout=timeout).run(train_step, steps)
+        InProcess(self, model, optimizer, state, load_state, None, snapshot_every, timeout).run(train_step, steps)
 
     def save(self, step: int, state: Any) -> None:
         """Checkpoint ``state`` as step ``step``: global rank 0 writes, every rank waits for it.

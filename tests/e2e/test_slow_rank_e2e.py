@@ -20,7 +20,7 @@ from tests.e2e.harness import ELASTIC_AGENT, PYTHON, STEP_RE, Cluster
 
 pytestmark = pytest.mark.e2e
 
-SLOW_EVAL = Path(__file__).resolve().parents[1] / "bin" / "slow_eval.py"
+LOOP = Path(__file__).resolve().parents[1] / "bin" / "inprocess_loop.py"
 STEPS, PAUSE_AT, PAUSE_S = 5, 2, 65.0
 
 
@@ -32,7 +32,7 @@ def status(cluster: Cluster) -> dict:
 
 
 def test_a_rank_that_pauses_65s_alone_spends_no_restart_and_the_job_trains_on(cluster):
-    command = [PYTHON, str(SLOW_EVAL), str(STEPS), str(PAUSE_AT), str(PAUSE_S)]
+    command = [PYTHON, str(LOOP), str(STEPS), "0", str(PAUSE_AT), str(PAUSE_S)]
     agents = [cluster.start_agent(f"node-{i}", nproc=1, min_nodes=2, max_nodes=2, command=command,
                                   extra=["--max-restarts", "3"]) for i in range(2)]
     codes = [a.wait(timeout=PAUSE_S + 90) for a in agents]

@@ -144,40 +144,6 @@ def connected_sockets() -> set[int]:
     return found
 
 
-Endpoint = tuple[str, int]
-
-
-def _endpoint(address: Any) -> Endpoint:
-    host = str(address[0])
-    return (host.removeprefix("::ffff:"), int(address[1]))  # an IPv4 peer seen from an IPv6 socket
-
-
-def connections() -> dict[int, tuple[Endpoint, Endpoint]]:
-    """This process's connected TCP sockets: descriptor -> (local, remote) endpoint."""
-    found = {}
-    for fd in connected_sockets():
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError:
-            continue
-        try:
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                found[fd] = (_endpoint(sock.getsockname()), _endpoint(sock.getpeername()))
-        except OSError:
-            pass
-        finally:
-            sock.detach()
-    return found
-
-
-def among_members(mine: dict[int, tuple[Endpoint, Endpoint]], members: set[Endpoint]) -> set[int]:
-    """The group's own connections in a group the script formed: those whose far end is a
-    socket of one of the group's ranks (``members``: every rank's local endpoints, this one's
-    too). Its store and pair connections qualify; a connection to a metrics or data server
-    outside the job does not, and is never cut."""
-    return {fd for fd, (_, remote) in mine.items() if remote in members}
-
-
 def drop_group(abort: bool = False) -> None:
     """``abort``: abort the default group (NCCL: unblocks a stuck collective). Otherwise
     destroy it, which closes its connections (an aborted group cannot be destroyed)."""

@@ -72,7 +72,8 @@ class _Reforming:
         groups.release(self._group_sockets)
 
     def _group_gone(self, ask: control.Control) -> bool:
-        return ask.abort >= self.round or (ask.reform is not None and ask.reform.round > self.round)
+        # abort 0 is "none": under plain torchrun (no agent, round 0) nothing is ever gone
+        return 0 < ask.abort >= self.round or (ask.reform is not None and ask.reform.round > self.round)
 
     # --- re-forming ------------------------------------------------------------------------
     def _reform(self, why: str) -> int:
@@ -139,19 +140,6 @@ class _Reforming:
         held = self._sync_and_wrap()
         self._group_sockets = groups.connected_sockets() - before
         return held
-
-    def _not_the_groups(self) -> set[int]:
-        """The script formed the group, so which connections are its own is not known from
-        when they appeared: every rank tells the others its connections' local ends (gloo
-        only: NCCL groups are aborted, not cut), and those whose far end is none of the
-        ranks' (a metrics or data-streaming connection) are left alone."""
-        mine = groups.connections()
-        if dist.get_backend() != "gloo" or dist.get_world_size() == 1:
-            return groups.connected_sockets()
-        everyone: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, [local for local, _ in mine.values()])
-        members = {(str(host), int(port)) for ends in everyone for host, port in ends}
-        return groups.connected_sockets() - groups.among_members(mine, members)
 
     def _renew_side_groups(self) -> None:
         """The helper's gloo side group (NCCL jobs) belonged to the old group: formed anew on
@@ -227,7 +215,10 @@ class InProcess(_Reforming):
             dist.init_process_group(groups.backend(), init_method="env://", timeout=self.timeout)
         else:
             self.timeout = self.timeout or groups.group_timeout()  # the script's, kept at each re-form
-            before = self._not_the_groups()
+            # Every connection it holds may be the group's. Telling them apart needs the ranks'
+            # endpoints, a collective a joiner's first run() and the old ranks' re-form do not
+            # share; left open (docs/architecture.md).
+            before = set()
             if changed and dist.get_backend() == "nccl":
                 log.warning("the script formed its NCCL group with %s unset or other than %s: torch's watchdog "
                             "may tear this process down on a failure until the first re-form (form the group "

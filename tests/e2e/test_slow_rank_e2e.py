@@ -10,13 +10,15 @@ timeout (torch's default here), and a dead peer is the agent's to notice."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import ELASTIC_AGENT, PYTHON, STEP_RE, Cluster
+from tests.conftest import torchrun_env
+from tests.e2e.harness import ELASTIC_AGENT, PYTHON, STEP_RE, TRAIN, Cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -55,3 +57,14 @@ def test_a_rank_that_pauses_65s_alone_spends_no_restart_and_the_job_trains_on(cl
     snap = status(cluster)
     assert (snap["restarts_used"], snap["round"]) == (0, 1), snap
     assert not re.search(r"round \d+ opened", consoles), consoles
+
+
+def test_el_run_under_plain_torchrun_trains_to_the_end(tmp_path):
+    """No agent, no control file, round 0: nothing is "gone". The loop used to read the
+    absent abort (0) as an abort of round 0 and wait forever for a re-form order."""
+    command = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(TRAIN), "--steps", "3", "--inprocess", "--step-time", "0"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=torchrun_env({**os.environ}, tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [int(m.group(1)) for m in STEP_RE.finditer(proc.stdout)] == [0, 1, 2], proc.stdout

@@ -63,16 +63,3 @@ def test_each_reform_drops_the_helpers_side_group_of_the_old_members():
     InProcess._renew_side_groups(SimpleNamespace(el=el))
     assert (el._group, el._device) == (None, None)  # formed anew on first use, in the new group
 
-
-def test_in_a_group_the_script_formed_only_connections_between_ranks_are_the_groups():
-    """Rank 0 of two: its store's server side, its own store client, a pair connection to
-    rank 1, and a metrics connection to a server outside the job."""
-    mine = {
-        10: (("10.0.0.1", 29500), ("10.0.0.2", 40001)),  # store: rank 1's client
-        11: (("10.0.0.1", 40000), ("10.0.0.1", 29500)),  # store: our own client
-        12: (("10.0.0.1", 29500), ("10.0.0.1", 40000)),  # store: the server side of our client
-        13: (("10.0.0.1", 40100), ("10.0.0.2", 40200)),  # gloo pair with rank 1
-        14: (("10.0.0.1", 40300), ("10.9.9.9", 9091)),   # a metrics push gateway
-    }
-    members = {local for local, _ in mine.values()} | {("10.0.0.2", 40001), ("10.0.0.2", 40200)}
-    assert groups.among_members(mine, members) == {10, 11, 12, 13}

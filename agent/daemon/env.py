@@ -69,6 +69,10 @@ def worker_env(
     # Defaults that the user's own environment may override.
     overridable = {
         "OMP_NUM_THREADS": 1,
+        # For plain scripts: a failed NCCL collective ends the process, and the agent restarts
+        # it. In-process workers (el.run) need 0, which the helper sets before it forms a
+        # group (agent.worker.groups.INPROCESS_ENV): the agent cannot know the mode before
+        # the workers run and report it.
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": 1,
         # torchrun's default --signals-to-handle: scripts that install their own handlers read it.
         "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT",

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -24,7 +25,9 @@ from agent.worker.protocol import AGENT_PID_ENV
 
 log = logging.getLogger(__name__)
 
-GROUP_TIMEOUT = timedelta(seconds=60)
+# How long a re-forming rank probes for rank 0's store before init_process_group takes over
+# the wait (with the user's timeout). Never a collective's timeout: those stay the user's.
+LISTENER_PROBE_S = 60.0
 
 
 class Aborted(Exception):
@@ -39,6 +42,35 @@ def collective_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(
         mark in text for mark in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe",
                                   "ProcessGroup", "process group"))
+
+
+# In-process mode needs the NCCL group aborted by us, not by torch: with asynchronous error
+# handling on (the agent's default for plain scripts, torch's own default too) NCCL's watchdog
+# tears the process down on a failed or timed-out collective, which is what a restart wants
+# and what recovery in process must avoid (torch's _abort_process_group says it needs 0).
+# Read by ProcessGroupNCCL when a group is constructed, so set before any group forms.
+INPROCESS_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}
+
+
+def prepare(environ: Any, local_rank: int, cuda: Any = None) -> list[str]:
+    """Before a group forms in process: this rank's GPU is the current device (NCCL and
+    DDP use the current device; without it every local rank would share GPU 0) and the
+    environment is the in-process one. Returns the variables it changed (a group formed
+    earlier by the script was built with their old values)."""
+    cuda = torch.cuda if cuda is None else cuda
+    if cuda.is_available() and local_rank < cuda.device_count():  # else: one GPU per process, already chosen
+        cuda.set_device(local_rank)
+    changed = [name for name, value in INPROCESS_ENV.items() if environ.get(name) != value]
+    environ.update(INPROCESS_ENV)
+    return changed
+
+
+def await_step_collectives(model: torch.nn.Module) -> None:
+    """Block until the GPU work queued so far (the step's gradient all-reduce) completed. DDP
+    hands the CPU back before an NCCL all-reduce ran on the GPU; deciding on the CPU that
+    the step may be applied before then would let an all-reduce cut under it be applied."""
+    if torch.cuda.is_available() and any(p.is_cuda for p in model.parameters()):
+        torch.cuda.current_stream().synchronize()
 
 
 def backend() -> str:
@@ -59,12 +91,32 @@ def tell_agent() -> None:
         pass  # no agent to tell (plain torchrun): nothing waits on it either
 
 
-def await_listener(host: str, port: int, timeout: float = GROUP_TIMEOUT.total_seconds()) -> None:
+def group_timeout() -> timedelta | None:
+    """The collective timeout of the default group the script formed itself (None: torch's
+    default). The helper re-forms with the same: a rank that is slow (an evaluation on rank
+    0, a long save, a recompile) is not a failure (DESIGN invariant 8); a dead peer is the
+    agent's to notice (etcd presence), not a timeout's."""
+    if not dist.is_initialized():
+        return None
+    try:
+        group = dist.distributed_c10d._get_default_group()
+        device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+        timeout = group._get_backend(device).options._timeout
+    except Exception:  # noqa: BLE001 - a private API: torch's default when it moved
+        return None
+    return timeout if isinstance(timeout, timedelta) else None
+
+
+def await_listener(host: str, port: int, timeout: float = LISTENER_PROBE_S,
+                   until: Callable[[], bool] = lambda: False) -> None:
     """Until rank 0's store listens. torch's store client backs off a whole second after a
     refused connection, and the ranks of a new round start within milliseconds of each
-    other: probing first keeps that second off every recovery."""
+    other: probing first keeps that second off every recovery. Raises ``Aborted`` once
+    ``until`` holds (the round was superseded: rank 0 may never come)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if until():
+            raise Aborted(f"gave up waiting for rank 0's store at {host}:{port}: the round was superseded")
         try:
             with socket.create_connection((host, port), timeout=1.0):
                 return

@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -44,17 +45,148 @@ from agent.worker.held import HeldState
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 0.02  # how often the watchdog and a waiting worker read the control file
+FORM_DELAY_ENV = "ELASTIC_AGENT_TEST_FORM_DELAY"  # tests only: see _test_delay
 
 
 class Aborted(Exception):
     """The process group this step used was aborted: the step did not happen."""
 
 
-class InProcess:
+class _Reforming:
+    """The re-forming half of InProcess (which holds the state it uses): waiting for the next
+    round's order, forming its group while a watchdog may cut it, agreeing on the state."""
+
+    el: Any
+    model: torch.nn.Module
+    held: HeldState
+    environ: Any
+    round: int
+    timeout: timedelta | None
+    snapshots: Any
+    ddp: Any
+    _lock: threading.Lock
+    _forming: set[int] | None
+    _group_sockets: set[int]
+
+    def _cut(self) -> None:
+        groups.release(self._group_sockets)
+
+    def _group_gone(self, ask: control.Control) -> bool:
+        # abort 0 is "none": under plain torchrun (no agent, round 0) nothing is ever gone
+        return 0 < ask.abort >= self.round or (ask.reform is not None and ask.reform.round > self.round)
+
+    # --- re-forming ------------------------------------------------------------------------
+    def _reform(self, why: str) -> int:
+        """Wait for our place in the next round, form its process group, agree on the state.
+        Returns the step every rank now holds. A member lost while the group forms (it never
+        comes, or dies in the agreement) does not end the worker: the agent orders a newer
+        round, the watchdog cuts the half-formed group, and this rank forms the newer one."""
+        broken = "failed" in why or "gone" in why
+        self.el._report(self.held.completed, "broken" if broken else "paused")
+        if broken:
+            groups.tell_agent()
+        began = time.monotonic()
+        # Cut the old group at once (a peer still waiting on us fails now, not at the timeout),
+        # and tear it down while the next round forms: destroying a gloo group takes ~0.2 s.
+        self._cut()
+        self.ddp = self.model
+        teardown = threading.Thread(target=groups.drop_group, daemon=True, name="old-group-teardown")
+        teardown.start()
+        ask = self._wait_for_reform()
+        teardown.join()
+        gc.collect()
+        while True:
+            place = ask.reform
+            assert place is not None
+            try:
+                held = self._form(place)
+                break
+            except Exception as exc:  # noqa: BLE001 - only a group that broke while forming is handled
+                if not (groups.collective_failure(exc) or isinstance(exc, (OSError, TimeoutError))):
+                    raise
+                log.warning("round %d's process group broke while forming (%s); waiting for a newer round",
+                            place.round, str(exc)[:200])
+                self.el._report(self.held.completed, "broken")
+                groups.tell_agent()
+            finally:
+                with self._lock:
+                    self._forming = None
+            self.ddp = self.model
+            groups.drop_group()
+            ask = self._wait_for_reform()
+        log.info("re-formed in round %d as rank %d of %d in %.2fs (%s); going on after step %d", self.round,
+                 dist.get_rank(), dist.get_world_size(), time.monotonic() - began, why, held)
+        return held
+
+    def _form(self, place: control.Reform) -> int:
+        """Form round ``place.round``'s group and agree on the state. Until it is formed the
+        watchdog cuts every connection opened meanwhile once a newer round is ordered (or
+        this one aborted): the waits for a lost member fail at once, not at the timeout."""
+        local_rank = int(self.environ.get("LOCAL_RANK", "0"))
+        before = groups.connected_sockets()
+        groups.prepare(os.environ, local_rank)
+        self._adopt(place, local_rank)  # first: the watchdog judges "gone" against the new round
+        with self._lock:
+            self._forming = before
+        _test_delay(self.environ)
+        if place.rank(local_rank) != 0:
+            groups.await_listener(place.master_addr, place.master_port,
+                                  until=lambda: self._group_gone(self.el.control.read()))
+        if self._group_gone(self.el.control.read()):
+            raise groups.Aborted(f"round {place.round} was superseded before its group formed")
+        dist.init_process_group(groups.backend(), init_method=f"tcp://{place.master_addr}:{place.master_port}",
+                                rank=place.rank(local_rank), world_size=place.world_size, timeout=self.timeout)
+        self._renew_side_groups()
+        held = self._sync_and_wrap()
+        self._group_sockets = groups.connected_sockets() - before
+        return held
+
+    def _renew_side_groups(self) -> None:
+        """The helper's gloo side group (NCCL jobs) belonged to the old group: formed anew on
+        first use in this one (a stale one would wait on the old members)."""
+        self.el._group, self.el._device = None, None
+
+    def _wait_for_reform(self) -> control.Control:
+        while True:
+            ask = self.el.control.read()
+            if ask.reform is not None and ask.reform.round > self.round:
+                return ask
+            if ask.leave and ask.stop_at is not None:
+                self.el._report(self.held.completed, "drained")
+                self.el.exit_drained()
+            time.sleep(WATCH_INTERVAL)
+
+    def _adopt(self, place: control.Reform, local_rank: int) -> None:
+        """The new round's ranks, where code that reads the torchrun variables finds them."""
+        self.round = place.round
+        self.el.round_number = place.round  # checkpoints of this round are fenced as such
+        self.environ.update({
+            "RANK": str(place.rank(local_rank)), "WORLD_SIZE": str(place.world_size),
+            "LOCAL_WORLD_SIZE": str(place.local_world_size), "GROUP_RANK": str(place.group_rank),
+            "GROUP_WORLD_SIZE": str(place.group_world_size), "ROLE_RANK": str(place.rank(local_rank)),
+            "ROLE_WORLD_SIZE": str(place.world_size), "MASTER_ADDR": place.master_addr,
+            "MASTER_PORT": str(place.master_port), "TORCHELASTIC_RESTART_COUNT": str(place.restart_count),
+            "ELASTIC_AGENT_ROUND": str(place.round),
+        })
+
+    def _sync_and_wrap(self) -> int:
+        """Every rank of the new group ends up with the state of the most advanced one."""
+        if self.snapshots is not None:
+            self.snapshots.serve(snapshot.local_address(self.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                                        int(self.environ.get("MASTER_PORT", "29500"))))
+        held = self.held.agree(self.el, self.snapshots, self.round)
+        self.ddp = groups.wrap(self.model)
+        self.el._report(held, "train")  # not broken any more; the agent clears steps from reports
+        return held
+
+
+class InProcess(_Reforming):
     def __init__(self, elastic: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  state: Callable[[], dict[str, Any]] | None, load_state: Callable[[dict[str, Any]], None] | None,
-                 environ: dict[str, str] | None = None, snapshot_every: int = 1) -> None:
+                 environ: dict[str, str] | None = None, snapshot_every: int = 1,
+                 timeout: timedelta | None = None) -> None:
         self.el = elastic
+        self.timeout = timeout  # the collectives' timeout, the user's (None: torch's default)
         self.model = model
         self.held = HeldState(model, optimizer, state, load_state)
         self.environ = os.environ if environ is None else environ
@@ -68,6 +200,7 @@ class InProcess:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._group_sockets: set[int] = set()
+        self._forming: set[int] | None = None  # while a group forms: the connections made before it
         optimizer.register_step_pre_hook(self._before_optimizer_step)
         optimizer.register_step_post_hook(self._after_optimizer_step)
 
@@ -75,10 +208,22 @@ class InProcess:
     def run(self, train_step: Callable[[int, Any], Any], steps: int) -> None:
         self.el.mode = "inprocess"
         before = groups.connected_sockets()
+        local_rank = int(self.environ.get("LOCAL_RANK", "0"))
+        changed = groups.prepare(os.environ, local_rank)
         if not (dist.is_available() and dist.is_initialized()):
-            dist.init_process_group(groups.backend(), init_method="env://", timeout=groups.GROUP_TIMEOUT)
+            _test_delay(self.environ)
+            dist.init_process_group(groups.backend(), init_method="env://", timeout=self.timeout)
         else:
-            before = set()  # the script formed the group: every connection it holds may be the group's
+            self.timeout = self.timeout or groups.group_timeout()  # the script's, kept at each re-form
+            # Every connection it holds may be the group's. Telling them apart needs the ranks'
+            # endpoints, a collective a joiner's first run() and the old ranks' re-form do not
+            # share; left open (docs/architecture.md).
+            before = set()
+            if changed and dist.get_backend() == "nccl":
+                log.warning("the script formed its NCCL group with %s unset or other than %s: torch's watchdog "
+                            "may tear this process down on a failure until the first re-form (form the group "
+                            "after setting it, or let el.run form it)", ", ".join(changed),
+                            groups.INPROCESS_ENV[changed[0]])
         step = self._sync_and_wrap() + 1
         self._group_sockets = groups.connected_sockets() - before
         watchdog = threading.Thread(target=self._watch, daemon=True, name="reform-watchdog")
@@ -151,77 +296,9 @@ class InProcess:
             self.el.exit_drained()
         return self._reform(f"a planned change after step {ask.stop_at}")
 
-    def _group_gone(self, ask: control.Control) -> bool:
-        return ask.abort >= self.round or (ask.reform is not None and ask.reform.round > self.round)
-
-    # --- re-forming ------------------------------------------------------------------------
-    def _reform(self, why: str) -> int:
-        """Wait for our place in the next round, form its process group, agree on the state.
-        Returns the step every rank now holds."""
-        broken = "failed" in why or "gone" in why
-        self.el._report(self.held.completed, "broken" if broken else "paused")
-        if broken:
-            groups.tell_agent()
-        began = time.monotonic()
-        # Cut the old group at once (a peer still waiting on us fails now, not at the timeout),
-        # and tear it down while the next round forms: destroying a gloo group takes ~0.2 s.
-        self._cut()
-        self.ddp = self.model
-        teardown = threading.Thread(target=groups.drop_group, daemon=True, name="old-group-teardown")
-        teardown.start()
-        ask = self._wait_for_reform()
-        teardown.join()
-        gc.collect()
-        place = ask.reform
-        assert place is not None
-        local_rank = int(self.environ.get("LOCAL_RANK", "0"))
-        self._adopt(place, local_rank)
-        if place.rank(local_rank) != 0:
-            groups.await_listener(place.master_addr, place.master_port)
-        before = groups.connected_sockets()
-        dist.init_process_group(groups.backend(), init_method=f"tcp://{place.master_addr}:{place.master_port}",
-                                rank=place.rank(local_rank), world_size=place.world_size, timeout=groups.GROUP_TIMEOUT)
-        held = self._sync_and_wrap()
-        self._group_sockets = groups.connected_sockets() - before
-        log.info("re-formed in round %d as rank %d of %d in %.2fs (%s); going on after step %d", self.round,
-                 dist.get_rank(), dist.get_world_size(), time.monotonic() - began, why, held)
-        return held
-
-    def _wait_for_reform(self) -> control.Control:
-        while True:
-            ask = self.el.control.read()
-            if ask.reform is not None and ask.reform.round > self.round:
-                return ask
-            if ask.leave and ask.stop_at is not None:
-                self.el._report(self.held.completed, "drained")
-                self.el.exit_drained()
-            time.sleep(WATCH_INTERVAL)
-
-    def _adopt(self, place: control.Reform, local_rank: int) -> None:
-        """The new round's ranks, where code that reads the torchrun variables finds them."""
-        self.round = place.round
-        self.el.round_number = place.round  # checkpoints of this round are fenced as such
-        self.environ.update({
-            "RANK": str(place.rank(local_rank)), "WORLD_SIZE": str(place.world_size),
-            "LOCAL_WORLD_SIZE": str(place.local_world_size), "GROUP_RANK": str(place.group_rank),
-            "GROUP_WORLD_SIZE": str(place.group_world_size), "ROLE_RANK": str(place.rank(local_rank)),
-            "ROLE_WORLD_SIZE": str(place.world_size), "MASTER_ADDR": place.master_addr,
-            "MASTER_PORT": str(place.master_port), "TORCHELASTIC_RESTART_COUNT": str(place.restart_count),
-            "ELASTIC_AGENT_ROUND": str(place.round),
-        })
-
-    def _sync_and_wrap(self) -> int:
-        """Every rank of the new group ends up with the state of the most advanced one."""
-        if self.snapshots is not None:
-            self.snapshots.serve(snapshot.local_address(self.environ.get("MASTER_ADDR", "127.0.0.1"),
-                                                        int(self.environ.get("MASTER_PORT", "29500"))))
-        held = self.held.agree(self.el, self.snapshots, self.round)
-        self.ddp = groups.wrap(self.model)
-        self.el._report(held, "train")  # not broken any more; the agent clears steps from reports
-        return held
-
     # --- hooks and the watchdog ------------------------------------------------------------
     def _before_optimizer_step(self, *_args: Any) -> None:
+        groups.await_step_collectives(self.model)  # the flag below is only final once they ran
         if self.snapshots is not None:
             self.snapshots.before_update()
         if self._aborted:
@@ -238,15 +315,28 @@ class InProcess:
         while not self._stop.wait(WATCH_INTERVAL):
             ask = reader.read()
             with self._lock:
-                stuck = self._in_step and self._group_gone(ask)
+                gone = self._group_gone(ask)
+                stuck = self._in_step and gone
                 first = stuck and not self._aborted
                 if stuck:
                     self._aborted = True
+                forming = self._forming if gone else None
             if first:
                 log.warning("round %d's process group is gone: releasing step %d from it", self.round,
                             self._current)
             if stuck:
                 self._cut()
+            if forming is not None:  # a member was lost while the group formed: release the waits
+                groups.release(groups.connected_sockets() - forming)
 
-    def _cut(self) -> None:
-        groups.release(self._group_sockets)
+
+def _test_delay(environ: dict[str, str] | Any) -> None:
+    """Test hook (``FORM_DELAY_ENV`` seconds): this rank comes late to the group it forms, so
+    an end-to-end test can lose it while the others wait for it."""
+    try:
+        delay = float(environ.get(FORM_DELAY_ENV) or 0)
+    except ValueError:
+        return
+    if delay > 0:
+        log.warning("test hook: forming the process group in %.1fs", delay)
+        time.sleep(delay)

@@ -95,7 +95,7 @@ def main() -> int:
             if part == "prometheus":
                 prom.run(deploy, part_dir, procs, start_etcd(part_dir, procs))
             else:
-                slurm.run(deploy, part_dir, procs, start_etcd(part_dir, procs))
+                slurm.run(deploy, part_dir, procs)
             log(f"=== {part}: PASSED ===")
         except CheckFailed as exc:
             failures.append(f"{part}: {exc}")

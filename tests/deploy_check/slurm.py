@@ -95,14 +95,14 @@ class Scenarios:
         log(f"scancel --signal=TERM --full {aid}_1 (a preemption)")
         self.wait_requeued(f"{aid}_1")
         self.wait_world(jid, 2, "the other 2 tasks to go on")
-        self.expect_running(aid, ("0", "2"))
+        self.expect_running(aid, {"0": "0", "2": "0"})
         self.wait_world(jid, 3, f"task {aid}_1 back after its requeue (Slurm holds a requeued job ~2 min)")
         pid = self.agent_pid(f"{aid}_2")
         os.kill(pid, signal.SIGKILL)
         log(f"kill -9 of task {aid}_2's agent (pid {pid})")
         self.wait_requeued(f"{aid}_2")
         self.wait_world(jid, 2, "the other 2 tasks to go on")
-        self.expect_running(aid, ("0", "1"))
+        self.expect_running(aid, {"0": "0", "1": "1"})
         self.wait_done(aid, jid, expect_tasks=3)
 
     # --- 3: one allocation, srun --no-kill ---------------------------------------------------
@@ -122,13 +122,14 @@ class Scenarios:
             st := self.status(jid)).get("world_size_nodes") == n and st.get("state") == "running" and st, 240, 1)
         log(f"job {jid}: world {n} nodes {[m['node_id'] for m in s['members']]}, step {s.get('last_step')}")
 
-    def expect_running(self, aid: str, tasks: tuple[str, ...]) -> None:
-        """The other tasks must not have been stopped or requeued by what happened to one."""
-        for t in tasks:
+    def expect_running(self, aid: str, tasks: dict[str, str]) -> None:
+        """The other tasks (task -> its requeue count before) must not have been stopped or
+        requeued by what happened to one."""
+        for t, restarts in tasks.items():
             f = self.tasks(f"{aid}_{t}").get(f"{aid}_{t}", {})
-            if f.get("JobState") != "RUNNING" or f.get("Restarts") != "0":
+            if f.get("JobState") != "RUNNING" or f.get("Restarts") != restarts:
                 raise CheckFailed(f"task {aid}_{t} is {f.get('JobState')} (restarts {f.get('Restarts')}): it should have gone on")
-        log(f"tasks {', '.join(f'{aid}_{t}' for t in tasks)} still RUNNING, never requeued")
+        log(f"tasks {', '.join(f'{aid}_{t}' for t in tasks)} still RUNNING, not requeued again")
 
     def wait_requeued(self, task: str) -> None:
         f = wait_for(f"{task} to be requeued", lambda: (

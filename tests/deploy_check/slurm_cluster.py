@@ -41,6 +41,8 @@ class SlurmCluster:
         nodes = "\n".join(
             f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} CPUs={CPUS[n]} RealMemory=1000 State=UNKNOWN"
             for n in (*NODES, "localhost"))
+        # JobRequeue=0: jobs are not requeueable unless they ask (--requeue), as on sites that
+        # turn the default off; so the scripts' own --requeue is what the check relies on.
         self.conf.write_text(f"""\
 ClusterName=deploycheck
 SlurmctldHost={host}(127.0.0.1)
@@ -64,7 +66,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
 ReturnToService=2
-JobRequeue=1
+JobRequeue=0
 KillWait=30
 MinJobAge=3600
 SlurmctldTimeout=30

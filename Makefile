@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast soak soak-tutorial chaos demo bench bench-agent bench-rdzv bench-fsdp bench-scale gpu-check venv clean
+.PHONY: test test-fast soak soak-tutorial chaos demo bench bench-agent bench-rdzv bench-fsdp bench-scale gpu-check deploy-check venv clean
 
 venv: $(STAMP)
 
@@ -89,6 +89,15 @@ bench-rdzv: $(STAMP)
 # `make gpu-check GPU_ARGS=--cpu-dry-run`: the same scenarios with gloo on CPU.
 gpu-check:
 	bash tests/gpu/run.sh $(GPU_ARGS)
+
+# deploy/ run for real (docs/operations.md, "Deploy check"): a Slurm (munged, slurmctld, 4
+# slurmd) on this host runs the shipped sbatch scripts through a preemption and kill -9s; a
+# Prometheus with the shipped scrape config and rules sees a lost node's alert fire; every
+# Grafana query returns data. Installs slurm-wlm, munge, prometheus with apt as root; without
+# root/apt it prints SKIPPED and why. ~10 minutes. `DEPLOY_CHECK_ARGS="--deploy-dir COPY"`
+# checks a copy of deploy/ (a broken one must fail), `--only slurm|prometheus`, `--keep`.
+deploy-check: $(STAMP)
+	$(PY) -m tests.deploy_check $(DEPLOY_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-gpu .pytest_cache .hypothesis

@@ -719,6 +719,10 @@ AGENT_SCRIPTS = {
     "elastic-agent-array.sbatch": {"SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "1",
                                    "SLURM_ARRAY_TASK_COUNT": "4", "FAKE_HOSTS": "n1", "SLURMD_NODENAME": "n1"},
 }
+# What each script asks `scontrol requeue` for: the one-allocation job is its own id; an array
+# task is <array>_<task> (its SLURM_JOB_ID would name the whole array: a kill -9 of one task
+# requeued, and so SIGTERMed, every task; found by make deploy-check under a real Slurm).
+REQUEUED_ID = {"elastic-agent.sbatch": "77", "elastic-agent-array.sbatch": "70_1"}
 
 
 @pytest.mark.parametrize("script", sorted(AGENT_SCRIPTS))
@@ -768,7 +772,7 @@ def test_sbatch_requeues_only_an_unfinished_job(script: str, mode: str, outcome:
     proc = start_script(script, env)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == code, out
-    assert requeued(env) == (["77"] if requeue else []), out
+    assert requeued(env) == ([REQUEUED_ID[script]] if requeue else []), out
 
 
 @pytest.mark.parametrize("script", sorted(AGENT_SCRIPTS))
@@ -789,7 +793,7 @@ def test_sbatch_forwards_one_sigterm_waits_for_the_drain_and_requeues(script: st
     assert [terms(env, h) for h in hosts] == [1] * len(hosts), out
     # The script waited for the agents' own exit (3, not its interrupted wait's 143).
     assert proc.returncode == 0 and "exited 3" in out, out
-    assert requeued(env) == ["77"], out
+    assert requeued(env) == [REQUEUED_ID[script]], out
 
 
 def test_etcd_sbatch_runs_one_compacting_v3_member_per_node(slurm_env: dict[str, str]) -> None:

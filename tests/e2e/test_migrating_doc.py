@@ -106,6 +106,7 @@ def prepare(path: DocPath, where: Path) -> None:
         (where / name).write_text(text)
     for name, source in path.copies.items():
         shutil.copy(DOC.parent / source, where / name)
+    if path.copies:
         shutil.copy(DOC.parent / "examples" / "_toy.py", where / "_toy.py")  # what the examples share
 
 
@@ -127,7 +128,9 @@ def run_command(line: str, where: Path, cluster: Cluster) -> str:
     """Runs one command line of the doc as a shell would (VAR=value prefixes, quoting, `python`
     from PATH); returns what it printed. Every process must exit 0."""
     words = shlex.split(line)
-    env = {**os.environ, "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    env = {key: value for key, value in os.environ.items()  # a user's shell: no launcher's variables
+           if not key.startswith(("TORCHELASTIC_", "ELASTIC_AGENT_", "PET_"))}
+    env.update(PATH=f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}", PYTHONUNBUFFERED="1")
     while "=" in words[0] and not words[0].startswith("-"):
         key, value = words.pop(0).split("=", 1)
         env[key] = value
@@ -176,7 +179,8 @@ def test_the_path_runs_as_written(name: str, tmp_path: Path) -> None:
             size = world_size(line)
             if path.files:  # the doc's own script
                 saves = re.findall(r"rank (\d+) of (\d+) saved checkpoint.pt", text)
-                assert saves == [("0", str(size))], f"`{line}`: one save by rank 0 expected, got {saves}:\n{text}"
+                assert saves == [("0", str(size))], \
+                    f"`{line}`: one save by rank 0 expected, got {saves}:\n{text[-4000:]}"
                 assert set(torch.load(rundir / "checkpoint.pt")) == {"weight", "bias"}
             else:
                 assert re.search(rf"\btrained \d+ steps, world size {size}, loss ", text), text[-4000:]

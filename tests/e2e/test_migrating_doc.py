@@ -184,3 +184,7 @@ def test_the_path_runs_as_written(name: str, tmp_path: Path) -> None:
                 assert set(torch.load(rundir / "checkpoint.pt")) == {"weight", "bias"}
             else:
                 assert re.search(rf"\btrained \d+ steps, world size {size}, loss ", text), text[-4000:]
+            words = shlex.split(line)
+            if "--checkpoint-dir" in words:  # the helper saved through DCP: every rank's part and .metadata
+                where = rundir / words[words.index("--checkpoint-dir") + 1]
+                assert list(where.rglob(".metadata")), f"`{line}` left no DCP checkpoint in {where}:\n{text[-4000:]}"

@@ -24,10 +24,10 @@ def dataset(rank: int, steps: int) -> torch.utils.data.TensorDataset:
     return torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
 
 
-def fit(module: torch.nn.Module, steps: int, device: torch.device) -> float:
+def fit(module: torch.nn.Module, steps: int, device: torch.device, lr: float = 0.1) -> float:
     """Plain SGD on this rank's batches (``module`` is DDP-wrapped: gradients are averaged)."""
     batches = [tuple(t.to(device) for t in batch(dist.get_rank(), step)) for step in range(steps)]
-    return fit_batches(module, torch.optim.SGD(module.parameters(), lr=0.1), batches)
+    return fit_batches(module, torch.optim.SGD(module.parameters(), lr=lr), batches)
 
 
 def fit_batches(module, opt, batches, backward=lambda loss: loss.backward()) -> float:

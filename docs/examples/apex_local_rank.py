@@ -23,6 +23,7 @@ import _toy
 parser = argparse.ArgumentParser()
 parser.add_argument("--local_rank", default=0, type=int)
 parser.add_argument("--steps", type=int, default=20)
+parser.add_argument("--lr", type=float, default=0.1)  # docs/migrating.md passes --lr 3e-4
 args = parser.parse_args()
 
 args.distributed = False
@@ -45,7 +46,7 @@ device = torch.device("cuda", args.gpu) if use_cuda else torch.device("cpu")
 model = _toy.model().to(device)
 if args.distributed:
     model = DDP(model, device_ids=[args.gpu] if use_cuda else None)
-loss = _toy.fit(model, args.steps, device)
+loss = _toy.fit(model, args.steps, device, args.lr)
 _toy.report("apex", model.module if args.distributed else model, args.steps, loss)
 del model  # DDP before its process group: else gloo can deadlock at exit (docs/migrating.md)
 if args.distributed:

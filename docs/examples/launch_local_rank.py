@@ -26,6 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--local-rank", "--local_rank", type=int, required=True)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=0.1)  # docs/migrating.md passes --lr 3e-4
     args = parser.parse_args()
     if args.local_rank != int(os.environ["LOCAL_RANK"]):
         raise SystemExit(f"--local-rank={args.local_rank} but LOCAL_RANK={os.environ['LOCAL_RANK']}")
@@ -37,7 +38,7 @@ def main() -> None:
     device = torch.device("cuda", args.local_rank) if use_cuda else torch.device("cpu")
 
     model = DDP(_toy.model().to(device), device_ids=[args.local_rank] if use_cuda else None)
-    loss = _toy.fit(model, args.steps, device)
+    loss = _toy.fit(model, args.steps, device, args.lr)
     _toy.report("launch", model.module, args.steps, loss)
     del model  # DDP before its process group: else gloo can deadlock at exit (docs/migrating.md)
     dist.destroy_process_group()

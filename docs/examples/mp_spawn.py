@@ -16,9 +16,9 @@ Before:
 
 After: the agent starts one process per rank on every node and sets RANK, LOCAL_RANK,
 WORLD_SIZE, MASTER_ADDR and MASTER_PORT (the master moves with group rank 0 from round to
-round, so the script must not pin it). Three changes: don't set MASTER_*, use the local rank
-for the device, and call main() once instead of spawning. Run alone (no agent), it still
-spawns its ranks as before.
+round, so the script must not pin it). Four changes: don't set MASTER_*, use the local rank
+for the device, call main() once instead of spawning, and drop the DDP model before
+destroy_process_group(). Run alone (no agent), it still spawns its ranks as before.
 
     elastic-agent start --nnodes 2 --nproc-per-node 2 --etcd-endpoints etcd-0:2379 \
         --job-id demo -- python mp_spawn.py --steps 20

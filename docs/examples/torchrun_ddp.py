@@ -24,6 +24,7 @@ import _toy
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=0.1)  # docs/migrating.md passes --lr 3e-4
     args = parser.parse_args()
 
     use_cuda = torch.cuda.is_available()
@@ -34,7 +35,7 @@ def main() -> None:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
     model = DDP(_toy.model().to(device), device_ids=[local_rank] if use_cuda else None)
-    loss = _toy.fit(model, args.steps, device)
+    loss = _toy.fit(model, args.steps, device, args.lr)
     _toy.report("torchrun", model.module, args.steps, loss)
     del model  # DDP before its process group: else gloo can deadlock at exit (docs/migrating.md)
     dist.destroy_process_group()

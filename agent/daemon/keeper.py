@@ -97,14 +97,17 @@ class Keeper:
         if zygote == self.zygote or self._gone:
             return
         argv, env = self._image(zygote)
+        before = self.zygote
+        # Asked for before the request goes: the keeper's answer (read by another thread) may
+        # come at once, and when its exec failed it resets this to None; set after, it was lost.
+        self.zygote = zygote
         try:
             self.ready.clear()
             with self._send_lock:
                 send_message(self._sock, json.dumps({"op": "become", "argv": argv, "env": env}).encode())
         except OSError as exc:
             log.debug("keeper gone before it could change: %s", exc)
-            return
-        self.zygote = zygote
+            self.zygote = before
 
     def spawn(self, argv: list[str], env: dict[str, str], cwd: str, fds: tuple[int, int, int],
               run: list[str] | None = None) -> KeptProcess:

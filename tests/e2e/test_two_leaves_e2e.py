@@ -1,6 +1,10 @@
 """Two nodes SIGTERMed at the same moment in a job of restarted (not in-process) workers: both
 leave with exit 3 and the survivors resume with no completed step lost. Real etcd, real
-agents, real DDP workers using the helper."""
+agents, real DDP workers using the helper.
+
+In `make soak`, not `make test`: the race it aims at (two stop steps announced) is held by
+tests/integration/test_planned_stop_race.py, which fails without the fix; this run passes
+either way on one host (the second leaver's compare-and-swap rarely loses), and costs ~1 min."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import pytest
 
 from tests.e2e.harness import PYTHON, TRAIN, wait_until
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def test_two_nodes_leaving_at_once_both_exit_3_and_no_step_is_lost(cluster):

@@ -8,7 +8,9 @@
   CUDA contexts are torn down; the survivor's old workers are gone (their GPU memory
   released) before its next round trains; training resumes from the latest checkpoint.
 - inprocess-kill-9: the same kill under ``train_ddp.py --inprocess``: the survivors keep
-  their processes (so their CUDA contexts), re-form the group in process, lose no step.
+  their processes (so their CUDA contexts), re-form the group in process, lose no step;
+  each re-formed with TORCH_NCCL_ASYNC_ERROR_HANDLING=0 (so NCCL's abort, not its watchdog),
+  on cuda:LOCAL_RANK, and its pre-step hook waited for the stream (expect.reformed_in_process).
 - sigterm-drain: SIGTERM to a node: it checkpoints CUDA state at a step boundary with the
   others, exits 3, and the rest resume at the next step (none lost).
 """
@@ -21,6 +23,7 @@ import traceback
 
 from agent.worker.checkpoint import latest_step
 from tests.e2e.harness import AgentProc
+from tests.gpu import expect
 from tests.gpu.plan import DRAIN, FAIL, INPROCESS, KILL, NPROC_GPU, PASS, SKIP, Result, Scenario, steps_lost
 from tests.gpu.scene import Context, Failed, Scene, Stopped, pid_alive
 
@@ -147,6 +150,13 @@ def kill_inprocess(scene: Scene) -> None:
                         and r["round"] > first_round} == kept_pids, "every survivor re-forming in process", cap=15)
     if scene.result.steps_lost:
         raise Failed(f"{scene.result.steps_lost} completed steps trained again, expected 0")
+    scene.wait(lambda: {h["pid"] for h in scene.hooks() if h["round"] > first_round} >= kept_pids,
+               "every survivor's pre-step hook in the new round", cap=15)
+    problem = expect.reformed_in_process(scene.spec, scene.reports(), scene.hooks(), kept_pids, first_round)
+    if problem:
+        raise Failed(problem)
+    scene.result.note("re-formed with TORCH_NCCL_ASYNC_ERROR_HANDLING=0" + (
+        ", on cuda:LOCAL_RANK, the pre-step hook waited for the stream" if scene.spec.device == "cuda" else ""))
     held = scene.holding(kept_pids)
     context = ", their CUDA contexts still hold memory" if held == kept_pids and held else ""
     scene.result.note(f"survivors kept their pids {sorted(kept_pids)}{context}")

@@ -168,6 +168,16 @@ class Scene:
                 continue  # being replaced: read on the next call
         return out
 
+    def hooks(self) -> list[dict]:
+        """What the in-process helper's pre-step hook saw (tests/gpu/worker.py)."""
+        out = []
+        for path in sorted(self.reports_dir.glob("*.hook")):
+            try:
+                out.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        return out
+
     def of(self, node_id: str, round_number: int | None = None) -> list[dict]:
         mine = [r for r in self.reports() if r["node"] == node_id]
         if round_number is None and mine:

@@ -9,6 +9,8 @@ arguments, plus what the check needs to know and choose (all through the environ
   says where this worker runs: its ranks, ``CUDA_VISIBLE_DEVICES`` as the agent gave it,
   the current CUDA device and that device's UUID, the backend.
 - ``GPU_CHECK_HIDE_CUDA=1`` (the dry run): torch sees no GPU, whatever the agent was given.
+- ``GPU_CHECK_HELPER_FORMS=1``: the example neither sets the device nor forms the group;
+  el.run does both (its first group then has the helper's NCCL setting from the start).
 
 Each report also carries ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` as the group was formed (the
 in-process helper sets 0 before it re-forms: NCCL's own watchdog would otherwise end the
@@ -69,7 +71,29 @@ def report() -> None:
     os.replace(temp, target)
 
 
+# GPU_CHECK_HELPER_FORMS=1: the example's own set_device and init_process_group (its first
+# calls, before el.run) are skipped, so el.run sets the device and forms every group itself.
+_SKIP = {"init", "set_device"} if os.environ.get("GPU_CHECK_HELPER_FORMS") == "1" else set()
+_set_device, _get_rank = torch.cuda.set_device, dist.get_rank
+
+
+def set_device(device: object) -> None:
+    if "set_device" in _SKIP:
+        _SKIP.discard("set_device")
+        return
+    _set_device(device)  # type: ignore[arg-type]
+
+
+def get_rank(*args: object, **kwargs: object) -> int:
+    if not dist.is_initialized():  # the example asks before el.run formed the group
+        return int(os.environ.get("RANK", "0"))
+    return _get_rank(*args, **kwargs)  # type: ignore[arg-type]
+
+
 def init_process_group(*args: object, **kwargs: object) -> object:
+    if "init" in _SKIP:
+        _SKIP.discard("init")
+        return None
     backend = os.environ.get("GPU_CHECK_BACKEND")
     if backend:
         if args:
@@ -82,6 +106,8 @@ def init_process_group(*args: object, **kwargs: object) -> object:
 
 
 dist.init_process_group = init_process_group  # what the example and agent.worker.inprocess call
+if _SKIP:
+    torch.cuda.set_device, dist.get_rank = set_device, get_rank
 
 
 def _watch_hook() -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.gpu import check, expect
 from tests.gpu.plan import (
-    DRAIN, INPROCESS, KILL, NPROC_GPU, PASS, SCENARIOS, SKIP, Result, plan, split, steps_lost, table,
+    DRAIN, ELRUN, INPROCESS, KILL, NPROC_GPU, PASS, SCENARIOS, SKIP, Result, plan, split, steps_lost, table,
 )
 from tests.gpu.smi import App, Gpu, Smi, normal_uuid, parse_apps, parse_gpus
 
@@ -66,15 +66,16 @@ def shape(scenarios):
 def test_the_dry_run_pretends_gpus_through_cuda_visible_devices_and_uses_gloo_on_cpu() -> None:
     assert shape(plan([], dry_run=True)) == [
         (NPROC_GPU, "gloo", "cpu", 2, (("0,1", "gpu", 2),)),
-        *[(name, "gloo", "cpu", 2, (("0", "gpu", 1), ("0", "gpu", 1))) for name in (KILL, INPROCESS, DRAIN)]]
+        *[(name, "gloo", "cpu", 2, (("0", "gpu", 1), ("0", "gpu", 1))) for name in (KILL, INPROCESS, ELRUN, DRAIN)]]
 
 
 def test_one_gpu_nccl_for_the_single_rank_job_gloo_with_cuda_tensors_when_two_ranks_share_it() -> None:
     scenarios = plan(["GPU-a"])
     assert shape(scenarios) == [
         (NPROC_GPU, "nccl", "cuda", 1, ((None, "gpu", 1),)),
-        *[(name, "gloo", "cuda", 2, ((None, "gpu", 1), (None, "gpu", 1))) for name in (KILL, INPROCESS, DRAIN)]]
-    assert [s.label for s in scenarios] == ["nccl"] + ["gloo (cuda tensors)"] * 3
+        *[(name, "gloo", "cuda", 2, ((None, "gpu", 1), (None, "gpu", 1)))
+          for name in (KILL, INPROCESS, ELRUN, DRAIN)]]
+    assert [s.label for s in scenarios] == ["nccl"] + ["gloo (cuda tensors)"] * 4
     assert "NCCL needs a GPU per rank" in scenarios[1].why
 
 
@@ -252,7 +253,7 @@ def test_never_part_of_make_test() -> None:
     makefile = (ROOT / "Makefile").read_text()
     test_recipe = makefile.split("\ntest:")[1].split("\n\n")[0]
     assert "gpu" not in test_recipe
-    assert set(SCENARIOS) == {NPROC_GPU, KILL, INPROCESS, DRAIN}
+    assert set(SCENARIOS) == {NPROC_GPU, KILL, INPROCESS, ELRUN, DRAIN}
 
 
 class ScriptedSmi(Smi):

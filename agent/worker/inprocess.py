@@ -174,7 +174,10 @@ class _Reforming:
         if self.snapshots is not None:
             self.snapshots.serve(snapshot.local_address(self.environ.get("MASTER_ADDR", "127.0.0.1"),
                                                         int(self.environ.get("MASTER_PORT", "29500"))))
-        mine = [local for local, _remote in groups.tcp_endpoints().values()]
+        # Only gloo groups are released by their connections (NCCL ones are aborted): an NCCL
+        # job sends none, a gloo one a line per connection (world-size lines per rank).
+        mine = ([local for local, _remote in groups.tcp_endpoints().values()] if dist.get_backend() == "gloo"
+                else [])
         held = self.held.agree(self.el, self.snapshots, self.round, mine)
         self.ddp = groups.wrap(self.model)
         self.el._report(held, "train")  # not broken any more; the agent clears steps from reports

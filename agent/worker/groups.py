@@ -144,6 +144,41 @@ def connected_sockets() -> set[int]:
     return found
 
 
+Endpoint = tuple[str, int]
+
+
+def _endpoint(address: Any) -> Endpoint:
+    # An IPv4 peer of a dual-stack socket reads as ::ffff:a.b.c.d on one side only.
+    host = str(address[0])
+    return (host[7:] if host.startswith("::ffff:") else host, int(address[1]))
+
+
+def tcp_endpoints() -> dict[int, tuple[Endpoint, Endpoint]]:
+    """This process's connected TCP sockets: descriptor -> (local, remote) endpoint."""
+    found = {}
+    for fd in connected_sockets():
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                found[fd] = (_endpoint(sock.getsockname()), _endpoint(sock.getpeername()))
+        except (OSError, IndexError, ValueError):
+            pass  # closed or not connected any more
+        finally:
+            sock.detach()
+    return found
+
+
+def group_sockets(sockets: dict[int, tuple[Endpoint, Endpoint]], members: set[Endpoint]) -> set[int]:
+    """Which of ``sockets`` belong to the group: those connected to a member, i.e. whose
+    remote endpoint is a local endpoint of a member's socket (``members``: every rank's local
+    endpoints, this one's too, for pairs within this host). A connection to anything else (a
+    metrics push, a data loader's server) is not the group's and is never cut."""
+    return {fd for fd, (_local, remote) in sockets.items() if remote in members}
+
+
 def drop_group(abort: bool = False) -> None:
     """``abort``: abort the default group (NCCL: unblocks a stuck collective). Otherwise
     destroy it, which closes its connections (an aborted group cannot be destroyed)."""

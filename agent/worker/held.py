@@ -29,6 +29,7 @@ class HeldState:
         self.model, self.optimizer, self.extra, self.load_extra = model, optimizer, extra, load_extra
         self.completed = -1  # the last step whose optimizer step landed in this process
         self.round = 0  # the round of the last agreement: the steps completed since are of it
+        self.endpoints: set[tuple[str, int]] = set()  # the members' sockets' local endpoints, at the last agreement
 
     def state_dict(self) -> dict[str, Any]:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.completed}
@@ -42,21 +43,29 @@ class HeldState:
         if self.load_extra is not None and "extra" in state:
             self.load_extra(state["extra"])
 
-    def agree(self, elastic: Any, snapshots: Any = None, round_number: int = 0) -> int:
+    def agree(self, elastic: Any, snapshots: Any = None, round_number: int = 0,
+              endpoints: list[tuple[str, int]] | None = None) -> int:
         """Collective: every rank ends up with the newest state by (round, step) among what
         the ranks hold in memory, the snapshots the nodes offer and the newest checkpoint on
         disk (``choice.newest_source``). Returns the step every rank now holds (-1: none,
         start from the beginning). ``snapshots`` (agent.worker.snapshot.Snapshots, on local
         rank 0 of each node) also learns its peer; it offers a snapshot of an earlier round
-        than ``round_number``, never of this one or later (those are not this job's)."""
+        than ``round_number``, never of this one or later (those are not this job's).
+        ``endpoints``: the local endpoints of this rank's connected sockets; every rank's end
+        up in ``self.endpoints`` (how a rank tells the group's connections from its others).
+        Exchanged here, the one collective every path into a group runs, so that no rank runs
+        a collective the others do not."""
         world = dist.get_world_size()
+        self.endpoints = set(endpoints or ())
         if world == 1 and self.completed >= 0:
             self.round = round_number
             return self.completed
         offer = snapshots.offer(round_number - 1) if snapshots is not None and self.completed < 0 else None
         mine = {"completed": self.completed, "round": self.round,
-                "address": None if snapshots is None else snapshots.address, "snapshot": offer}
+                "address": None if snapshots is None else snapshots.address, "snapshot": offer,
+                "endpoints": sorted(self.endpoints)}
         everyone = [_message(raw) for raw in _all_gather_bytes(json.dumps(mine).encode())]
+        self.endpoints = {tuple(e) for rank in everyone for e in rank["endpoints"]}  # type: ignore[misc]
         if snapshots is not None:
             snapshots.choose_peer([e["address"] for e in everyone], dist.get_rank())
         memory = [(e["round"], e["completed"]) if e["completed"] >= 0 else None for e in everyone]
@@ -140,9 +149,15 @@ def _message(raw: bytes) -> dict[str, Any]:
     def key(value: Any) -> Key | None:
         return (int(value[0]), int(value[1])) if isinstance(value, list) and len(value) == 2 else None
 
+    def endpoint(value: Any) -> tuple[str, int] | None:
+        ok = isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and type(value[1]) is int
+        return (value[0], value[1]) if ok else None
+
     address = msg.get("address")
+    endpoints = msg.get("endpoints")
     return {"completed": int(msg.get("completed", -1)), "round": int(msg.get("round", 0)),
-            "address": address if isinstance(address, str) else None, "snapshot": key(msg.get("snapshot"))}
+            "address": address if isinstance(address, str) else None, "snapshot": key(msg.get("snapshot")),
+            "endpoints": [e for e in map(endpoint, endpoints if isinstance(endpoints, list) else []) if e]}
 
 
 def _device() -> torch.device:

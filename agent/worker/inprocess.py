@@ -174,7 +174,11 @@ class _Reforming:
         if self.snapshots is not None:
             self.snapshots.serve(snapshot.local_address(self.environ.get("MASTER_ADDR", "127.0.0.1"),
                                                         int(self.environ.get("MASTER_PORT", "29500"))))
-        held = self.held.agree(self.el, self.snapshots, self.round)
+        # Only gloo groups are released by their connections (NCCL ones are aborted): an NCCL
+        # job sends none, a gloo one a line per connection (world-size lines per rank).
+        mine = ([local for local, _remote in groups.tcp_endpoints().values()] if dist.get_backend() == "gloo"
+                else [])
+        held = self.held.agree(self.el, self.snapshots, self.round, mine)
         self.ddp = groups.wrap(self.model)
         self.el._report(held, "train")  # not broken any more; the agent clears steps from reports
         return held
@@ -207,7 +211,7 @@ class InProcess(_Reforming):
     # --- the loop --------------------------------------------------------------------------
     def run(self, train_step: Callable[[int, Any], Any], steps: int) -> None:
         self.el.mode = "inprocess"
-        before = groups.connected_sockets()
+        before: set[int] | None = groups.connected_sockets()
         local_rank = int(self.environ.get("LOCAL_RANK", "0"))
         changed = groups.prepare(os.environ, local_rank)
         if not (dist.is_available() and dist.is_initialized()):
@@ -215,17 +219,15 @@ class InProcess(_Reforming):
             dist.init_process_group(groups.backend(), init_method="env://", timeout=self.timeout)
         else:
             self.timeout = self.timeout or groups.group_timeout()  # the script's, kept at each re-form
-            # Every connection it holds may be the group's. Telling them apart needs the ranks'
-            # endpoints, a collective a joiner's first run() and the old ranks' re-form do not
-            # share; left open (docs/architecture.md).
-            before = set()
+            before = None  # which connections are the group's: those to a member (the agreement's endpoints)
             if changed and dist.get_backend() == "nccl":
                 log.warning("the script formed its NCCL group with %s unset or other than %s: torch's watchdog "
                             "may tear this process down on a failure until the first re-form (form the group "
                             "after setting it, or let el.run form it)", ", ".join(changed),
                             groups.INPROCESS_ENV[changed[0]])
         step = self._sync_and_wrap() + 1
-        self._group_sockets = groups.connected_sockets() - before
+        self._group_sockets = (groups.group_sockets(groups.tcp_endpoints(), self.held.endpoints) if before is None
+                               else groups.connected_sockets() - before)
         watchdog = threading.Thread(target=self._watch, daemon=True, name="reform-watchdog")
         watchdog.start()
         try:

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from tests.e2e.harness import PYTHON, REPO
-from tests.gpu.plan import DRAIN, INPROCESS, KILL, NPROC_GPU
+from tests.gpu.plan import DRAIN, ELRUN, INPROCESS, KILL, NPROC_GPU
 
 pytestmark = pytest.mark.e2e
 
@@ -22,10 +22,11 @@ def test_the_cpu_dry_run_passes_every_scenario_and_prints_the_table() -> None:
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
                                           for line in done.stdout.splitlines() if line.startswith("| "))}
     assert rows.pop("scenario") == ["scenario", "GPUs", "backend", "outcome", "recovery s", "steps lost", "notes"]
-    assert sorted(rows) == sorted([NPROC_GPU, KILL, INPROCESS, DRAIN]), done.stdout
+    assert sorted(rows) == sorted([NPROC_GPU, KILL, INPROCESS, ELRUN, DRAIN]), done.stdout
     assert {name: (cells[2], cells[3]) for name, cells in rows.items()} == dict.fromkeys(rows, ("gloo (cpu)", "PASS"))
     assert "2 workers, LOCAL_RANK 0..1 on cpu" in rows[NPROC_GPU][6], rows[NPROC_GPU]
     # A plain restart goes back to the checkpoint; in process and at a drain nothing is lost.
     assert "resumed from the checkpoint of step" in rows[KILL][6], rows[KILL]
     assert rows[INPROCESS][5] == "0" and "survivors kept their pids" in rows[INPROCESS][6], rows[INPROCESS]
+    assert rows[ELRUN][5] == "0" and "TORCH_NCCL_ASYNC_ERROR_HANDLING=0" in rows[ELRUN][6], rows[ELRUN]
     assert rows[DRAIN][5] == "0" and "exited 3" in rows[DRAIN][6], rows[DRAIN]

@@ -46,6 +46,31 @@ def placement(spec: Scenario, reports: Sequence[dict], inherited: str | None) ->
     return None
 
 
+def reformed_in_process(spec: Scenario, reports: Sequence[dict], hooks: Sequence[dict], kept: set[int],
+                        first_round: int) -> str | None:
+    """The first way the survivors' re-formed groups are not what the in-process GPU path
+    promises (None: they are): every kept worker re-formed with TORCH_NCCL_ASYNC_ERROR_HANDLING
+    0 (the helper's: NCCL's watchdog must not end the process), on CUDA on ``cuda:LOCAL_RANK``
+    (the helper's set_device), and its pre-step hook ran in the new round, on CUDA with the
+    current stream idle when it returned (it waited for the step's all-reduce)."""
+    later = [r for r in reports if r["pid"] in kept and r["round"] > first_round]
+    for pid in sorted(kept - {r["pid"] for r in later}):
+        return f"worker {pid} wrote no report of a re-formed group"
+    for r in later:
+        if r.get("nccl_async_error_handling") != "0":
+            return (f"worker {r['pid']} re-formed round {r['round']} with TORCH_NCCL_ASYNC_ERROR_HANDLING="
+                    f"{r.get('nccl_async_error_handling')!r}, expected '0' (set by the helper)")
+        if spec.device == "cuda" and r["device"] != r["local_rank"]:
+            return f"worker {r['pid']} re-formed on cuda:{r['device']}, expected cuda:{r['local_rank']} (LOCAL_RANK)"
+    for pid in sorted(kept):
+        mine = [h for h in hooks if h["pid"] == pid and h["round"] > first_round]
+        if not mine:
+            return f"worker {pid}: the pre-step hook did not run after the re-form"
+        if spec.device == "cuda" and not all(h["cuda"] and h["stream_idle"] for h in mine):
+            return f"worker {pid}: the pre-step hook returned with GPU work still queued ({mine[0]})"
+    return None
+
+
 def strangers(reports: Sequence[dict], known_uuids: Sequence[str]) -> set[str]:
     """GPUs the workers ran on that nvidia-smi does not list (a UUID form we do not know: MIG?)."""
     known = {normal_uuid(u) for u in known_uuids}

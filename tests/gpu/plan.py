@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 NPROC_GPU, KILL, INPROCESS, DRAIN = "nproc-gpu", "kill-9", "inprocess-kill-9", "sigterm-drain"
-SCENARIOS = (NPROC_GPU, KILL, INPROCESS, DRAIN)
+ELRUN = "inprocess-elrun-kill-9"  # the same kill, the groups all formed by el.run
+SCENARIOS = (NPROC_GPU, KILL, INPROCESS, ELRUN, DRAIN)
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 DRY_PRETEND = "0,1"  # the dry run's CUDA_VISIBLE_DEVICES for --nproc-per-node gpu: two pretend GPUs
 
@@ -77,7 +78,7 @@ def split(entries: Sequence[str]) -> tuple[list[str], list[str]]:
 def plan(visible: Sequence[str], dry_run: bool = False) -> list[Scenario]:
     """The scenarios for these visible GPUs (CUDA_VISIBLE_DEVICES entries or nvidia-smi UUIDs).
     ``dry_run``: the same scenarios with gloo on CPU (``visible`` is ignored)."""
-    deadline = {NPROC_GPU: 120.0, KILL: 180.0, INPROCESS: 180.0, DRAIN: 180.0}  # caps; ~20-60 s each is usual
+    deadline = {NPROC_GPU: 120.0, KILL: 180.0, INPROCESS: 180.0, ELRUN: 180.0, DRAIN: 180.0}  # caps; ~20-60 s each is usual
     if dry_run:
         single = Node("node-0", DRY_PRETEND, "gpu", 2)
         pair = (Node("node-0", "0", "gpu", 1), Node("node-1", "0", "gpu", 1))
@@ -85,7 +86,7 @@ def plan(visible: Sequence[str], dry_run: bool = False) -> list[Scenario]:
         return [Scenario(NPROC_GPU, (single,), "gloo", "cpu", 0, deadline[NPROC_GPU], why_single)] + [
             Scenario(name, pair, "gloo", "cpu", 0, deadline[name], "2 nodes x 1 rank (CUDA_VISIBLE_DEVICES=0 "
                      "pretends a GPU each; workers see none)")
-            for name in (KILL, INPROCESS, DRAIN)]
+            for name in (KILL, INPROCESS, ELRUN, DRAIN)]
     count = len(visible)
     if count == 0:
         return []
@@ -100,7 +101,7 @@ def plan(visible: Sequence[str], dry_run: bool = False) -> list[Scenario]:
         pair = (Node("node-0", ",".join(first), "gpu", len(first)),
                 Node("node-1", ",".join(second), "gpu", len(second)))
         backend, why = "nccl", f"2 nodes x {len(first)}+{len(second)} GPUs (CUDA_VISIBLE_DEVICES split)"
-    out += [Scenario(name, pair, backend, "cuda", count, deadline[name], why) for name in (KILL, INPROCESS, DRAIN)]
+    out += [Scenario(name, pair, backend, "cuda", count, deadline[name], why) for name in (KILL, INPROCESS, ELRUN, DRAIN)]
     return out
 
 

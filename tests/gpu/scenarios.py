@@ -1,4 +1,4 @@
-"""The four scenarios of the GPU check, each a function of a :class:`Scene` that raises
+"""The five scenarios of the GPU check, each a function of a :class:`Scene` that raises
 :class:`Failed` with the reason when an expectation is not met.
 
 - nproc-gpu: ``--nproc-per-node gpu`` on one node: one worker per visible GPU, LOCAL_RANK
@@ -8,7 +8,14 @@
   CUDA contexts are torn down; the survivor's old workers are gone (their GPU memory
   released) before its next round trains; training resumes from the latest checkpoint.
 - inprocess-kill-9: the same kill under ``train_ddp.py --inprocess``: the survivors keep
-  their processes (so their CUDA contexts), re-form the group in process, lose no step.
+  their processes (so their CUDA contexts), re-form the group in process, lose no step;
+  each re-formed with TORCH_NCCL_ASYNC_ERROR_HANDLING=0 (so NCCL's abort, not its watchdog),
+  on cuda:LOCAL_RANK, and its pre-step hook waited for the stream (expect.reformed_in_process).
+- inprocess-elrun-kill-9: the same, but the script leaves the group and the device to el.run
+  (tests/gpu/worker.py, ``GPU_CHECK_HELPER_FORMS``): the group the kill breaks is one the
+  helper formed with TORCH_NCCL_ASYNC_ERROR_HANDLING=0 after set_device(LOCAL_RANK), so the
+  survivors' NCCL group is aborted by the helper (``_abort_process_group``), and a worker
+  torn down by NCCL's own watchdog fails the check.
 - sigterm-drain: SIGTERM to a node: it checkpoints CUDA state at a step boundary with the
   others, exits 3, and the rest resume at the next step (none lost).
 """
@@ -21,7 +28,10 @@ import traceback
 
 from agent.worker.checkpoint import latest_step
 from tests.e2e.harness import AgentProc
-from tests.gpu.plan import DRAIN, FAIL, INPROCESS, KILL, NPROC_GPU, PASS, SKIP, Result, Scenario, steps_lost
+from tests.gpu import expect
+from tests.gpu.plan import (
+    DRAIN, ELRUN, FAIL, INPROCESS, KILL, NPROC_GPU, PASS, SKIP, Result, Scenario, steps_lost,
+)
 from tests.gpu.scene import Context, Failed, Scene, Stopped, pid_alive
 
 MIN_LEFT_S = 30.0  # a scenario is not started with less of the budget left
@@ -129,6 +139,8 @@ def kill_inprocess(scene: Scene) -> None:
     kept = scene.of(survivor.node_id)
     foreign_before = scene.foreign(kept)
     kept_pids, first_round = {r["pid"] for r in kept}, kept[0]["round"]
+    if scene.spec.name == ELRUN and any(r.get("nccl_async_error_handling") != "0" for r in kept):
+        raise Failed(f"el.run formed the first group with TORCH_NCCL_ASYNC_ERROR_HANDLING other than 0: {kept}")
     doomed = {r["pid"] for r in scene.of(victim.node_id)}
     scene.pause(1.0)
     scene.expect_running.discard(victim.node_id)
@@ -147,6 +159,13 @@ def kill_inprocess(scene: Scene) -> None:
                         and r["round"] > first_round} == kept_pids, "every survivor re-forming in process", cap=15)
     if scene.result.steps_lost:
         raise Failed(f"{scene.result.steps_lost} completed steps trained again, expected 0")
+    scene.wait(lambda: {h["pid"] for h in scene.hooks() if h["round"] > first_round} >= kept_pids,
+               "every survivor's pre-step hook in the new round", cap=15)
+    problem = expect.reformed_in_process(scene.spec, scene.reports(), scene.hooks(), kept_pids, first_round)
+    if problem:
+        raise Failed(problem)
+    scene.result.note("re-formed with TORCH_NCCL_ASYNC_ERROR_HANDLING=0" + (
+        ", on cuda:LOCAL_RANK, the pre-step hook waited for the stream" if scene.spec.device == "cuda" else ""))
     held = scene.holding(kept_pids)
     context = ", their CUDA contexts still hold memory" if held == kept_pids and held else ""
     scene.result.note(f"survivors kept their pids {sorted(kept_pids)}{context}")
@@ -180,7 +199,7 @@ def drain(scene: Scene) -> None:
     _victim_gpus_back(scene, victim)
 
 
-FLOWS = {NPROC_GPU: nproc_gpu, KILL: kill_plain, INPROCESS: kill_inprocess, DRAIN: drain}
+FLOWS = {NPROC_GPU: nproc_gpu, KILL: kill_plain, INPROCESS: kill_inprocess, ELRUN: kill_inprocess, DRAIN: drain}
 
 
 def run_one(spec: Scenario, ctx: Context) -> Result:

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from tests.e2e.harness import PYTHON, AgentProc, Cluster, alive
 from tests.gpu import expect
-from tests.gpu.plan import Node, Result, Scenario
+from tests.gpu.plan import ELRUN, Node, Result, Scenario
 from tests.gpu.smi import Smi, normal_uuid
 
 T = TypeVar("T")
@@ -115,6 +115,8 @@ class Scene:
             env["NCCL_DEBUG"] = os.environ.get("NCCL_DEBUG", "WARN")  # NCCL's own reason shows on the console
         if node.cuda_visible is not None:
             env["CUDA_VISIBLE_DEVICES"] = node.cuda_visible
+        if self.spec.name == ELRUN:
+            env["GPU_CHECK_HELPER_FORMS"] = "1"
         return env
 
     def start(self, node: Node, *, min_nodes: int, max_nodes: int, train: list[str]) -> AgentProc:
@@ -166,6 +168,16 @@ class Scene:
                 out.append(json.loads(path.read_text()))
             except (OSError, ValueError):
                 continue  # being replaced: read on the next call
+        return out
+
+    def hooks(self) -> list[dict]:
+        """What the in-process helper's pre-step hook saw (tests/gpu/worker.py)."""
+        out = []
+        for path in sorted(self.reports_dir.glob("*.hook")):
+            try:
+                out.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
         return out
 
     def of(self, node_id: str, round_number: int | None = None) -> list[dict]:

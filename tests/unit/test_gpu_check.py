@@ -13,7 +13,7 @@ import pytest
 
 from tests.gpu import check, expect
 from tests.gpu.plan import (
-    DRAIN, INPROCESS, KILL, NPROC_GPU, PASS, SCENARIOS, SKIP, Result, plan, split, steps_lost, table,
+    DRAIN, ELRUN, INPROCESS, KILL, NPROC_GPU, PASS, SCENARIOS, SKIP, Result, plan, split, steps_lost, table,
 )
 from tests.gpu.smi import App, Gpu, Smi, normal_uuid, parse_apps, parse_gpus
 
@@ -66,15 +66,16 @@ def shape(scenarios):
 def test_the_dry_run_pretends_gpus_through_cuda_visible_devices_and_uses_gloo_on_cpu() -> None:
     assert shape(plan([], dry_run=True)) == [
         (NPROC_GPU, "gloo", "cpu", 2, (("0,1", "gpu", 2),)),
-        *[(name, "gloo", "cpu", 2, (("0", "gpu", 1), ("0", "gpu", 1))) for name in (KILL, INPROCESS, DRAIN)]]
+        *[(name, "gloo", "cpu", 2, (("0", "gpu", 1), ("0", "gpu", 1))) for name in (KILL, INPROCESS, ELRUN, DRAIN)]]
 
 
 def test_one_gpu_nccl_for_the_single_rank_job_gloo_with_cuda_tensors_when_two_ranks_share_it() -> None:
     scenarios = plan(["GPU-a"])
     assert shape(scenarios) == [
         (NPROC_GPU, "nccl", "cuda", 1, ((None, "gpu", 1),)),
-        *[(name, "gloo", "cuda", 2, ((None, "gpu", 1), (None, "gpu", 1))) for name in (KILL, INPROCESS, DRAIN)]]
-    assert [s.label for s in scenarios] == ["nccl"] + ["gloo (cuda tensors)"] * 3
+        *[(name, "gloo", "cuda", 2, ((None, "gpu", 1), (None, "gpu", 1)))
+          for name in (KILL, INPROCESS, ELRUN, DRAIN)]]
+    assert [s.label for s in scenarios] == ["nccl"] + ["gloo (cuda tensors)"] * 4
     assert "NCCL needs a GPU per rank" in scenarios[1].why
 
 
@@ -136,6 +137,35 @@ def test_placement_on_cuda_one_worker_per_gpu_on_cuda_local_rank() -> None:
         "node-0: a worker got CUDA_VISIBLE_DEVICES=None, its agent had '0,1'")
     assert expect.placement(spec, [report("node-0", 0, None), good[1]], inherited=None) == (
         "node-0: torch.cuda.is_available() is False in a worker")
+
+
+def test_an_in_process_reform_on_cuda_has_the_helpers_environment_device_and_waiting_hook() -> None:
+    spec = next(s for s in plan(["GPU-a", "GPU-b"]) if s.name == INPROCESS)
+    assert spec.device == "cuda"
+
+    def reformed(local_rank: int, handling: str | None = "0", device: int = -1) -> dict:
+        return {**report("node-0", local_rank, "ab"[local_rank], device=device), "round": 2,
+                "nccl_async_error_handling": handling}
+
+    def hook(pid: int, idle: bool | None = True, cuda: bool = True) -> dict:
+        return {"pid": pid, "round": 2, "cuda": cuda, "stream_idle": idle}
+
+    first = [report("node-0", 0, "a"), report("node-0", 1, "b")]  # the script's round: its own setting
+    good, hooks, kept = [reformed(0), reformed(1)], [hook(100), hook(101)], {100, 101}
+    assert expect.reformed_in_process(spec, first + good, hooks, kept, 1) is None
+    assert expect.reformed_in_process(spec, first + good[:1], hooks, kept, 1) == (
+        "worker 101 wrote no report of a re-formed group")
+    assert expect.reformed_in_process(spec, [reformed(0, "1"), good[1]], hooks, kept, 1) == (
+        "worker 100 re-formed round 2 with TORCH_NCCL_ASYNC_ERROR_HANDLING='1', expected '0' (set by the helper)")
+    assert expect.reformed_in_process(spec, [good[0], reformed(1, device=0)], hooks, kept, 1) == (
+        "worker 101 re-formed on cuda:0, expected cuda:1 (LOCAL_RANK)")
+    assert expect.reformed_in_process(spec, good, hooks[:1], kept, 1) == (
+        "worker 101: the pre-step hook did not run after the re-form")
+    assert "GPU work still queued" in expect.reformed_in_process(spec, good, [hook(100), hook(101, idle=False)],
+                                                                 kept, 1)
+    dry = next(s for s in plan(["GPU-a", "GPU-b"], dry_run=True) if s.name == INPROCESS)  # cpu: no device, no stream
+    cpu = [{**r, "device": None} for r in good]
+    assert expect.reformed_in_process(dry, cpu, [hook(100, None, False), hook(101, None, False)], kept, 1) is None
 
 
 def test_placement_across_nodes_nccl_needs_distinct_gpus_gloo_may_share_one() -> None:
@@ -223,7 +253,7 @@ def test_never_part_of_make_test() -> None:
     makefile = (ROOT / "Makefile").read_text()
     test_recipe = makefile.split("\ntest:")[1].split("\n\n")[0]
     assert "gpu" not in test_recipe
-    assert set(SCENARIOS) == {NPROC_GPU, KILL, INPROCESS, DRAIN}
+    assert set(SCENARIOS) == {NPROC_GPU, KILL, INPROCESS, ELRUN, DRAIN}
 
 
 class ScriptedSmi(Smi):

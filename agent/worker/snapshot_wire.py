@@ -183,6 +183,15 @@ class PeerServer:
                 continue
             threading.Thread(target=self._receive, args=(conn,), daemon=True, name="snapshot-receive").start()
 
+    def idle(self) -> bool:
+        """No connection is being served now (what a test waits for before it sends)."""
+        taken = 0
+        while taken < MAX_CONNECTIONS and self._slots.acquire(blocking=False):
+            taken += 1
+        for _ in range(taken):
+            self._slots.release()
+        return taken == MAX_CONNECTIONS
+
     def _receive(self, conn: socket.socket) -> None:
         try:
             with conn:

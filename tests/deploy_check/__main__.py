@@ -1,6 +1,6 @@
 """python -m tests.deploy_check [--deploy-dir DIR] [--only slurm|prometheus]: make deploy-check.
 
-Installs what it needs (Debian's slurm-wlm, munge, prometheus) when it is root with apt-get;
+Installs what it needs (Debian's slurm-wlm, slurmdbd, mariadb-server, munge, prometheus) when it is root with apt-get;
 otherwise it prints why and exits 0 without checking anything: the only non-failing skip.
 Everything it writes is under one temp dir, removed at the end; every process it starts is
 stopped by its process group. ``--deploy-dir`` points it at a copy of deploy/ (to check that a
@@ -21,7 +21,9 @@ from tests.deploy_check import prom, slurm
 from tests.deploy_check.procs import CheckFailed, Procs, free_port, log, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = {"prometheus": "prometheus", "slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "munged": "munge"}
+# slurmdbd and MariaDB: the report is sacct's, and sacct reads accounting from slurmdbd.
+PACKAGES = {"prometheus": "prometheus", "slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "munged": "munge",
+            "slurmdbd": "slurmdbd", "mariadbd": "mariadb-server"}
 
 
 def install() -> str | None:

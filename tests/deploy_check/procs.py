@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,14 @@ class CheckFailed(Exception):
 def log(msg: str) -> None:
     """One line, stamped with UTC time: the report reads transitions from these stamps."""
     print(time.strftime("%H:%M:%S", time.gmtime()) + f" {msg}", flush=True)
+
+
+def sbin(name: str) -> str:
+    """The path of a daemon or tool (Debian puts daemons in /usr/sbin, off a user's PATH)."""
+    found = shutil.which(name) or str(Path("/usr/sbin") / name)
+    if not Path(found).exists():
+        raise CheckFailed(f"{name} not found")
+    return found
 
 
 def free_port() -> int:

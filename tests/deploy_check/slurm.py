@@ -4,8 +4,8 @@
 2. elastic-agent-array.sbatch: 3 one-node tasks of one --job-id. A preemption (SIGTERM to every
    process of one task, as Slurm sends it) -> the others go on, that task is requeued and
    rejoins; then one task's agent is killed hard -> requeued, rejoins; the job completes.
-3. elastic-agent.sbatch (one allocation, srun --no-kill): one agent killed -> the others go on
-   and the job completes.
+3. elastic-agent.sbatch (one allocation, srun --no-kill): one agent killed -> the others go on;
+   then a node lost (DOWN) -> the one left goes on; the job completes.
 Only what a CPU test cluster needs differs from the shipped scripts, given on sbatch's command
 line as a user would (--gpus-per-node=0, --cpus-per-task=1, --array=0-2, --nodes=3)."""
 
@@ -107,13 +107,24 @@ class Scenarios:
 
     # --- 3: one allocation, srun --no-kill ---------------------------------------------------
     def allocation(self) -> None:
-        job = self.sbatch("elastic-agent.sbatch", ["--nodes=3", *CPU], self.work / "alloc")
+        # MIN_NODES=1: it loses two of its three nodes, one agent and then one whole node.
+        job = self.sbatch("elastic-agent.sbatch", ["--nodes=3", *CPU], self.work / "alloc", {**self.env(), "MIN_NODES": "1"})
         jid = f"slurm-{job}"
         self.wait_world(jid, 3, "the 3 agents of the allocation")
         pid = self.agent_pid(job, node="n2")
         os.kill(pid, signal.SIGKILL)
         log(f"kill -9 of job {job}'s agent on n2 (pid {pid})")
-        self.wait_world(jid, 2, "the 2 others to go on without it")
+        self.wait_world(jid, 2, "the 2 others to go on without it (srun -K0 --wait=0)")
+        # A node lost: slurmctld sees it DOWN (without --no-kill it ends the step, or requeues
+        # the whole allocation), and its processes die with the machine (if Slurm has not
+        # killed them already).
+        self.c.run(["scontrol", "update", "NodeName=n3", "State=DOWN", "Reason=deploy-check-node-lost"])
+        pid = self.find_agent(self.tasks(job).get(job, {}).get("JobId", job), "n3")
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+        log(f"scontrol update NodeName=n3 State=DOWN, kill -9 of its agent (pid {pid}): job {job} loses a node")
+        self.wait_world(jid, 1, "the one left to go on without n3 (--no-kill)")
+        self.expect_state(job, "RUNNING")
         self.wait_done(job, jid, expect_tasks=1)
 
     # --- waits -------------------------------------------------------------------------------
@@ -130,6 +141,12 @@ class Scenarios:
             if f.get("JobState") != "RUNNING" or f.get("Restarts") != restarts:
                 raise CheckFailed(f"task {aid}_{t} is {f.get('JobState')} (restarts {f.get('Restarts')}): it should have gone on")
         log(f"tasks {', '.join(f'{aid}_{t}' for t in tasks)} still RUNNING, not requeued again")
+
+    def expect_state(self, job: str, state: str) -> None:
+        f = self.tasks(job).get(job, {})
+        if f.get("JobState") != state or f.get("Restarts") != "0":
+            raise CheckFailed(f"job {job} is {f.get('JobState')} (restarts {f.get('Restarts')}): it should be {state}, never requeued")
+        log(f"job {job} still {state} on {f.get('NodeList')}, not requeued")
 
     def wait_requeued(self, task: str) -> None:
         f = wait_for(f"{task} to be requeued", lambda: (
@@ -156,20 +173,21 @@ class Scenarios:
     def agent_pid(self, job: str, node: str | None = None) -> int:
         """The pid of the elastic-agent process of that Slurm job (and node), from /proc."""
         jobid = self.tasks(job)[job]["JobId"] if "_" in job else job
-        def find() -> int | None:
-            for proc in Path("/proc").iterdir():
-                try:
-                    cmd = (proc / "cmdline").read_bytes().split(b"\0")
-                    env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
-                except OSError:
-                    continue
-                if (len(cmd) > 2 and cmd[1].endswith(b"elastic-agent") and cmd[2] == b"start"
-                        and env.get(b"SLURM_JOB_ID") == jobid.encode()
-                        and (node is None or env.get(b"SLURMD_NODENAME") == node.encode())):
-                    return int(proc.name)
-            return None
-        return wait_for(f"the agent of Slurm job {job}", find, 30)
+        return wait_for(f"the agent of Slurm job {job}", lambda: self.find_agent(jobid, node), 30)
 
+    @staticmethod
+    def find_agent(jobid: str, node: str | None) -> int | None:
+        for proc in Path("/proc").iterdir():
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+                env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
+            except OSError:
+                continue
+            if (len(cmd) > 2 and cmd[1].endswith(b"elastic-agent") and cmd[2] == b"start"
+                    and env.get(b"SLURM_JOB_ID") == jobid.encode()
+                    and (node is None or env.get(b"SLURMD_NODENAME") == node.encode())):
+                return int(proc.name)
+        return None
 
 _ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 TRAIN_ARGS = {"elastic-agent-array.sbatch": [*TRAIN, "--steps", "1000"],
@@ -199,18 +217,33 @@ def run(deploy: Path, work: Path, procs: Procs) -> None:
         s.array()
         s.allocation()
     finally:
-        log("Slurm jobs (scontrol show job; sacct needs slurmdbd, not run here):")
-        for job in s.jobs:
-            s.show(job)
         for job in s.jobs:
             cluster.run(["scancel", job], check=False)
-        jobcomp = work / "jobcomp.txt"
-        if jobcomp.exists():
-            log("jobcomp/filetxt records:")
-            for line in jobcomp.read_text().splitlines():
-                f = dict(x.split("=", 1) for x in line.split() if "=" in x)
-                print(f"    JobId={f.get('JobId')} Name={f.get('Name')} JobState={f.get('JobState')} "
-                      f"ExitCode={f.get('ExitCode')} NodeList={f.get('NodeList')} Start={f.get('StartTime')} End={f.get('EndTime')}")
         # The daemons go only once slurmd has stopped every process of the jobs.
         wait_for("Slurm to have no job left running", lambda: not cluster.run(
             ["squeue", "-h", "-t", "RUNNING,COMPLETING"], check=False).strip(), 90, 1)
+        report = sacct(cluster, s.jobs)
+    ids = {line.split()[0].split("_")[0] for line in report.splitlines() if line.split()}
+    missing = [job for job in s.jobs if job not in ids]
+    if missing:
+        raise CheckFailed(f"sacct has no record of Slurm job(s) {missing}")
+
+
+def sacct(cluster: SlurmCluster, jobs: list[str]) -> str:
+    """What sacct says of the check's jobs, every run of each (-D: a requeued job's earlier
+    runs too), printed once slurmdbd has every job's end; '' when it could not say."""
+    if not jobs:
+        return ""
+    args = ["sacct", "-X", "-D", "-j", ",".join(jobs), "--format=JobID%12,JobName%28,State%20,ExitCode,NodeList%12,Start,End"]
+    def settled() -> str | None:
+        out = cluster.run([*args, "-n"], check=False)
+        last = {line.split()[0]: line.split()[2] for line in out.splitlines() if len(line.split()) > 2}
+        return out if out.strip() and not set(last.values()) & {"RUNNING", "PENDING", "COMPLETING"} else None
+    try:
+        wait_for("sacct to record every job's end", settled, 30, 1)
+    except CheckFailed as exc:
+        log(f"warning: {exc}")
+    out = cluster.run(args, check=False)
+    log(f"Slurm jobs ({' '.join(args)}):")
+    print("\n".join(f"    {line}" for line in out.splitlines()), flush=True)
+    return out

@@ -5,12 +5,12 @@ port and spool), from a slurm.conf generated in the check's temp dir (never /etc
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 from pathlib import Path
 
-from tests.deploy_check.procs import CheckFailed, Procs, free_port, log, wait_for
+from tests.deploy_check import accounting
+from tests.deploy_check.procs import CheckFailed, Procs, free_port, log, sbin, wait_for
 
 NODES = ("n1", "n2", "n3")
 # One CPU a node, so that each one-node task gets a node of its own, as on a GPU cluster
@@ -32,10 +32,11 @@ class SlurmCluster:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         sock = w / "munge" / "munge.sock"
-        self.procs.start("munged", [_bin("munged"), "-F", "--force", f"--key-file={key}", f"--socket={sock}",
+        self.procs.start("munged", [sbin("munged"), "-F", "--force", f"--key-file={key}", f"--socket={sock}",
                                     f"--pid-file={w / 'munge' / 'munged.pid'}", f"--seed-file={w / 'munge' / 'seed'}",
                                     f"--log-file={w / 'log' / 'munged.log'}"], w / "log" / "munged.out")
         wait_for("munged's socket", sock.exists, 20)
+        acct = accounting.start(w, self.procs, self.env, sock)
         ctld_port = free_port()
         host = socket.gethostname()
         nodes = "\n".join(
@@ -71,10 +72,7 @@ KillWait=30
 MinJobAge=3600
 SlurmctldTimeout=30
 SlurmdTimeout=30
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/filetxt
-JobCompLoc={w / 'jobcomp.txt'}
+{acct}JobAcctGatherType=jobacct_gather/none
 {nodes}
 PartitionName=check Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
 # etcd.sbatch's never-preempted service partition; its node is 'localhost' so that the
@@ -83,9 +81,10 @@ PartitionName=services Nodes=localhost MaxTime=INFINITE State=UP
 """)
         for n in (*NODES, "localhost"):
             (w / "spool" / n).mkdir()
-        self.procs.start("slurmctld", [_bin("slurmctld"), "-D", "-i", "-f", str(self.conf)], w / "log" / "slurmctld.out", env=self.env)
+        accounting.register(self.env, "deploycheck")
+        self.procs.start("slurmctld", [sbin("slurmctld"), "-D", "-i", "-f", str(self.conf)], w / "log" / "slurmctld.out", env=self.env)
         for n in (*NODES, "localhost"):
-            self.procs.start(f"slurmd {n}", [_bin("slurmd"), "-D", "-f", str(self.conf), "-N", n], w / "log" / f"slurmd-{n}.out", env=self.env)
+            self.procs.start(f"slurmd {n}", [sbin("slurmd"), "-D", "-f", str(self.conf), "-N", n], w / "log" / f"slurmd-{n}.out", env=self.env)
         wait_for("3 idle Slurm nodes", lambda: self.sinfo_idle() == len(NODES) + 1, 60)
         log(f"Slurm up: slurmctld and slurmd {', '.join(NODES)} on this host (conf {self.conf})")
 
@@ -99,9 +98,3 @@ PartitionName=services Nodes=localhost MaxTime=INFINITE State=UP
             raise CheckFailed(f"{' '.join(args)}: exit {done.returncode}: {done.stderr.strip()}")
         return done.stdout
 
-
-def _bin(name: str) -> str:
-    found = shutil.which(name) or str(Path("/usr/sbin") / name)
-    if not Path(found).exists():
-        raise CheckFailed(f"{name} not found")
-    return found

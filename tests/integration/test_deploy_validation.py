@@ -601,6 +601,12 @@ def test_agent_sbatch_requeues_and_signals_the_batch_shell_before_the_end(script
     assert int(m.group(1)) > drain + DRAIN_MARGIN
 
 
+def test_allocation_sbatch_keeps_the_allocation_when_a_node_is_lost() -> None:
+    # srun --no-kill keeps the step; without sbatch's own, slurmctld requeues the whole job
+    # when one node fails (make deploy-check saw "requeue job JobId=5 due to failure of node n3").
+    assert "--no-kill" in sbatch_options(SLURM / "elastic-agent.sbatch")
+
+
 def test_etcd_sbatch_compacts_and_is_not_requeued() -> None:
     text = (SLURM / "etcd.sbatch").read_text()
     assert "--no-requeue" in sbatch_options(SLURM / "etcd.sbatch")

@@ -324,9 +324,14 @@ def test_a_bad_rdzv_conf_value_is_one_line_naming_the_key(etcd: EtcdServer, job_
     assert capsys.readouterr().err == ""
 
 
-def test_elastic_launch_in_a_process_raises_on_a_bad_setting_and_never_exits(etcd: EtcdServer, job_id: str) -> None:
+def test_elastic_launch_in_a_process_raises_on_a_bad_setting_and_never_exits(etcd: EtcdServer, job_id: str,
+                                                                           tmp_path: Path, monkeypatch: Any) -> None:
+    import tempfile
+
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    # elastic_launch makes its torchelastic_* log directory in the temp dir and never removes it.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1, run_id=job_id, rdzv_backend="etcd-v3",
                           rdzv_endpoint=etcd.endpoint, rdzv_configs={"lease_ttl": "soon"}, max_restarts=0)
     with pytest.raises(torchrun_plugin.PluginConfigError, match="--rdzv-conf lease_ttl=soon"):

@@ -6,9 +6,12 @@ every rank it silently gives each one rank 0's shards. So when the state holds a
 ShardedTensor anywhere, the helper goes through DCP instead (see docs/architecture.md,
 "Sharded state on disk"):
 
-- Every rank stages its own shards into host memory (the only stall of the step), then DCP
-  writes them, one file per rank, concurrently, in a background thread; the coordinator writes
-  ``.metadata`` last. All of it goes into ``.tmp-step_N-<token>`` (``FileSystemWriter`` fsyncs
+- Every rank stages its own shards into host memory, then DCP writes them, one file per rank,
+  concurrently, in a background thread; the coordinator writes ``.metadata`` last. The staging
+  copy runs in a thread too (a host buffer per rank, kept and reused between saves), overlapped
+  with the next forward and backward; the next optimizer step waits for it (a global optimizer
+  pre-step hook), so the weights never change under the copy. Tensors that are not sharded
+  (buffers, counters: small, and a forward may update them) are copied before the call returns. All of it goes into ``.tmp-step_N-<token>`` (``FileSystemWriter`` fsyncs
   each file). DCP's background collectives run on a gloo group of their own, never on the
   training's.
 - Global rank 0 commits when its save future resolves (every rank's part is then written,
@@ -31,9 +34,12 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from agent.worker import checkpoint as ckpt
 from agent.worker import choice
@@ -84,6 +90,19 @@ def module_is_sharded(model: Any) -> bool:
     return any(isinstance(t, types) for t in tensors)
 
 
+def _copy_unsharded(state: Any) -> Any:
+    """``state`` with every tensor that is not sharded copied now: a buffer a forward updates in
+    place (BatchNorm's running stats), a step counter. The sharded ones (parameters, optimizer
+    moments), which only an optimizer step changes, are copied by the staging thread."""
+    if isinstance(state, Mapping):
+        return {key: _copy_unsharded(value) for key, value in state.items()}
+    if type(state) in (list, tuple):
+        return type(state)(_copy_unsharded(value) for value in state)
+    if isinstance(state, torch.Tensor) and not isinstance(state, _sharded_types()):
+        return state.detach().clone()
+    return state
+
+
 def _check_state(step: int, state: Any) -> None:
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
         raise CheckpointError(
@@ -105,6 +124,26 @@ class ShardedSaver:
         self._broadcast = broadcast
         self._group: Any = None
         self._pending: tuple[int, Future, Future | None] | None = None  # step, DCP future, commit future
+        self._stager: DefaultStager | None = None
+        self._staging: Future | None = None  # the copy to host memory of the save in flight
+        self._hook: Any = None
+
+    def staged(self) -> None:
+        """Wait until the save in flight has copied this rank's shards to host memory: after
+        that the state may change. Called before every optimizer step and every save."""
+        staging, self._staging = self._staging, None
+        if staging is not None and staging.exception() is not None:
+            # Not raised here, on one rank, inside an optimizer step: the upload future carries
+            # the same failure, and wait() raises it on every rank.
+            log.error("staging the sharded checkpoint failed: %s", staging.exception())
+
+    def _stage_async(self) -> DefaultStager:
+        if self._stager is None:
+            cuda = torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                        use_async_staging=True, use_non_blocking_copy=cuda))
+            self._hook = register_optimizer_step_pre_hook(lambda *_: self.staged())
+        return self._stager
 
     def group(self) -> Any:
         """A gloo group for DCP's collectives alone (made once, collectively): the background
@@ -134,7 +173,9 @@ class ShardedSaver:
             raise CheckpointError(f"rank 0 refused to start the checkpoint of step {step} in {self.directory}")
         temp = self.directory / self._broadcast(temp_name)
         writer = dcp.FileSystemWriter(temp, sync_files=True)
-        future = dcp.async_save(state, storage_writer=writer, process_group=self.group())
+        response = dcp.async_save(_copy_unsharded(state), storage_writer=writer, process_group=self.group(),
+                                  async_stager=self._stage_async())
+        self._staging, future = response.staging_completion, response.upload_completion
         commit = self._commit_when_written(step, temp, future) if self.rank == 0 else None
         self._pending = (step, future, commit)
         if wait:
@@ -165,6 +206,7 @@ class ShardedSaver:
         committed, None when there was none; raises on every rank when it failed."""
         if self._pending is None:
             return None
+        self.staged()
         step, future, commit = self._pending
         self._pending = None
         failure: BaseException | None = None

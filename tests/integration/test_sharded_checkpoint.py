@@ -5,6 +5,7 @@ behaviour (re-sharding, fallback on a damaged shard) is in tests/e2e/test_sharde
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.staging import DefaultStager
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.fsdp import fully_shard
 
@@ -105,3 +107,50 @@ def test_el_run_refuses_a_sharded_model_with_a_clear_error(group: None, tmp_path
     model, opt = fsdp_model()
     with pytest.raises(WorkerConfigError, match="el.run does not handle sharded models"):
         Elastic(tmp_path / "ckpt").run(lambda step, m: None, model=model, optimizer=opt, steps=1)
+
+
+def test_the_checkpoint_holds_the_saved_step_while_training_goes_on_during_the_copy(
+        group: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy to host memory runs in a thread: the optimizer step and the forward right after
+    ``save`` returns must not leak into the checkpoint of the step saved."""
+    copy = DefaultStager._stage
+
+    def slow_copy(self: DefaultStager, *args: object, **kwargs: object) -> object:
+        time.sleep(0.5)  # a slow copy (a big model), so the next steps surely start during it
+        return copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(DefaultStager, "_stage", slow_copy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.BatchNorm1d(1024), nn.Linear(1024, 1024))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+
+    def train_step() -> None:
+        model(torch.randn(8, 1024)).pow(2).mean().backward()  # updates BatchNorm's running stats
+        opt.step()
+        opt.zero_grad()
+
+    train_step()
+    saved = {key: (value.full_tensor() if hasattr(value, "full_tensor") else value).clone()
+             for key, value in model.state_dict().items()}
+    el = Elastic(tmp_path / "ckpt")
+    el.save(1, state_of(model, opt), wait=False)
+    train_step()  # at once: the copy of step 1 may still be running
+    train_step()
+    el.finish()
+
+    fresh = nn.Sequential(nn.Linear(1024, 1024), nn.BatchNorm1d(1024), nn.Linear(1024, 1024))
+    for layer in fresh:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(fresh)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    fresh(torch.randn(8, 1024)).sum().backward()
+    fresh_opt.step()
+    assert el.load(state_of(fresh, fresh_opt)) is not None
+    for key, value in fresh.state_dict().items():
+        value = value.full_tensor() if hasattr(value, "full_tensor") else value
+        assert torch.equal(value, saved[key]), key

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,23 @@ def start_etcd(work: Path, procs: Procs) -> str:
     return endpoint
 
 
+def _remove(work: Path) -> None:
+    """Remove the work dir. After an interrupt a helper a setup step ran (mariadb-install-db's
+    bootstrap server) may still write for a moment after its parent was killed: try again."""
+    deadline = time.monotonic() + 15
+    while True:
+        shutil.rmtree(work, ignore_errors=True)
+        if not work.exists() or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if work.exists():
+        log(f"warning: could not remove {work} entirely")
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="make deploy-check", description=__doc__.splitlines()[0])
     parser.add_argument("--deploy-dir", default=str(REPO / "deploy"), help="the deploy/ to check")
@@ -88,26 +106,33 @@ def main() -> int:
     log(f"deploy-check: deploy files {deploy}, work dir {work}")
     failures: list[str] = []
     parts = [p for p in ("prometheus", "slurm") if args.only in (None, p)]
-    for part in parts:
-        procs = Procs()
-        part_dir = work / part
-        part_dir.mkdir()
-        try:
-            log(f"=== {part} ===")
-            if part == "prometheus":
-                prom.run(deploy, part_dir, procs, start_etcd(part_dir, procs))
-            else:
-                slurm.run(deploy, part_dir, procs)
-            log(f"=== {part}: PASSED ===")
-        except CheckFailed as exc:
-            failures.append(f"{part}: {exc}")
-            log(f"=== {part}: FAILED: {exc} (logs in {part_dir}) ===")
-        finally:
-            procs.stop_all()
-    if args.keep or failures and os.environ.get("DEPLOY_CHECK_KEEP"):
-        log(f"kept {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`&`)
+    signal.signal(signal.SIGTERM, _interrupt)  # a CI timeout: stop what was started, remove the work dir
+    try:
+        for part in parts:
+            procs = Procs()
+            part_dir = work / part
+            part_dir.mkdir()
+            try:
+                log(f"=== {part} ===")
+                if part == "prometheus":
+                    prom.run(deploy, part_dir, procs, start_etcd(part_dir, procs))
+                else:
+                    slurm.run(deploy, part_dir, procs)
+                log(f"=== {part}: PASSED ===")
+            except CheckFailed as exc:
+                failures.append(f"{part}: {exc}")
+                log(f"=== {part}: FAILED: {exc} (logs in {part_dir}) ===")
+            finally:
+                procs.stop_all()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every process is stopped above; the work dir goes too
+        failures.append("interrupted")
+        log("deploy-check: interrupted; stopping what it started")
+    finally:
+        if args.keep or failures and os.environ.get("DEPLOY_CHECK_KEEP"):
+            log(f"kept {work}")
+        else:
+            _remove(work)
     log(f"deploy-check: {'FAILED' if failures else 'PASSED'} in {time.monotonic() - started:.0f} s")
     for failure in failures:
         print(f"  FAILED {failure}", flush=True)

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from agent.worker import control, groups, snapshot
+from agent.worker import control, groups, sharded_memory, snapshot
 from agent.worker.held import HeldState
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ class _Reforming:
     timeout: timedelta | None
     snapshots: Any
     ddp: Any
+    _aborted: bool
+    _stepped: int
     _lock: threading.Lock
     _forming: set[int] | None
     _group_sockets: set[int]
@@ -145,6 +147,8 @@ class _Reforming:
         """The helper's gloo side group (NCCL jobs) belonged to the old group: formed anew on
         first use in this one (a stale one would wait on the old members)."""
         self.el._group, self.el._device = None, None
+        if self.el._sharded is not None:
+            self.el._sharded._group = None
 
     def _wait_for_reform(self) -> control.Control:
         while True:
@@ -178,8 +182,11 @@ class _Reforming:
         # job sends none, a gloo one a line per connection (world-size lines per rank).
         mine = ([local for local, _remote in groups.tcp_endpoints().values()] if dist.get_backend() == "gloo"
                 else [])
+        self._aborted = False  # a sharded agreement may run the optimizer once to initialise its state
         held = self.held.agree(self.el, self.snapshots, self.round, mine)
-        self.ddp = groups.wrap(self.model)
+        self._stepped = -1
+        self.model = self.held.model  # rebuilt on the new mesh when sharded
+        self.ddp = self.model if self.held.sharded is not None else groups.wrap(self.model)
         self.el._report(held, "train")  # not broken any more; the agent clears steps from reports
         return held
 
@@ -188,14 +195,17 @@ class InProcess(_Reforming):
     def __init__(self, elastic: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  state: Callable[[], dict[str, Any]] | None, load_state: Callable[[dict[str, Any]], None] | None,
                  environ: dict[str, str] | None = None, snapshot_every: int = 1,
-                 timeout: timedelta | None = None) -> None:
+                 timeout: timedelta | None = None, build_model: Callable[[], torch.nn.Module] | None = None) -> None:
         self.el = elastic
         self.timeout = timeout  # the collectives' timeout, the user's (None: torch's default)
         self.model = model
         self.held = HeldState(model, optimizer, state, load_state)
         self.environ = os.environ if environ is None else environ
         self.round = elastic.round_number or 0
-        self.snapshots = snapshot.from_env(self.environ, snapshot_every)
+        self.snapshots: Any = snapshot.from_env(self.environ, snapshot_every)
+        if build_model is not None:  # a sharded model: every rank snapshots its shards
+            self.held.sharded = sharded_memory.state_of
+            self.snapshots = sharded_memory.from_env(self.environ, snapshot_every, build_model, self.round)
         self.ddp: Any = model
         self._current = -1  # the step in flight
         self._stepped = -1  # the last step whose optimizer.step ran

@@ -45,9 +45,9 @@ METADATA_FILE = ".metadata"  # DCP's name; the manifest allows exactly this dot 
 
 
 NOT_IN_PROCESS = (
-    "el.run does not handle sharded models (FSDP2/DTensor parameters) yet: its in-memory recovery assumes every "
-    "rank holds the whole state. Use the el.step loop, which saves sharded state through "
-    "torch.distributed.checkpoint (docs/examples/train_fsdp.py)")
+    "el.run needs build_model= for a sharded model (FSDP2/DTensor parameters): a function that builds the same "
+    "model sharded on the current process group, which el.run calls after each re-form to re-shard the state "
+    "onto the new mesh (docs/examples/train_fsdp.py)")
 
 
 def _sharded_types() -> tuple[type, ...]:

@@ -147,8 +147,6 @@ class _Reforming:
         """The helper's gloo side group (NCCL jobs) belonged to the old group: formed anew on
         first use in this one (a stale one would wait on the old members)."""
         self.el._group, self.el._device = None, None
-        if self.el._sharded is not None:
-            self.el._sharded._group = None
 
     def _wait_for_reform(self) -> control.Control:
         while True:

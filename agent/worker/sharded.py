@@ -104,13 +104,16 @@ class ShardedSaver:
         self._agree = agree
         self._broadcast = broadcast
         self._group: Any = None
+        self._world: Any = None  # the default group ``_group`` was made in
         self._pending: tuple[int, Future, Future | None] | None = None  # step, DCP future, commit future
 
     def group(self) -> Any:
         """A gloo group for DCP's collectives alone (made once, collectively): the background
         thread's gathers must never interleave with the training's collectives on one group."""
+        if self._group is not None and self._world is not dist.group.WORLD:
+            self._group = None  # made in a group since re-formed in process (el.run): formed anew
         if self._group is None and dist.is_initialized():
-            self._group = dist.new_group(backend="gloo")
+            self._group, self._world = dist.new_group(backend="gloo"), dist.group.WORLD
         return self._group
 
     def save(self, step: int, state: Mapping[str, Any], *, wait: bool) -> int | None:

@@ -288,11 +288,14 @@ class _Reader:
         return b"".join(parts)
 
     def _part(self, key: FileKey, offset: int, length: int) -> bytes:
-        if key in self.local:
-            return self.memory.files.read(key, offset, length)
         failures = []
+        if key in self.local:
+            try:
+                return self.memory.files.read(key, offset, length)
+            except (OSError, ShardError) as exc:  # corrupt or gone here: another node's copy may do
+                failures.append(f"this node: {exc}")
         for address, _size in self.holders.get(key, []):
-            if address is None or self.memory.key is None:
+            if address is None or address == self.memory.address or self.memory.key is None:
                 continue
             ask = {"round": key[0], "step": key[1], "rank": key[2], "world": key[3], "offset": offset,
                    "length": length}
@@ -303,8 +306,7 @@ class _Reader:
         raise ShardError(f"{store.file_name(key)} could not be fetched from any node ({'; '.join(failures)})")
 
     def head(self, key: FileKey) -> tuple[dict[str, Any], int]:
-        size = (self.memory.files.size(key) if key in self.local
-                else min(s for _a, s in self.holders[key]))
+        size = min(s for _a, s in self.holders[key])
         data = self(key, 0, min(size, HEAD_READ))
         while b"\n" not in data[len(store.MAGIC):] and len(data) < min(size, store.MAX_INDEX):
             data += self(key, len(data), min(size, store.MAX_INDEX) - len(data))

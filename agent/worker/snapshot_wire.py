@@ -254,7 +254,10 @@ class PeerServer:
         if isinstance(raw, dict) and raw.get("kind") == "fetch":
             if self.serve is None:
                 raise WireError("this port serves no fetches")
-            data = self.serve(ask)
+            try:
+                data = self.serve(ask)
+            except (OSError, ValueError) as exc:  # not held, or corrupt here: the asker tries elsewhere
+                raise WireError(f"cannot serve the fetch: {exc}") from exc
             if len(data) != ask["length"]:
                 raise WireError(f"cannot serve {ask['length']} bytes at {ask['offset']}")
             conn.settimeout(_transfer_time(len(data)))

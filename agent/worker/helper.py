@@ -192,16 +192,11 @@ class Elastic:
         a snapshot of the state is kept in host memory and on a peer node every
         ``snapshot_every`` steps (0: never; agent.worker.snapshot). ``timeout``: as
         init_process_group's (default: the script's group's, else torch's), at every re-form.
-        A sharded model (FSDP2/DTensor parameters) needs ``build_model``: it builds the same
-        model sharded on the current default process group (called after each re-form; the
-        state is then re-sharded into it, agent.worker.sharded_memory), and ``train_step``
-        must use the model it is given."""
+        A sharded model needs ``build_model`` (agent.worker.sharded_memory)."""
         from agent.worker.inprocess import InProcess  # noqa: PLC0415
 
-        if sharded.module_is_sharded(model) and build_model is None:
-            raise WorkerConfigError(sharded.NOT_IN_PROCESS)
-        InProcess(self, model, optimizer, state, load_state, None, snapshot_every, timeout,
-                  build_model if sharded.module_is_sharded(model) else None).run(train_step, steps)
+        build = sharded.in_process_builder(model, build_model)
+        InProcess(self, model, optimizer, state, load_state, None, snapshot_every, timeout, build).run(train_step, steps)
 
     def save(self, step: int, state: Any, *, wait: bool = True) -> None:
         """Checkpoint ``state`` as step ``step``: global rank 0 writes, every rank waits for it.

@@ -50,6 +50,19 @@ NOT_IN_PROCESS = (
     "onto the new mesh (docs/examples/train_fsdp.py)")
 
 
+def in_process_builder(model: Any, build_model: Callable[[], Any] | None) -> Callable[[], Any] | None:
+    """``el.run``'s ``build_model`` for a sharded ``model`` (None for a replicated one): it builds
+    the same model sharded on the current default group, called after each re-form to re-shard
+    the state onto the new mesh; ``train_step`` must use the model it is given."""
+    if not module_is_sharded(model):
+        return None
+    if build_model is None:
+        from agent.worker.helper import WorkerConfigError  # noqa: PLC0415 - helper imports this module
+
+        raise WorkerConfigError(NOT_IN_PROCESS)
+    return build_model
+
+
 def _sharded_types() -> tuple[type, ...]:
     from torch.distributed.tensor import DTensor  # noqa: PLC0415
 

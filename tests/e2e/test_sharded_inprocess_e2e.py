@@ -80,3 +80,23 @@ def test_fsdp_job_loses_a_node_and_gains_one_in_process_with_the_exact_state(clu
     assert survivor.worker_pids() == pids, survivor.text()[-3000:]
     check_resumed(dumps, resumed_at(dumps, 4, set()), 2)
     assert "Traceback" not in survivor.text(), survivor.text()[-3000:]
+
+
+def test_hsdp_job_loses_a_replica_and_recovers_it_from_the_other_in_process(cluster, tmp_path):
+    """HSDP: a 2-D mesh, one replica per node, each sharded over its node's 2 workers. A node
+    lost is a replica lost: the survivors re-form a 1 x 2 mesh and their shards of the last
+    step are whole, taken from their own node's files (the lost replica held the same pieces)."""
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    command = [PYTHON, LOOP, "100000", "0.05", str(dumps), "hsdp"]
+    agents = [cluster.start_agent(f"node-{i}", nproc=2, min_nodes=1, max_nodes=2, command=command) for i in range(2)]
+    wait_until(lambda: any(s >= 5 and ws == 4 for _, s, ws in cluster.steps()), 120, "training at world size 4")
+    survivor = agents[0] if agents[0].group_rank() == 0 else agents[1]
+    lost = agents[1] if survivor is agents[0] else agents[0]
+    pids = survivor.worker_pids()
+    killed = time.monotonic()
+    lost.kill_node()
+    wait_until(lambda: cluster.first_step_after(killed, world_size=2), WAIT, "training at world size 2")
+    assert survivor.worker_pids() == pids, survivor.text()[-3000:]
+    assert "resumed from the in-memory shards" in survivor.text(), survivor.text()[-3000:]
+    check_resumed(dumps, resumed_at(dumps, 2, set()), 4)

@@ -16,7 +16,9 @@ there is nothing to reload from disk. So when the job re-forms, a worker does no
    forms the new process group in process (no new interpreter, no new CUDA context), and
    every rank says which step it completed last: the most advanced rank broadcasts its
    state to the others, new ranks included. Only when no rank holds any state (the job's
-   first start) is a checkpoint read from disk.
+   first start) is a checkpoint read from disk. A sharded model (FSDP2) takes another path
+   (agent.worker.sharded_memory): rebuilt on the new mesh, its shards re-sharded from the
+   rank files the nodes hold in memory.
 3. It wraps the model for the new group and goes on at the next step.
 
 A planned change (a node leaving, one joining) is announced as a step to stop after

@@ -180,12 +180,13 @@ class ShardedMemory:
             for *k, size in e["files"]:
                 holders.setdefault(tuple(k), []).append((e["address"], size))  # type: ignore[arg-type]
         choice = self._decide(elastic, holders)
-        state = None
+        state, failure = None, None
         if choice is not None:
             state, failure = self._load(held, choice, holders)
             if _any(failure is not None):
+                failure = failure or "another rank's could not be loaded"
                 log.warning("the in-memory shards of step %d cannot be loaded (%s); every rank resumes from disk",
-                            choice[1], failure or "another rank's failed")
+                            choice[1], failure)
                 state = None
         if state is not None:
             load_state(held, state)
@@ -195,8 +196,10 @@ class ShardedMemory:
         else:
             start, loaded = elastic.load(default=lambda: state_of(held))
             if start == 0 and any(e["completed"] >= 0 for e in everyone):
-                raise CheckpointError("the job's sharded state is lost: a node's shards are in no live node's memory "
-                                      "and there is no checkpoint on disk to resume from")
+                raise CheckpointError(
+                    "the job's sharded state is lost: " + (f"the in-memory shards failed ({failure})" if failure else
+                                                           "a node's shards are in no live node's memory")
+                    + " and there is no checkpoint on disk to resume from")
             if start > 0:
                 load_state(held, loaded)
             held.completed = start - 1

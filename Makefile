@@ -40,8 +40,10 @@ chaos: $(STAMP)
 	$(PY) -m tests.chaos $(CHAOS_ARGS)
 
 # The main job on this machine: an embedded etcd and 3 simulated nodes training through a
-# kill -9, a preemption and a join, shown live (a plain line per update when stdout is not a
-# terminal); 1-2 minutes. `make demo DEMO_ARGS="--png timeline.png"` also draws a PNG (matplotlib).
+# kill -9, a preemption and a join, recovering in process (el.run), shown live (a plain line per
+# update when stdout is not a terminal); 1-2 minutes. DEMO_ARGS: "--png timeline.png" also draws
+# a PNG (matplotlib); "--restart" the process-restart loop (el.step: back to the last
+# checkpoint); "--sharded" the FSDP2 example (docs/examples/train_fsdp.py).
 demo: $(STAMP)
 	$(PY) -m docs.demo $(DEMO_ARGS)
 

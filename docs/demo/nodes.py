@@ -25,6 +25,7 @@ from rendezvous.etcd_server import EtcdServer
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "docs" / "examples" / "train_ddp.py"
+TRAIN_SHARDED = REPO / "docs" / "examples" / "train_fsdp.py"
 PYTHON = sys.executable
 # The console script a user runs; `python -m agent` where the project was never installed.
 _SCRIPT = Path(sys.executable).with_name("elastic-agent")
@@ -33,23 +34,43 @@ ELASTIC_AGENT = [str(_SCRIPT)] if _SCRIPT.exists() else [PYTHON, "-m", "agent"]
 # What the agents print: their own log lines, and their workers' lines as "[node/local_rank] ...".
 STEP_RE = re.compile(r"^\[[^\]/]+/\d+\] step (\d+) world_size (\d+)\b")
 RESUMED_RE = re.compile(r"^\[[^\]/]+/\d+\] (?:resumed from step|starting from step) (\d+)")
-DRAINED_RE = re.compile(r"^\[[^\]/]+/\d+\] drained at step (\d+)")
+# A drain: the worker's own line (the el.step loop prints it after its checkpoint), or the agent's
+# order to its workers (el.run's workers stop there in process and print nothing).
+DRAINED_RE = re.compile(r"^\[[^\]/]+/\d+\] drained at step (\d+)|\bINFO workers stop after step (\d+) and exit\b")
 PORT_RE = re.compile(r"metrics and health on http://[^/]+:(\d+)/metrics")
+# el.run does not take sharded (FSDP2) models yet (agent/worker/sharded.py's NOT_IN_PROCESS):
+# --sharded shows the process-restart loop until it does; then this becomes True.
+SHARDED_INPROCESS = False
 KEEPER_EXIT_GRACE = 5.0  # seconds a keeper may take to end after its agent before it counts as left over
 
 
 @dataclass(frozen=True)
 class Job:
-    """The job every node runs: the flags of ``elastic-agent start`` and the training script's."""
+    """The job every node runs: the flags of ``elastic-agent start`` and the training script's.
+
+    ``inprocess``: the helper runs the loop (``el.run``): a membership change re-forms the
+    process group inside the running workers, which keep the state in memory. Otherwise the
+    ``el.step`` loop: the workers are restarted and resume from the last checkpoint on disk.
+    ``sharded``: the FSDP2 example (each rank holds only its shards) instead of the DDP one."""
 
     job_id: str = "demo"
     min_nodes: int = 2
     max_nodes: int = 4
     steps: int = 150
     checkpoint_every: int = 10
+    inprocess: bool = True
+    sharded: bool = False
+
+    def describe(self) -> str:
+        script = (TRAIN_SHARDED if self.sharded else TRAIN).relative_to(REPO)
+        return f"{script}, " + ("in-process recovery, el.run" if self.inprocess else "process restart, el.step")
 
     def command(self) -> list[str]:
-        return [PYTHON, str(TRAIN), "--steps", str(self.steps), "--checkpoint-every", str(self.checkpoint_every)]
+        common = ["--steps", str(self.steps), "--checkpoint-every", str(self.checkpoint_every)]
+        if self.sharded:  # paced as the DDP example is by default, so that the story can act between steps
+            return [PYTHON, str(TRAIN_SHARDED), *common, "--step-time", "0.1",
+                    "--loop", "run" if self.inprocess else "step"]
+        return [PYTHON, str(TRAIN), *common, *(["--inprocess"] if self.inprocess else [])]
 
 
 @dataclass(frozen=True)
@@ -157,14 +178,17 @@ class Cluster:
                 self.steps.append(Mark(now, int(m.group(1)), int(m.group(2))))
             elif m := RESUMED_RE.match(line):
                 self.resumes.append(Mark(now, int(m.group(1))))
-            elif m := DRAINED_RE.match(line):
-                self.drains.append(Mark(now, int(m.group(1))))
+            elif m := DRAINED_RE.search(line):
+                self.drains.append(Mark(now, int(m.group(1) or m.group(2))))
             elif node.metrics_port is None and (m := PORT_RE.search(line)):
                 node.metrics_port = int(m.group(1))
 
     # --- what the consoles said -----------------------------------------------------------
     def last_step(self) -> Mark | None:
         return self.steps[-1] if self.steps else None
+
+    def last_step_before(self, t: float) -> Mark | None:
+        return next((s for s in reversed(list(self.steps)) if s.t <= t), None)
 
     def first_step_after(self, t: float, *, world: int | None = None, above: int = -1) -> Mark | None:
         return next((s for s in list(self.steps)

@@ -76,7 +76,7 @@ class Story:
         for i in range(3):
             node = c.start_node(f"node-{i}")
             self.display.event(f"node-{i} started: elastic-agent pid {node.pid}, in {node.workdir}")
-        self.display.say("3 agents meet in etcd, agree on a membership and start their workers: "
+        self.display.say(f"3 agents meet in etcd, agree on a membership and start their workers ({job.describe()}): "
                          "watch the state go rendezvous -> running and world size reach 3")
         first = self.wait("training at world size 3", lambda: c.first_step_after(r.t0, world=3), 90)
         r.first_step_t = first.t
@@ -103,28 +103,40 @@ class Story:
 
     def _kill(self) -> None:
         c, r = self.cluster, self.result
-        kill_at = 2 * c.job.checkpoint_every + 7  # a few steps past a checkpoint: some are redone
+        kill_at = 2 * c.job.checkpoint_every + 7  # a few steps past a checkpoint: a restart redoes some
         self.display.say(f"training at world size 3, a checkpoint every {c.job.checkpoint_every} steps; "
                          f"at step {kill_at} one node will be killed with kill -9")
-        before = self.wait(f"step {kill_at}", lambda: self._step_at_least(kill_at), 60)
+        self.wait(f"step {kill_at}", lambda: self._step_at_least(kill_at), 60)
         victim = self._by_rank(lowest=True)
         role = " (group rank 0: it hosts the master address)" if self._rank(victim) == 0 else ""
         killed = time.monotonic()
         victim.kill()
+        before = c.last_step_before(killed)  # the last step the job was seen to complete
+        assert before is not None
         event = Event("kill -9", victim.node_id, killed)
         r.events.append(event)
         self.display.event(f"{victim.node_id} killed (kill -9) at step {before.value}{role}")
-        self.display.say(f"{victim.node_id} killed: watch the others notice within ~2 s (its presence "
-                         "expires), stop their workers and restart at world size 2 from the last checkpoint")
+        if c.job.inprocess:
+            self.display.say(f"{victim.node_id} killed: watch the others notice within ~2 s (its presence expires, "
+                             "or a collective fails at once), re-form the process group at world size 2 in their "
+                             "running workers and go on from the last step they all completed, held in memory")
+        else:
+            self.display.say(f"{victim.node_id} killed: watch the others notice within ~2 s (its presence expires), "
+                             "stop their workers and restart them at world size 2 from the last checkpoint")
         resumed = self.wait("training at world size 2 after the kill", lambda: c.first_step_after(killed, world=2), 60)
         back = self.wait(f"training past step {before.value} again",
                          lambda: c.first_step_after(killed, above=before.value), 30)
         event.lost_s = back.t - killed
-        redone = before.value - resumed.value + 1
-        event.detail = (f"survivors at world size 2 after {resumed.t - killed:.1f} s, resumed from step "
-                        f"{resumed.value} (checkpoint): {redone} steps redone")
+        # Steps completed before the kill and trained again after it. Rank 0 prints a step once
+        # every rank has updated its weights (the loss is reduced after the update), so the
+        # survivors hold at least the last printed step; in process they may hold one more.
+        lost = max(0, before.value + 1 - resumed.value)
+        how = "in process" if c.job.inprocess else "from the checkpoint"
+        event.detail = (f"survivors at world size 2 after {resumed.t - killed:.1f} s, went on at step "
+                        f"{resumed.value} ({how}): {lost} steps lost")
         self.display.event(f"recovered: training at world size 2 after {resumed.t - killed:.1f} s, "
-                           f"from step {resumed.value}; back at step {back.value} after {event.lost_s:.1f} s")
+                           f"from step {resumed.value} ({how}; last step before the kill {before.value}): "
+                           f"{lost} steps lost; back at step {back.value} after {event.lost_s:.1f} s")
 
     def _preempt_then_join(self) -> None:
         c, r = self.cluster, self.result
@@ -138,9 +150,11 @@ class Story:
         asked = time.monotonic()
         leaver.proc.send_signal(signal.SIGTERM)
         self.display.event(f"{leaver.node_id} preempted (SIGTERM) at step {before.value}")
-        self.display.say(f"{leaver.node_id} preempted: every worker checkpoints at the same next step, then it "
-                         f"leaves with exit code 3. {stayer.node_id} alone is below --min-nodes "
-                         f"{c.job.min_nodes}: it waits, nothing is lost")
+        stop = ("stops after the same next step (in process: the state stays in the stayer's memory)"
+                if c.job.inprocess else "checkpoints at the same next step")
+        self.display.say(f"{leaver.node_id} preempted: every worker {stop}, then {leaver.node_id} leaves with "
+                         f"exit code 3. {stayer.node_id} alone is below --min-nodes {c.job.min_nodes}: it waits, "
+                         "nothing is lost")
         self.wait(f"{leaver.node_id} to leave", lambda: leaver.exit_code() is not None, 60)
         left = time.monotonic()
         code = leaver.exit_code()
@@ -154,7 +168,9 @@ class Story:
 
         joiner = c.start_node(f"node-{len(c.nodes)}")
         self.display.event(f"{joiner.node_id} joins: elastic-agent pid {joiner.pid}")
-        self.display.say(f"{joiner.node_id} joins (new capacity): watch training resume at step "
+        source = (f"its workers receive the state from {stayer.node_id}'s, not from disk" if c.job.inprocess
+                  else "every worker starts from the checkpoint of the drain")
+        self.display.say(f"{joiner.node_id} joins (new capacity; {source}): watch training resume at step "
                          f"{drained.value + 1} with world size 2 - no completed step lost")
         resumed = self.wait("training after the join", lambda: c.first_step_after(left, world=2), 90)
         lost = resumed.value - (drained.value + 1)

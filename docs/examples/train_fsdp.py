@@ -3,26 +3,40 @@
     torchrun --standalone --nproc-per-node 2 docs/examples/train_fsdp.py --steps 20
     elastic-agent start ... --checkpoint-dir /shared/ckpt -- python docs/examples/train_fsdp.py --steps 1000
 
-Every ``Linear`` and the whole model are wrapped in ``fully_shard``; gloo on CPU, NCCL on CUDA
-(with a gloo side backend: the asynchronous checkpoint's collectives run on CPU). The state
-goes through ``get_state_dict``/``set_state_dict``: they give the model and optimizer state as
-DTensors keyed by parameter name, and initialise the optimizer's state before its first step
-so that a resume loads the saved moments into it. The helper sees the DTensors and saves
-through torch.distributed.checkpoint: every rank writes its own shards, in the background;
-a checkpoint loads at any world size (re-sharded on load).
+Every ``Linear`` and the whole model are wrapped in ``fully_shard``. The device follows
+torchrun's variables: with CUDA, the GPU of ``LOCAL_RANK`` and NCCL, with a gloo side backend
+(``cpu:gloo,cuda:nccl``: the asynchronous checkpoint's collectives run on CPU); without, gloo
+on CPU. The state goes through ``get_state_dict``/``set_state_dict``: they give the model and
+optimizer state as DTensors keyed by parameter name, and initialise the optimizer's state
+before its first step so that a resume loads the saved moments into it. The helper sees the
+DTensors and saves through torch.distributed.checkpoint: every rank writes its own shards, in
+the background; a checkpoint loads at any world size (re-sharded on load).
 
-The process-restart loop (``el.step``): a membership change restarts the workers, which resume
-from the latest complete checkpoint. ``el.run`` (in process) does not take sharded models yet.
+Two loops, as docs/examples/train_ddp.py has:
+
+- ``--loop step`` (the default): the script's own loop with ``el.load``/``el.step``. A
+  membership change restarts the workers, which resume from the latest complete checkpoint.
+- ``--loop run``: the helper runs the loop (``el.run``): a membership change re-forms the
+  process group inside the running workers, which keep their state in memory. It needs a
+  helper whose ``el.run`` takes sharded models; one that does not says so in one line (exit 2).
+
+Output on global rank 0: ``fsdp: starting at step N, world size W`` (the step loop), a line per
+completed step, ``step 12 world_size 2 loss 0.1234`` (printed once every rank has updated its
+weights), ``drained at step N`` when the agent drains the job (the step loop; checkpoint
+written, exit 75), and ``fsdp: trained N steps, world size W, loss L`` at the end.
+``--step-time`` pads each step to that many seconds (the demo paces the job with it).
 
 For tests: ``--dump-at STEP`` (repeatable) writes the full (gathered) model and optimizer
-state after STEP to ``--dump-dir``/saved_STEP.pt, and ``--dump-loaded`` writes the state
-just loaded to ``--dump-dir``/loaded_START.pt, from global rank 0.
+state after STEP to ``--dump-dir``/saved_STEP.pt, and ``--dump-loaded`` (the step loop) writes
+the state just loaded to ``--dump-dir``/loaded_START.pt, from global rank 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +46,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from agent.worker import Elastic
+from agent.worker import Elastic, WorkerConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,10 +59,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=32, help="hidden width (default 32)")
     parser.add_argument("--batch-size", type=int, default=24, help="global batch size (default 24)")
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--loop", choices=("step", "run"), default="step",
+                        help="step: el.load/el.step, a membership change restarts the workers from the last "
+                             "checkpoint (default); run: el.run, the workers re-form in process")
+    parser.add_argument("--step-time", type=float, default=0.0,
+                        help="pad each step to this many seconds (default 0: no padding)")
     parser.add_argument("--dump-dir", default=None, help="test aid: where --dump-at/--dump-loaded write")
     parser.add_argument("--dump-at", type=int, action="append", default=[], help="test aid: dump after this step")
     parser.add_argument("--dump-loaded", action="store_true", help="test aid: dump the state loaded at start")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.dump_loaded and args.loop == "run":
+        parser.error("--dump-loaded needs --loop step (el.run loads the state itself)")
+    return args
 
 
 def full(value: Any) -> Any:
@@ -73,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")
         dist.init_process_group(backend="gloo", rank=0, world_size=1)
-    rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
     torch.manual_seed(0)  # the same initial model on every rank, whatever the world size
@@ -91,34 +112,59 @@ def main(argv: list[str] | None = None) -> int:
 
     def dump(name: str) -> None:
         gathered = full(state())
-        if rank == 0 and args.dump_dir is not None:
+        if dist.get_rank() == 0 and args.dump_dir is not None:
             Path(args.dump_dir).mkdir(parents=True, exist_ok=True)
             torch.save(gathered, Path(args.dump_dir) / name)
 
-    el = Elastic(args.checkpoint_dir, checkpoint_every=args.checkpoint_every, keep_last=args.keep_last)
-    start, loaded = el.load(default=state)
-    set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["opt"])
-    if args.dump_loaded:
-        dump(f"loaded_{start}.pt")
-    if rank == 0:
-        print(f"fsdp: starting at step {start}, world size {world_size}", flush=True)
-    per_rank = args.batch_size // world_size
-    loss = torch.zeros(())
-    for step in range(start, args.steps):
+    last_loss = [float("nan")]
+
+    def train_step(step: int, module: nn.Module) -> None:
+        """One step on the group of the moment (el.run re-forms it; ranks and world size may change)."""
+        began = time.monotonic()
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        per_rank = args.batch_size // world_size
         g = torch.Generator().manual_seed(step)  # the data of a step does not depend on the resume
         x = torch.randn(args.batch_size, 16, generator=g)[rank * per_rank:(rank + 1) * per_rank].to(device)
         y = x[:, :4].sum(dim=1, keepdim=True).expand(-1, 4)
-        loss = nn.functional.mse_loss(model(x), y)
+        loss = nn.functional.mse_loss(module(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        reported = loss.detach().clone()
+        dist.all_reduce(reported)  # after the update: a printed step is one every rank completed
+        last_loss[0] = reported.item() / world_size
+        if rank == 0:
+            print(f"step {step} world_size {world_size} loss {last_loss[0]:.4f}", flush=True)
         if step in args.dump_at:
             dump(f"saved_{step}.pt")
-        if el.step(step, state):
-            el.exit_drained()
-    el.finish()
-    if rank == 0:
-        print(f"fsdp: trained {args.steps} steps, world size {world_size}, loss {loss.item():.4f}", flush=True)
+        time.sleep(max(0.0, args.step_time - (time.monotonic() - began)))
+
+    el = Elastic(args.checkpoint_dir, checkpoint_every=args.checkpoint_every, keep_last=args.keep_last)
+    if args.loop == "run":
+        try:
+            el.run(train_step, model=model, optimizer=opt, steps=args.steps)
+        except WorkerConfigError as exc:  # a helper whose el.run does not take sharded models
+            print(f"train_fsdp.py: --loop run: {exc}", file=sys.stderr, flush=True)
+            dist.destroy_process_group()
+            return 2
+    else:
+        start, loaded = el.load(default=state)
+        set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["opt"])
+        if args.dump_loaded:
+            dump(f"loaded_{start}.pt")
+        if dist.get_rank() == 0:
+            print(f"fsdp: starting at step {start}, world size {dist.get_world_size()}", flush=True)
+        for step in range(start, args.steps):
+            train_step(step, model)
+            if el.step(step, state):
+                if dist.get_rank() == 0:
+                    print(f"drained at step {step}", flush=True)
+                el.exit_drained()
+        el.finish()
+    if dist.get_rank() == 0:
+        print(f"fsdp: trained {args.steps} steps, world size {dist.get_world_size()}, loss {last_loss[0]:.4f}",
+              flush=True)
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 

@@ -1,5 +1,9 @@
 """``make demo`` as CI runs it (stdout a pipe: a plain line per update): the whole story, and Ctrl-C.
 
+The default shows the in-process loop (el.run): the kill -9 loses no completed step. The
+process-restart loop (``--restart``) and the sharded example (``--sharded``) run under
+``make soak`` (a minute each).
+
 The demo prints its work directory first; everything it starts runs with its working
 directory or its command line inside it (etcd's data, each node's directory), so "nothing
 left behind" is: no such process, and the directory gone.
@@ -18,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from docs.demo.nodes import SHARDED_INPROCESS
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,8 +32,8 @@ WORKDIR_RE = re.compile(r"work dir (/\S+)")
 
 
 class Demo:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(DEMO, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([*DEMO, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, text=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -118,8 +124,10 @@ def in_order(text: str, patterns: list[str]) -> list[re.Match[str]]:
     return found
 
 
-def test_make_demo_kills_preempts_and_joins_then_sums_up_and_leaves_nothing():
-    demo = Demo()
+def run_story(*args: str, inprocess: bool, script: str) -> None:
+    """The demo with ``args`` tells the whole story, what it says of each event is what its
+    step lines show, and it leaves nothing behind."""
+    demo = Demo(*args)
     try:
         began = time.monotonic()
         code = demo.wait(timeout=200)
@@ -127,16 +135,25 @@ def test_make_demo_kills_preempts_and_joins_then_sums_up_and_leaves_nothing():
         out = demo.text()
         assert code == 0, out
         assert "Traceback" not in out, out
-        (_, kill, _, preempt, drained, join, resumed, _) = in_order(out, [
+        loop = "in-process recovery, el.run" if inprocess else "process restart, el.step"
+        how = "in process" if inprocess else "from the checkpoint"
+        (_, _, kill, recovered, preempt, drained, join, resumed, _) = in_order(out, [
+            rf"NOW: 3 agents meet .*\(docs/examples/{script}, {loop}\)",
             r"EVENT: training at world size 3",
             r"EVENT: (node-\d) killed \(kill -9\) at step \d+",
-            r"EVENT: recovered: training at world size 2 after [\d.]+ s, from step \d+",
+            rf"EVENT: recovered: training at world size 2 after [\d.]+ s, from step (\d+) \({how}; last step "
+            r"before the kill (\d+)\): (\d+) steps lost",
             r"EVENT: (node-\d) preempted \(SIGTERM\) at step \d+",
             r"EVENT: (node-\d) drained at step (\d+) and exited 3",
             r"EVENT: (node-3) joins",
             r"EVENT: resumed at step (\d+) with world size 2, .*: 0 steps lost",
             r"EVENT: job succeeded: node-\d, node-\d exited 0",
         ])
+        went_on, last, lost = map(int, recovered.groups())
+        if inprocess:  # the survivors held the last step every rank completed, or one more
+            assert lost == 0 and went_on in (last + 1, last + 2), recovered.group(0)
+        else:  # back to the last checkpoint (every 10 steps), and what was redone is counted
+            assert went_on % 10 == 0 and lost == last + 1 - went_on > 0, recovered.group(0)
         assert preempt.group(1) != kill.group(1) and drained.group(1) == preempt.group(1), out
         assert int(resumed.group(1)) == int(drained.group(2)) + 1, out  # the preemption lost no step
         in_order(out, [
@@ -144,7 +161,7 @@ def test_make_demo_kills_preempts_and_joins_then_sums_up_and_leaves_nothing():
             r"^  steps: 150 of 150 steps done \(last step 149\); job succeeded",
             r"^  restarts by reason \(elastic_agent_worker_group_restarts_total\): .*node_left 1.*node_lost 1",
             r"^  seconds lost per event",
-            r"^    kill -9 +node-\d +[\d.]+ s",
+            rf"^    kill -9 +node-\d +[\d.]+ s +survivors at world size 2 .*\({how}\): {lost} steps lost",
             r"^    preemption +node-\d +[\d.]+ s +drained at step \d+, exit 3",
             r"^    join +node-3 +[\d.]+ s +resumed at step \d+ with world size 2: 0 steps lost",
             r"^  goodput: [\d.]+% of \d+ node-seconds at the end",
@@ -155,6 +172,20 @@ def test_make_demo_kills_preempts_and_joins_then_sums_up_and_leaves_nothing():
         assert took < 180, f"the demo took {took:.0f} s"
     finally:
         demo.kill()
+
+
+def test_make_demo_kills_preempts_and_joins_in_process_losing_no_step_then_sums_up_and_leaves_nothing():
+    run_story(inprocess=True, script="train_ddp.py")
+
+
+@pytest.mark.slow
+def test_demo_restart_shows_the_process_restart_from_the_checkpoint():
+    run_story("--restart", inprocess=False, script="train_ddp.py")
+
+
+@pytest.mark.slow
+def test_demo_sharded_trains_the_fsdp2_example_through_the_same_story():
+    run_story("--sharded", inprocess=SHARDED_INPROCESS, script="train_fsdp.py")
 
 
 def test_ctrl_c_stops_everything_promptly():

@@ -1,0 +1,264 @@
+"""The chaos scenarios of the network between the nodes (issue 24): faults on the data network
+(the nodes' ``--node-addr``, what their workers' collectives and the agents' peer probes use)
+while every node still reaches etcd. etcd alone cannot see these; each scenario asserts what a
+user would notice, with a deadline:
+
+- *partitioned from peers only*: one node's frames to and from its peers go nowhere
+  (tests/chaos/netns.py ``block``: etcd still answers it). The node cut off is the one removed,
+  never one of the others, and the others train again within ``CUT_TARGET_S``.
+- *lossy link*: one node's link drops a fraction of its frames to and from its peers
+  (tests/chaos/lossy.py, ``netem loss`` in user space), ``LOSS_PHASES``: noticed (the node is
+  out of the training group before the heavy phase ends) and not flapping (once out, it is not
+  let back in and thrown out again while the link is bad); back in once the link is mended.
+- *joiner that cannot reach the others*: a node joins while its data link to every member is
+  cut. Kept out with its reason shown (``elastic-agent status`` or its log), the job trains on
+  at its size; once the link is mended, it is let in.
+
+A round's members are read from what the agents said they run (``round N: K nodes ...``), the
+round's training from the steps printed; etcd's history is checked by the runner after.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+from tests.chaos.evidence import Timeline
+from tests.chaos.scenarios import COLLECTIVE_TIMEOUT_S, OPENED_RE, RECOVERY_WAIT_S, Measured, _keep_training, \
+    _measure, hold
+from tests.chaos.world import World, train
+from tests.waiting import wait_until
+
+NODES = ["n0", "n1", "n2"]
+LOSSY_HOST = "n1"  # the only relayed host (a relay per host costs CPU): the victim whatever its rank
+JOINER_HOST = "n3"
+CUT_TARGET_S = 3.0  # issue 24: "partitioned from peers only" detected and training again within this
+CUT_WAIT_S = COLLECTIVE_TIMEOUT_S + 40.0  # long enough to see what a collective's timeout alone does
+CUT_HOLD_S = 10.0  # the cut stays this long after the others train again: the victim stays out
+LOSS_PHASES = ((0.3, 30.0), (0.8, 30.0))  # (fraction dropped each way, seconds held), in order
+NOTICE_S = 10.0  # the heavy phase's loss is noticed (the node out of training) within this
+JOIN_HOLD_S = 30.0  # the unreachable joiner is kept out this long while the job trains on
+JOIN_PAUSE_S = 5.0  # the longest pause in training the unreachable joiner may cause
+REASON_RE = re.compile(r"unreachable|cannot reach|can't reach|connectivity|no answer from", re.IGNORECASE)
+TRAINING_WORLDS = 3  # consecutive steps that make a round count as training
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A round that trained (printed steps) and who ran it, as the agents said."""
+
+    round: int
+    started: float  # its first step
+    nodes: frozenset[str]
+    size: int  # the node count its agents printed
+
+
+def trained_rounds(tl: Timeline, since: float) -> list[Trained]:
+    """The rounds whose first step came after ``since``, in order."""
+    claimed: dict[int, set[str]] = {}
+    sizes: dict[int, int] = {}
+    for c in tl.claims:
+        claimed.setdefault(c.round, set()).add(c.node)
+        sizes[c.round] = c.nodes
+    return [Trained(r, t, frozenset(claimed.get(r, ())), sizes.get(r, 0))
+            for r, t in sorted(tl.round_started().items()) if t > since]
+
+
+def moves(rounds: list[Trained], node: str, was_in: bool = True) -> tuple[int, int]:
+    """(removals, readmissions) of ``node`` over consecutive trained rounds."""
+    removals = readmissions = 0
+    inside = was_in
+    for r in rounds:
+        now_in = node in r.nodes
+        removals += inside and not now_in
+        readmissions += now_in and not inside
+        inside = now_in
+    return removals, readmissions
+
+
+def _training_without(world: World, node: str, since: float, size: int, timeout: float) -> Trained | None:
+    """The first round after ``since`` that trained ``TRAINING_WORLDS`` steps at ``size``
+    without ``node``, or None by ``timeout``."""
+    def found() -> Trained | None:
+        tl = world.timeline()
+        for r in trained_rounds(tl, since):
+            steps = [s for s in tl.steps if s.round == r.round and s.world_size == size]
+            if node not in r.nodes and r.size == size and len(steps) >= TRAINING_WORLDS:
+                return r
+        return None
+
+    try:
+        return wait_until(found, timeout, f"training at world size {size} without {node}", interval=0.1)
+    except AssertionError:
+        return None
+
+
+def _out_from(world: World, node: str, since: float, until: float | None = None) -> float | None:
+    """Since when ``node`` has been out of every round that trained (the first of the rounds
+    after ``since`` without it from which on none had it, up to ``until``), or None."""
+    rounds = [r for r in trained_rounds(world.timeline(), since) if until is None or r.started <= until]
+    out = None
+    for r in rounds:
+        if node in r.nodes:
+            out = None
+        elif out is None:
+            out = r.started
+    return out
+
+
+def _first_restart(world: World, since: float) -> float | None:
+    times = [line.t for a in world.agents for line in list(a.lines)
+             if line.t > since and ("worker failed" in line.text or OPENED_RE.search(line.text))]
+    return min(times, default=None)
+
+
+def _rel(t: float | None, since: float) -> str:
+    return "never" if t is None else f"+{t - since:.1f}s"
+
+
+def _kept_apart(world: World, node: str, others: list[str], since: float, until: float, what: str) -> None:
+    """Between ``since`` and ``until``: every round that trained has every one of ``others``
+    (the wrong node is never removed) and, from the first without ``node``, never ``node``."""
+    rounds = [r for r in trained_rounds(world.timeline(), since) if r.started <= until]
+    for r in rounds:
+        missing = set(others) - r.nodes
+        if missing:
+            world.extra_violations.append(f"{what}: round {r.round} trained without {sorted(missing)}, "
+                                          f"not {node} (the wrong node removed)")
+    removals, readmissions = moves(rounds, node)
+    if readmissions:
+        world.extra_violations.append(f"{what}: {node} was let back in {readmissions} times while still cut off "
+                                      f"(rounds {[(r.round, sorted(r.nodes)) for r in rounds]})")
+
+
+def partitioned_from_peers(world: World) -> Measured:
+    """A node whose peers cannot reach it (nor it them) while etcd still can: without peer
+    liveness its workers and theirs wait in a collective that never completes until the
+    collective's timeout (train_ddp ``--timeout``). The node cut off must be the one removed,
+    and the others train again within ``CUT_TARGET_S``; mended, it comes back."""
+    world.start_nodes(NODES, command=train("--timeout", str(COLLECTIVE_TIMEOUT_S)))
+    victim = world.by_rank(1)
+    host = world.hosts[victim.node_id]
+    others = [a.node_id for a in world.agents if a is not victim]
+    blocked = time.monotonic()
+    for peer in others:
+        world.net.block(host, world.hosts[peer])
+    try:
+        again = _training_without(world, victim.node_id, blocked, len(others), CUT_WAIT_S)
+        if again is not None:
+            hold(max(0.0, again.started + CUT_HOLD_S - time.monotonic()))
+    finally:
+        for peer in others:
+            world.net.unblock(host, world.hosts[peer])
+    healed = time.monotonic()
+    restart = _first_restart(world, blocked)
+    _kept_apart(world, victim.node_id, others, blocked, healed, "partitioned from peers")
+    if again is None:
+        world.extra_violations.append(f"partitioned from peers: {victim.node_id} was never removed in "
+                                      f"{CUT_WAIT_S:.0f}s (first restart {_rel(restart, blocked)})")
+    elif again.started - blocked > CUT_TARGET_S:
+        world.extra_violations.append(f"partitioned from peers: training again without {victim.node_id} only "
+                                      f"{again.started - blocked:.1f}s after the cut (target {CUT_TARGET_S:.0f}s)")
+    back = world.wait_training(3, healed, RECOVERY_WAIT_S)
+    _keep_training(world, 3, 3.0)
+    moved = "never" if again is None else f"{again.started - blocked:.1f}s"
+    return _measure(world, blocked, f"{victim.node_id} cut off; others training again after {moved} (first "
+                                    f"restart {_rel(restart, blocked)}); all 3 again {back - healed:.1f}s after mend")
+
+
+def lossy_link(world: World) -> Measured:
+    """One node's link drops frames to and from its peers, lightly then heavily
+    (``LOSS_PHASES``). Noticed: out of the training group within ``NOTICE_S`` of the heavy
+    phase (or already in the light one). Not flapping: once out, never let in and thrown out
+    again while the link is bad. Mended: back in."""
+    world.start_nodes(NODES)
+    victim = world.agent(LOSSY_HOST)
+    others = [a.node_id for a in world.agents if a is not victim]
+    peers = [world.hosts[n] for n in others]
+    began = time.monotonic()
+    notes, counts = [], []
+    heavy = began
+    try:
+        for fraction, seconds in LOSS_PHASES:
+            world.net.set_loss(LOSSY_HOST, fraction, peers)
+            heavy = time.monotonic()  # the last phase's start, in the end
+            hold(seconds)
+            passed, dropped = world.net.loss_count(LOSSY_HOST)
+            counts.append(f"{fraction:.0%}: dropped {dropped} of {passed + dropped} frames")
+            notes.append(f"{fraction:.0%} {seconds:.0f}s: {'out' if _out_from(world, victim.node_id, heavy) else 'in'}")
+    finally:
+        world.net.set_loss(LOSSY_HOST, 0.0)
+    mended = time.monotonic()
+    rounds = [r for r in trained_rounds(world.timeline(), began) if r.started <= mended]
+    removals, readmissions = moves(rounds, victim.node_id)
+    out_at = _out_from(world, victim.node_id, began, mended)
+    if out_at is None or out_at > heavy + NOTICE_S:
+        world.extra_violations.append(f"lossy link: {victim.node_id} dropping {LOSS_PHASES[-1][0]:.0%} of its "
+                                      f"frames was not out of training for good {NOTICE_S:.0f}s into it (out "
+                                      f"{_rel(out_at, heavy)})")
+    if removals > 1:
+        world.extra_violations.append(f"lossy link: {victim.node_id} flapped: removed {removals} times, let back in "
+                                      f"{readmissions} times while its link dropped frames "
+                                      f"(rounds {[(r.round, sorted(r.nodes)) for r in rounds]})")
+    for r in rounds:
+        if set(others) - r.nodes:
+            world.extra_violations.append(f"lossy link: round {r.round} trained without "
+                                          f"{sorted(set(others) - r.nodes)} (a healthy node removed)")
+    back = world.wait_training(3, mended, RECOVERY_WAIT_S)
+    _keep_training(world, 3, 3.0)
+    return _measure(world, began, f"{'; '.join(notes)}; removed {removals}x, let in {readmissions}x "
+                                  f"while lossy ({'; '.join(counts)}); all 3 again {back - mended:.1f}s after mend")
+
+
+def unreachable_joiner(world: World) -> Measured:
+    """A node joins while its data link to every member is cut (etcd reachable). It must be
+    kept out, with its reason shown, while the job trains on at its size; mended, it is let in."""
+    world.start_nodes(NODES, command=train("--timeout", str(COLLECTIVE_TIMEOUT_S)))
+    joiner_host = JOINER_HOST
+    for peer in NODES:
+        world.net.block(joiner_host, peer)
+    t0 = time.monotonic()
+    joiner = world.start_node(joiner_host, command=train("--timeout", str(COLLECTIVE_TIMEOUT_S)))
+    try:
+        wait_until(lambda: "joined job" in joiner.text(), 120.0, f"{joiner_host}'s agent in etcd", interval=0.1)
+        joined = time.monotonic()
+        hold(JOIN_HOLD_S)
+        status = world.status()
+    finally:
+        for peer in NODES:
+            world.net.unblock(joiner_host, peer)
+    mended = time.monotonic()
+    tl = world.timeline()
+    rounds = [r for r in trained_rounds(tl, t0) if r.started <= mended]
+    let_in = [r.round for r in rounds if joiner_host in r.nodes or r.size > len(NODES)]
+    if let_in:
+        world.extra_violations.append(f"unreachable joiner: {joiner_host} was let into rounds {let_in} "
+                                      f"while it could reach no member")
+    pause = _longest_pause(tl, joined, mended)
+    if pause > JOIN_PAUSE_S:
+        world.extra_violations.append(f"unreachable joiner: training paused {pause:.1f}s while {joiner_host} "
+                                      f"tried to join (at most {JOIN_PAUSE_S:.0f}s)")
+    shown = [line for line in status.splitlines() if joiner_host in line and REASON_RE.search(line)]
+    logged = [line.text for line in list(joiner.lines) if REASON_RE.search(line.text)]
+    if not shown and not logged:
+        world.extra_violations.append(f"unreachable joiner: no reason shown for keeping {joiner_host} out "
+                                      f"(status said: {status.strip()[-300:]!r})")
+    back = world.wait_training(4, mended, RECOVERY_WAIT_S)
+    _keep_training(world, 4, 3.0)
+    reason = (shown or logged or ["none"])[0].strip()[:120]
+    return _measure(world, joined, f"kept out {mended - joined:.0f}s, longest pause {pause:.1f}s, reason: "
+                                   f"{reason!r}; in {back - mended:.1f}s after mend")
+
+
+def _longest_pause(tl: Timeline, since: float, until: float) -> float:
+    times = [since, *(s.t for s in tl.steps_between(since, until)), until]
+    return max(b - a for a, b in zip(times, times[1:]))
+
+
+PEER_SCENARIOS = {
+    "partitioned from peers only": partitioned_from_peers,
+    "lossy link to peers (30%, then 80%)": lossy_link,
+    "joiner cannot reach the others": unreachable_joiner,
+}
+RELAYED = {"lossy link to peers (30%, then 80%)": (LOSSY_HOST,)}

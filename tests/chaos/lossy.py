@@ -12,7 +12,8 @@ done: nothing here has to segment or checksum anything.
 Control, one line at a time on stdin, one line of answer on stdout:
   ``loss P [ADDR ...]``  drop a fraction P (0..1) of the IPv4 frames from or to one of the
                          ADDRs (all frames when none is given: ARP too); ``ok``
-  ``count``              ``passed N dropped M`` since the last ``loss``
+  ``count``              ``passed N dropped M``: of the frames the loss applies to, since
+                         the last ``loss``
 End of stdin (the runner closed it, or died) ends the relay. Standalone on purpose: no
 import of the project, started cold in a namespace.
 """
@@ -76,7 +77,10 @@ class Loss:
         return frame[26:30] in self.addrs or frame[30:34] in self.addrs
 
     def drop(self, frame: bytes) -> bool:
-        if self.fraction > 0.0 and self.applies(frame) and random.random() < self.fraction:
+        """Whether to drop this frame; counts the frames the loss applies to."""
+        if not self.applies(frame):
+            return False
+        if random.random() < self.fraction:
             self.dropped += 1
             return True
         self.passed += 1

@@ -65,8 +65,8 @@ class Loss:
         fraction = float(words[0])
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"loss {fraction}: expected a fraction from 0 to 1")
-        self.fraction = fraction
-        self.addrs = frozenset(ipaddress.IPv4Address(a).packed for a in words[1:])
+        addrs = frozenset(ipaddress.IPv4Address(a).packed for a in words[1:])
+        self.fraction, self.addrs = fraction, addrs  # both or neither: a bad line changes nothing
         self.passed = self.dropped = 0
 
     def applies(self, frame: bytes) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import re
 import time
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from tests.chaos.evidence import Timeline
@@ -39,11 +40,13 @@ RESTART_TARGET_S = 12.0  # restarted workers' cold start (torch, gloo) on 2 load
 CUT_WAIT_S = COLLECTIVE_TIMEOUT_S + 40.0  # long enough to see what a collective's timeout alone does
 CUT_HOLD_S = 10.0  # the cut stays this long after the others train again: the victim stays out
 LOSS_PHASES = ((0.3, 30.0), (0.8, 30.0))  # (fraction dropped each way, seconds held), in order
+RATE_WINDOW_S = 5.0  # the step rate before the loss: over this long
 NOTICE_S = 10.0  # the heavy phase's loss is noticed (the node out of training) within this
 JOIN_HOLD_S = 30.0  # the unreachable joiner is kept out this long while the job trains on
 JOIN_PAUSE_S = 5.0  # the longest pause in training the unreachable joiner may cause
 REASON_RE = re.compile(r"unreachable|cannot reach|can't reach|connectivity|no answer from", re.IGNORECASE)
-TRAINING_WORLDS = 3  # consecutive steps that make a round count as training
+TRAINING_STEPS = 3  # steps that make a round count as training again
+CLOSED_RE = re.compile(r"\bround (\d+) closed \(.*\): ([\w.-]+(?:, [\w.-]+)*|-)\s*$")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,17 @@ class Trained:
     started: float  # its first step
     nodes: frozenset[str]
     size: int  # the node count its agents printed
+
+
+@dataclass(frozen=True)
+class Closed:
+    """A round as its closer logged it: its members, whether or not it ever trained (a round
+    whose connectivity check failed is moved on before its workers start, yet it cost every
+    member a restart)."""
+
+    round: int
+    t: float
+    nodes: frozenset[str]
 
 
 def trained_rounds(tl: Timeline, since: float) -> list[Trained]:
@@ -67,12 +81,26 @@ def trained_rounds(tl: Timeline, since: float) -> list[Trained]:
             for r, t in sorted(tl.round_started().items()) if t > since]
 
 
-def moves(rounds: list[Trained], node: str, was_in: bool = True) -> tuple[int, int]:
-    """(removals, readmissions) of ``node`` over consecutive trained rounds."""
+def closed_rounds(lines: Iterable[tuple[float, str]], since: float, until: float | None = None) -> list[Closed]:
+    """The rounds closed between ``since`` and ``until``, in order, from (time, text) lines."""
+    found: dict[int, Closed] = {}
+    for t, text in lines:
+        if t > since and (until is None or t <= until) and (m := CLOSED_RE.search(text)):
+            nodes = frozenset() if m.group(2) == "-" else frozenset(m.group(2).split(", "))
+            found.setdefault(int(m.group(1)), Closed(int(m.group(1)), t, nodes))
+    return [found[n] for n in sorted(found)]
+
+
+def _closed(world: World, since: float, until: float | None = None) -> list[Closed]:
+    return closed_rounds(((line.t, line.text) for a in world.agents for line in list(a.lines)), since, until)
+
+
+def moves(memberships: Iterable[Collection[str]], node: str, was_in: bool = True) -> tuple[int, int]:
+    """(removals, readmissions) of ``node`` over consecutive rounds' members."""
     removals = readmissions = 0
     inside = was_in
-    for r in rounds:
-        now_in = node in r.nodes
+    for members in memberships:
+        now_in = node in members
         removals += inside and not now_in
         readmissions += now_in and not inside
         inside = now_in
@@ -80,13 +108,13 @@ def moves(rounds: list[Trained], node: str, was_in: bool = True) -> tuple[int, i
 
 
 def _training_without(world: World, node: str, since: float, size: int, timeout: float) -> Trained | None:
-    """The first round after ``since`` that trained ``TRAINING_WORLDS`` steps at ``size``
+    """The first round after ``since`` that trained ``TRAINING_STEPS`` steps at ``size``
     without ``node``, or None by ``timeout``."""
     def found() -> Trained | None:
         tl = world.timeline()
         for r in trained_rounds(tl, since):
             steps = [s for s in tl.steps if s.round == r.round and s.world_size == size]
-            if node not in r.nodes and r.size == size and len(steps) >= TRAINING_WORLDS:
+            if node not in r.nodes and r.size == size and len(steps) >= TRAINING_STEPS:
                 return r
         return None
 
@@ -94,19 +122,6 @@ def _training_without(world: World, node: str, since: float, size: int, timeout:
         return wait_until(found, timeout, f"training at world size {size} without {node}", interval=0.1)
     except AssertionError:
         return None
-
-
-def _out_from(world: World, node: str, since: float, until: float | None = None) -> float | None:
-    """Since when ``node`` has been out of every round that trained (the first of the rounds
-    after ``since`` without it from which on none had it, up to ``until``), or None."""
-    rounds = [r for r in trained_rounds(world.timeline(), since) if until is None or r.started <= until]
-    out = None
-    for r in rounds:
-        if node in r.nodes:
-            out = None
-        elif out is None:
-            out = r.started
-    return out
 
 
 def _first_restart(world: World, since: float) -> float | None:
@@ -119,19 +134,15 @@ def _rel(t: float | None, since: float) -> str:
     return "never" if t is None else f"+{t - since:.1f}s"
 
 
-def _kept_apart(world: World, node: str, others: list[str], since: float, until: float, what: str) -> None:
-    """Between ``since`` and ``until``: every round that trained has every one of ``others``
-    (the wrong node is never removed) and, from the first without ``node``, never ``node``."""
-    rounds = [r for r in trained_rounds(world.timeline(), since) if r.started <= until]
+def _listed(rounds: list[Closed]) -> str:
+    return "; ".join(f"{r.round}: {','.join(sorted(r.nodes))}" for r in rounds)
+
+
+def _never_the_wrong_node(world: World, rounds: list[Closed], others: list[str], what: str) -> None:
     for r in rounds:
-        missing = set(others) - r.nodes
-        if missing:
-            world.extra_violations.append(f"{what}: round {r.round} trained without {sorted(missing)}, "
-                                          f"not {node} (the wrong node removed)")
-    removals, readmissions = moves(rounds, node)
-    if readmissions:
-        world.extra_violations.append(f"{what}: {node} was let back in {readmissions} times while still cut off "
-                                      f"(rounds {[(r.round, sorted(r.nodes)) for r in rounds]})")
+        if set(others) - r.nodes:
+            world.extra_violations.append(f"{what}: round {r.round} closed without {sorted(set(others) - r.nodes)} "
+                                          f"(a healthy node removed)")
 
 
 def partitioned_from_peers(world: World, inprocess: bool = False) -> Measured:
@@ -157,7 +168,12 @@ def partitioned_from_peers(world: World, inprocess: bool = False) -> Measured:
             world.net.unblock(host, world.hosts[peer])
     healed = time.monotonic()
     restart = _first_restart(world, blocked)
-    _kept_apart(world, victim.node_id, others, blocked, healed, "partitioned from peers")
+    during = _closed(world, blocked, healed)
+    _never_the_wrong_node(world, during, others, "partitioned from peers")
+    removals, readmissions = moves((r.nodes for r in during), victim.node_id)
+    if readmissions:
+        world.extra_violations.append(f"partitioned from peers: {victim.node_id} was let back in {readmissions} "
+                                      f"times while still cut off (rounds {_listed(during)})")
     if again is None:
         world.extra_violations.append(f"partitioned from peers: {victim.node_id} was never removed in "
                                       f"{CUT_WAIT_S:.0f}s (first restart {_rel(restart, blocked)})")
@@ -172,51 +188,95 @@ def partitioned_from_peers(world: World, inprocess: bool = False) -> Measured:
     _keep_training(world, 3, 3.0)
     moved = "never" if again is None else f"{again.started - blocked:.1f}s"
     return _measure(world, blocked, f"{victim.node_id} cut off; others training again after {moved} (first "
-                                    f"restart {_rel(restart, blocked)}); all 3 again {back - healed:.1f}s after mend")
+                                    f"restart {_rel(restart, blocked)}); removed {removals}x, let in {readmissions}x "
+                                    f"while cut; all 3 again {back - healed:.1f}s after mend")
+
+
+@dataclass(frozen=True)
+class Phase:
+    fraction: float
+    start: float
+    end: float
+    dropped: int
+    frames: int
+    status: str  # ``elastic-agent status`` at its end
 
 
 def lossy_link(world: World) -> Measured:
     """One node's link drops frames to and from its peers, lightly then heavily
-    (``LOSS_PHASES``). Noticed: out of the training group within ``NOTICE_S`` of the heavy
-    phase (or already in the light one). Not flapping: once out, never let in and thrown out
-    again while the link is bad. Mended: back in."""
+    (``LOSS_PHASES``). Each phase must be noticed (the node removed, or named in a log line or
+    ``elastic-agent status``); in the heavy one it is out within ``NOTICE_S`` and stays out.
+    Not flapping: removed at most once while the link is bad (each round with it and without
+    it again restarts every node's workers). Mended: back in."""
     world.start_nodes(NODES)
-    victim = world.agent(LOSSY_HOST)
-    others = [a.node_id for a in world.agents if a is not victim]
-    peers = [world.hosts[n] for n in others]
+    victim = LOSSY_HOST
+    others = [n for n in world.hosts if n != victim]
     began = time.monotonic()
-    notes, counts = [], []
-    heavy = began
+    before = len(world.timeline().steps_between(began - RATE_WINDOW_S, began)) / RATE_WINDOW_S
+    phases: list[Phase] = []
     try:
         for fraction, seconds in LOSS_PHASES:
-            world.net.set_loss(LOSSY_HOST, fraction, peers)
-            heavy = time.monotonic()  # the last phase's start, in the end
+            world.net.set_loss(LOSSY_HOST, fraction, [world.hosts[n] for n in others])
+            start = time.monotonic()
             hold(seconds)
+            end = time.monotonic()
             passed, dropped = world.net.loss_count(LOSSY_HOST)
-            counts.append(f"{fraction:.0%}: dropped {dropped} of {passed + dropped} frames")
-            notes.append(f"{fraction:.0%} {seconds:.0f}s: {'out' if _out_from(world, victim.node_id, heavy) else 'in'}")
+            phases.append(Phase(fraction, start, end, dropped, passed + dropped, world.status()))
     finally:
         world.net.set_loss(LOSSY_HOST, 0.0)
     mended = time.monotonic()
-    rounds = [r for r in trained_rounds(world.timeline(), began) if r.started <= mended]
-    removals, readmissions = moves(rounds, victim.node_id)
-    out_at = _out_from(world, victim.node_id, began, mended)
-    if out_at is None or out_at > heavy + NOTICE_S:
-        world.extra_violations.append(f"lossy link: {victim.node_id} dropping {LOSS_PHASES[-1][0]:.0%} of its "
-                                      f"frames was not out of training for good {NOTICE_S:.0f}s into it (out "
-                                      f"{_rel(out_at, heavy)})")
+    during = _closed(world, began, mended)
+    _never_the_wrong_node(world, during, others, "lossy link")
+    removals, readmissions = moves((r.nodes for r in during), victim)
     if removals > 1:
-        world.extra_violations.append(f"lossy link: {victim.node_id} flapped: removed {removals} times, let back in "
-                                      f"{readmissions} times while its link dropped frames "
-                                      f"(rounds {[(r.round, sorted(r.nodes)) for r in rounds]})")
-    for r in rounds:
-        if set(others) - r.nodes:
-            world.extra_violations.append(f"lossy link: round {r.round} trained without "
-                                          f"{sorted(set(others) - r.nodes)} (a healthy node removed)")
+        world.extra_violations.append(f"lossy link: {victim} flapped: removed {removals} times, let back in "
+                                      f"{readmissions} times while its link dropped frames (rounds {_listed(during)})")
+    notes = []
+    for p in phases:
+        rounds = [r for r in during if p.start < r.t <= p.end]
+        out, back_in = moves((r.nodes for r in rounds), victim, was_in=_member_at(during, victim, p.start))
+        rate = len(world.timeline().steps_between(p.start, p.end)) / (p.end - p.start)
+        named = _named(world, victim, p)
+        noticed = out or back_in or named
+        notes.append(f"{p.fraction:.0%} ({p.dropped}/{p.frames} frames): {rate:.1f} steps/s, removed {out}x, "
+                     f"let in {back_in}x{', named' if named else ''}")
+        if not noticed:
+            world.extra_violations.append(f"lossy link: {victim} dropping {p.dropped}/{p.frames} frames for "
+                                          f"{p.end - p.start:.0f}s went unnoticed (training at {rate:.1f} steps/s, "
+                                          f"{before:.1f} before)")
+    heavy = phases[-1]
+    out_at = _out_for_good(during, victim)
+    if out_at is None or out_at > heavy.start + NOTICE_S:
+        world.extra_violations.append(f"lossy link: {victim} dropping {heavy.fraction:.0%} of its frames was not "
+                                      f"out for good {NOTICE_S:.0f}s into it (out {_rel(out_at, heavy.start)})")
     back = world.wait_training(3, mended, RECOVERY_WAIT_S)
     _keep_training(world, 3, 3.0)
-    return _measure(world, began, f"{'; '.join(notes)}; removed {removals}x, let in {readmissions}x "
-                                  f"while lossy ({'; '.join(counts)}); all 3 again {back - mended:.1f}s after mend")
+    return _measure(world, began, f"{before:.1f} steps/s before; {'; '.join(notes)}; removed {removals}x, let in "
+                                  f"{readmissions}x in all; all 3 again {back - mended:.1f}s after mend")
+
+
+def _member_at(rounds: list[Closed], node: str, t: float) -> bool:
+    """Whether ``node`` was in the last round closed before ``t`` (in, before any)."""
+    last = [r for r in rounds if r.t <= t]
+    return node in last[-1].nodes if last else True
+
+
+def _out_for_good(rounds: list[Closed], node: str) -> float | None:
+    """When the rounds stopped having ``node``: the first closed without it after the last
+    with it, or None when the last still had it (or none closed)."""
+    out = None
+    for r in rounds:
+        out = None if node in r.nodes else (out or r.t)
+    return out
+
+
+def _named(world: World, node: str, phase: Phase) -> bool:
+    """Whether a log line in ``phase`` or the status at its end names ``node``'s reachability."""
+    said = [line.text for a in world.agents for line in list(a.lines)
+            if phase.start < line.t <= phase.end and REASON_RE.search(line.text)
+            and (a.node_id == node or re.search(rf"\b{re.escape(node)}\b", line.text))]
+    shown = [line for line in phase.status.splitlines() if REASON_RE.search(line) and node in line]
+    return bool(said or shown)
 
 
 def unreachable_joiner(world: World) -> Measured:
@@ -238,8 +298,7 @@ def unreachable_joiner(world: World) -> Measured:
             world.net.unblock(joiner_host, peer)
     mended = time.monotonic()
     tl = world.timeline()
-    rounds = [r for r in trained_rounds(tl, t0) if r.started <= mended]
-    let_in = [r.round for r in rounds if joiner_host in r.nodes or r.size > len(NODES)]
+    let_in = [r.round for r in _closed(world, t0, mended) if joiner_host in r.nodes]
     if let_in:
         world.extra_violations.append(f"unreachable joiner: {joiner_host} was let into rounds {let_in} "
                                       f"while it could reach no member")

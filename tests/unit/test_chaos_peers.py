@@ -10,7 +10,7 @@ import random
 
 from tests.chaos import lossy
 from tests.chaos.evidence import Claim, Step, Timeline
-from tests.chaos.peers import Trained, moves, trained_rounds
+from tests.chaos.peers import Closed, Trained, closed_rounds, moves, trained_rounds
 
 
 def frame(src: str, dst: str, ethertype: bytes = lossy.ETH_IPV4) -> bytes:
@@ -46,14 +46,30 @@ def test_a_bad_control_line_is_one_line_naming_what_was_expected():
     assert loss.fraction == 0.0
 
 
-def rounds(*members: str) -> list[Trained]:
-    return [Trained(i + 2, float(i), frozenset(m.split()), len(m.split())) for i, m in enumerate(members)]
-
-
 def test_out_and_in_and_out_again_is_two_removals_and_one_readmission():
-    assert moves(rounds("a c", "a b c", "a c"), "b") == (2, 1)
-    assert moves(rounds("a c", "a c"), "b") == (1, 0)
-    assert moves(rounds("a b c"), "b") == (0, 0)
+    assert moves([{"a", "c"}, {"a", "b", "c"}, {"a", "c"}], "b") == (2, 1)
+    assert moves([{"a", "c"}, {"a", "c"}], "b") == (1, 0)
+    assert moves([{"a", "b", "c"}], "b") == (0, 0)
+    assert moves([{"a", "b"}], "b", was_in=False) == (0, 1)
+
+
+def test_every_closed_round_counts_whether_or_not_it_trained():
+    """A round moved on by its connectivity check never trains, yet its members restarted for
+    it: a node let into it and thrown out again has flapped."""
+    lines = [
+        (1.0, "[elastic-agent n0] INFO round 1 closed (last call: no new node for 0.5s; membership change "
+              "(start)): n0, n1, n2"),
+        (2.0, "[elastic-agent n2] INFO round 2 closed (every live node (2) joined; membership change "
+              "(unreachable: n1 (its ring neighbours cannot reach it))): n0, n2"),
+        (3.0, "[elastic-agent n1] INFO round 3 closed (every live node (3) joined; membership change "
+              "(scale_up: n1 is waiting)): n0, n2, n1"),
+        (3.5, "[n0/0] step 7 world_size 2 loss 0.1"),
+        (4.0, "[elastic-agent n0] INFO round 4 closed (x (y)): n0, n2"),
+    ]
+    got = closed_rounds(lines, since=1.5)
+    assert got == [Closed(2, 2.0, frozenset({"n0", "n2"})), Closed(3, 3.0, frozenset({"n0", "n1", "n2"})),
+                   Closed(4, 4.0, frozenset({"n0", "n2"}))]
+    assert moves((r.nodes for r in got), "n1") == (2, 1)
 
 
 def test_a_trained_round_is_one_whose_first_step_came_after_and_its_members_are_who_claimed_it():

@@ -209,6 +209,7 @@ def lossy_link(world: World) -> Measured:
     Not flapping: removed at most once while the link is bad (each round with it and without
     it again restarts every node's workers). Mended: back in."""
     world.start_nodes(NODES)
+    _keep_training(world, 3, RATE_WINDOW_S)  # the step rate before the loss, past the start's
     victim = LOSSY_HOST
     others = [n for n in world.hosts if n != victim]
     began = time.monotonic()

@@ -33,9 +33,11 @@ soak-tutorial: $(STAMP)
 	$(PY) -m tests.soak.tutorial_loop 50
 
 # Chaos against a real 3-member etcd and real agents in network namespaces it makes itself
-# (root and `ip netns`): etcd leader/follower kills, quorum loss, partitions, a freeze, a 10-minute
-# seeded soak; the invariants of DESIGN.md section 7 after each, then a table. ~25 minutes on 2
-# cores; never part of `make test`. `make chaos CHAOS_ARGS="--only quorum --no-soak"`, `--seed N`.
+# (root and `ip netns`): etcd leader/follower kills, quorum loss, partitions, a freeze, the network
+# between nodes (cut from its peers only, a lossy link, a joiner that cannot reach the others:
+# tests/chaos/peers.py), a 10-minute seeded soak; the invariants of DESIGN.md section 7 after each,
+# then a table. ~35 minutes on 2 cores; never part of `make test`.
+# `make chaos CHAOS_ARGS="--only quorum --no-soak"`, `--seed N`.
 chaos: $(STAMP)
 	$(PY) -m tests.chaos $(CHAOS_ARGS)
 

@@ -149,6 +149,9 @@ class Close:
 
 def close_decision(view: RoundView, settings: Settings, now: float) -> Wait | Close:
     """Whether the open round should close now, and with which assignment."""
+    if view.round.left_out:  # cut off from their peers: neither waited for nor admitted
+        out = set(view.round.left_out)
+        view = replace(view, joined=tuple(j for j in view.joined if j.node_id not in out), alive=view.alive - out)
     joined_ids = {j.node_id for j in view.joined}
     count = len(joined_ids)
     if reason_kind(view.round.reason) == Reason.SCALE_UP:
@@ -205,12 +208,14 @@ def first_round() -> RoundState:
     return RoundState(number=1, state=RoundPhase.OPEN, reason=reason_text(Reason.START))
 
 
-def next_round(current: RoundState, reason: str) -> RoundState:
-    """The round that follows a closed one; its ``previous`` carries the rank order forward."""
+def next_round(current: RoundState, reason: str, left_out: tuple[str, ...] = ()) -> RoundState:
+    """The round that follows a closed one; its ``previous`` carries the rank order forward.
+    ``left_out``: members cut off from their peers, kept out of it."""
     if current.is_open:
         raise ValueError(f"round {current.number} is still open; cannot open the next one")
     previous = current.assignment.node_ids if current.assignment else ()
-    return RoundState(number=current.number + 1, state=RoundPhase.OPEN, reason=reason, previous=previous)
+    return RoundState(number=current.number + 1, state=RoundPhase.OPEN, reason=reason, previous=previous,
+                      left_out=left_out)
 
 
 # A standby whose workers are still being prepared (its pre-started interpreter importing

@@ -42,6 +42,8 @@ class StepExecutor:
         self.waiting_since = 0.0
         self.grow_asked: tuple[int, float] | None = None  # (round, when) we asked to grow it
         self.workers_ready: Callable[[], bool] = lambda: True  # can our workers start at once?
+        # May we join now (None) or when to ask again: a node must reach its peers first.
+        self.admission: Callable[[RoundState], float | None] = lambda rnd: None
 
     def begin_wait(self) -> None:
         self.waiting_since = self.clock.monotonic()
@@ -66,6 +68,9 @@ class StepExecutor:
         self.reopen = decide.outstanding(self.reopen, rnd)
         step = decide.next_step(self._snapshot(rnd))
         if isinstance(step, decide.Join):
+            wait = self.admission(rnd)
+            if wait is not None:
+                return wait
             self._join(step.round, lease)
             step = decide.next_step(self._snapshot(rnd))  # as a joiner now: coordinate or stand by
         match step:

@@ -38,7 +38,7 @@ from rendezvous.reasons import Reason, reason_text
 from rendezvous.rounds import MemberWatch, PlannedStop, open_next_round
 from rendezvous.session import Session
 from rendezvous.settings import Settings
-from rendezvous.state import Assignment, JobStatus, NodeRecord, Outcome
+from rendezvous.state import Assignment, JobStatus, NodeRecord, Outcome, RoundState
 from rendezvous.store import Store
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,11 @@ def _master_port() -> int:
 class Participant:
     def __init__(self, store: Store, settings: Settings, node: NodeRecord, *,
                  clock: Clock | None = None, port_reserver: Callable[[], int] = _master_port,
-                 planned_changes: bool = False, workers_ready: Callable[[], bool] = lambda: True) -> None:
+                 planned_changes: bool = False, workers_ready: Callable[[], bool] = lambda: True,
+                 admission: Callable[[RoundState], float | None] = lambda rnd: None) -> None:
         """``planned_changes``: the caller handles STOP and GROW notices (notices.PlannedNotices).
-        ``workers_ready``: could our workers start at once? A standby grows the job only then."""
+        ``workers_ready``: could our workers start at once? A standby grows the job only then.
+        ``admission``: may this node join a round now (None), else when to ask again."""
         self.store = store
         self._planned = PlannedNotices(planned_changes)
         self.settings = settings
@@ -69,7 +71,7 @@ class Participant:
         self._job = JobView(store, settings, self._inbox, self.clock)
         self._member = MemberWatch(store, settings, self._inbox)
         self._steps = StepExecutor(store, settings, node, self._inbox, self._member, self.clock, port_reserver)
-        self._steps.workers_ready = workers_ready
+        self._steps.workers_ready, self._steps.admission = workers_ready, admission
 
     @property
     def session(self) -> Session | None:
@@ -102,8 +104,7 @@ class Participant:
                 self.store.revoke(self.session.lease)
             except RendezvousError:
                 pass
-        self._steps.joined = None
-        self.assignment = None
+        self._steps.joined = self.assignment = None
         self._inbox.clear()
         self.start(timeout)
 
@@ -166,9 +167,7 @@ class Participant:
         """Until the next event, a decision's deadline, or a tick; then take in what came."""
         now = self.clock.monotonic()
         limit = now + (TICK if on_tick is not None or self._job.broken else 3600.0)
-        for t in (wake, deadline):
-            if t is not None:
-                limit = min(limit, t)
+        limit = min([limit, *(t for t in (wake, deadline) if t is not None)])
         self._take_in(self._inbox.get(limit - now))
         if on_tick is not None:
             on_tick()

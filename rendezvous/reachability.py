@@ -12,12 +12,19 @@ From those reports, :func:`cut_off` names the nodes to remove:
 - with fewer than ``quorum`` + 1 members nothing is removed: two nodes that cannot reach each
   other cannot tell which side is broken.
 
-Not wired into the rendezvous yet (docs/architecture.md, "The network between nodes").
+A report is ``reach/<node-id>`` (:class:`Report`), on the reporter's membership lease, written
+only when the set of peers it cannot reach changes. Whoever writes a report reads the prefix
+right after (:func:`decide`): of the reporters whose reports together name a node, the last to
+write sees them all, so no node watches anything and no coordinator is needed to act.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from rendezvous.settings import valid_id
 
 QUORUM = 2
 
@@ -57,3 +64,52 @@ def cut_off(reports: Mapping[str, Iterable[str]], members: Iterable[str], quorum
         found = suspects(trusted)
     # Never more than a minority: a majority "cut off" is the reporters' own side failing.
     return found if len(found) * 2 < len(group) else frozenset()
+
+
+@dataclass(frozen=True)
+class Report:
+    """``reach/<node-id>``: the members of round ``round`` this node cannot reach. ``kept_out``:
+    the node itself is held back (it cannot reach the members it would neighbour)."""
+
+    round: int
+    unreachable: tuple[str, ...]
+    kept_out: bool = False
+
+    def encode(self) -> bytes:
+        data = {"v": 1, "round": self.round, "unreachable": sorted(self.unreachable)}
+        return json.dumps({**data, "kept_out": True} if self.kept_out else data, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Report | None:
+        """The report, or None for anything malformed (a value from etcd is hostile: at most
+        64 ids, each a valid node id)."""
+        try:
+            d = json.loads(raw[:8192])
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return None
+        if not isinstance(d, dict) or d.get("v") != 1:
+            return None
+        number, peers = d.get("round"), d.get("unreachable")
+        if type(number) is not int or not isinstance(peers, list) or len(peers) > 64:
+            return None
+        if not all(isinstance(p, str) and valid_id(p) for p in peers):
+            return None
+        return cls(number, tuple(peers), d.get("kept_out") is True)
+
+
+def decide(reports: Mapping[str, bytes], members: Iterable[str], number: int) -> frozenset[str]:
+    """The members of round ``number`` to cut off, from the raw ``reach/`` records (node id ->
+    value); reports of another round, or unreadable, count for nothing."""
+    current = {}
+    for node, raw in reports.items():
+        report = Report.decode(raw)
+        if report is not None and report.round == number:
+            current[node] = report.unreachable
+    return cut_off(current, members)
+
+
+def prospective_peers(members: Iterable[str], me: str) -> tuple[str, ...]:
+    """The peers a node that is not a member would have as ring neighbours once admitted: a
+    newcomer takes the last rank (decide.rank_order), between the last member and the first."""
+    order = [m for m in members if m != me]
+    return ring_peers([*order, me], me)

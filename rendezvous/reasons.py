@@ -19,6 +19,7 @@ class Reason(StrEnum):
     SCALE_UP = "scale_up"  # a waiting node can raise the world size
     LEASE_LOST = "lease_lost"  # this node was cut off from etcd and fenced its workers
     PREEMPTION = "preemption"  # this node leaves on a preemption notice
+    UNREACHABLE = "unreachable"  # a member its ring neighbours cannot reach over the data network
 
 
 # Reasons the job's own workers caused: these, and only these, spend --max-restarts.

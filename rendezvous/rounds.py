@@ -38,17 +38,18 @@ def _closed(store: Store, settings: Settings, number: int) -> tuple[RoundState, 
 AMEND_TRIES = 16  # each lost try means another member's amendment went in
 
 
-def open_next_round(store: Store, settings: Settings, reason: str, after: int) -> bool:
+def open_next_round(store: Store, settings: Settings, reason: str, after: int,
+                    left_out: tuple[str, ...] = ()) -> bool:
     """Open round ``after + 1`` unless someone already moved past ``after``."""
     found = _closed(store, settings, after)
-    return found is not None and open_round_after(store, settings, *found, reason)
+    return found is not None and open_round_after(store, settings, *found, reason, left_out)
 
 
 def open_round_after(store: Store, settings: Settings, current: RoundState, mod_revision: int,
-                     reason: str) -> bool:
+                     reason: str, left_out: tuple[str, ...] = ()) -> bool:
     """Open the round after ``current`` if the round key still holds the record read at
     ``mod_revision``; False when someone else changed it first."""
-    opened = store.replace(settings.round_key, decide.next_round(current, reason).encode(),
+    opened = store.replace(settings.round_key, decide.next_round(current, reason, left_out).encode(),
                            mod_revision) is not None
     if opened:
         log.info("opened round %d: %s", current.number + 1, reason)

@@ -113,3 +113,8 @@ class Settings:
     @property
     def restarts_key(self) -> str:
         return f"{self.root}restarts"
+
+    @property
+    def reach_prefix(self) -> str:
+        """``reach/<node-id>``: the peers a node cannot reach (rendezvous.reachability.Report)."""
+        return f"{self.root}reach/"

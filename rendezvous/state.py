@@ -107,12 +107,13 @@ class NodeRecord:
     nproc: int
     host: str = ""
     version: str = ""
+    # The UDP port of the agent's probe server on ``addr`` (agent.daemon.peer_probe); 0: none.
+    probe_port: int = 0
 
     def encode(self) -> bytes:
-        return _dump(
-            {"node_id": self.node_id, "addr": self.addr, "nproc": self.nproc,
-             "host": self.host, "version": self.version}
-        )
+        data = {"node_id": self.node_id, "addr": self.addr, "nproc": self.nproc,
+                "host": self.host, "version": self.version}
+        return _dump({**data, "probe_port": self.probe_port} if self.probe_port else data)
 
     @classmethod
     def decode(cls, key: str, raw: bytes) -> NodeRecord:
@@ -123,6 +124,7 @@ class NodeRecord:
             nproc=_ranged(key, d, "nproc", 1),
             host=d.get("host", "") if isinstance(d.get("host", ""), str) else "",
             version=d.get("version", "") if isinstance(d.get("version", ""), str) else "",
+            probe_port=_ranged(key, d, "probe_port", 1, 65535) if "probe_port" in d else 0,
         )
 
 
@@ -214,6 +216,9 @@ class RoundState:
     # A planned stop was asked for: every member stops clearing steps and answers how far
     # its workers may go (Settings.cleared_prefix); ``stop_at`` is then chosen past them all.
     stop_asked: bool = False
+    # Open round: members cut off from their peers (rendezvous.reachability), neither waited
+    # for nor admitted when it closes.
+    left_out: tuple[str, ...] = ()
 
     @property
     def is_open(self) -> bool:
@@ -229,6 +234,8 @@ class RoundState:
             data["grow_request"] = self.grow_request
         if self.stop_asked:
             data["stop_asked"] = True
+        if self.left_out:
+            data["left_out"] = list(self.left_out)
         return _dump(data)
 
     def encode_members(self) -> bytes:
@@ -245,9 +252,11 @@ class RoundState:
         reason = d.get("reason", "")
         stop_at = _ranged(key, d, "stop_at", 0) if "stop_at" in d else None
         grow = d.get("grow_request", "")
+        left = d.get("left_out", [])
         return cls(number=_ranged(key, d, "number", 1), state=_one_of(key, d, "state", RoundPhase),
                    reason=reason if isinstance(reason, str) else "", stop_at=stop_at,
-                   grow_request=grow if isinstance(grow, str) else "", stop_asked=d.get("stop_asked") is True)
+                   grow_request=grow if isinstance(grow, str) else "", stop_asked=d.get("stop_asked") is True,
+                   left_out=tuple(n for n in left if isinstance(n, str)) if isinstance(left, list) else ())
 
     def with_members(self, key: str, raw: bytes) -> RoundState:
         """This closed round with its assignment read from ``rounds/<n>/members`` (``key``)."""

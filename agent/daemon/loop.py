@@ -20,6 +20,7 @@ from agent.daemon.console import ConsoleSettings
 from agent.daemon.env import resolve_nproc
 from agent.daemon.local import GroupFactory, Layout, LocalWorkers, Running, process_group
 from agent.daemon.prewarm import prewarmable
+from agent.daemon.reach_watch import PeerWatch
 from agent.daemon.signals import Signals
 from agent.daemon.states import State
 from agent.errors import EXIT_PREEMPTED
@@ -83,9 +84,10 @@ class Agent:
         self.signals = signals or Signals()
         self.metrics = metrics or AgentMetrics(config.job_id, config.node_id)
         self.settings = config.rendezvous_settings()
-        me = NodeRecord(config.node_id, config.node_addr, self.nproc, host=os.uname().nodename, version=__version__)
+        self.peers = PeerWatch.of(self, environ)  # its probe server's port goes in our node record
+        me = NodeRecord(config.node_id, config.node_addr, self.nproc, os.uname().nodename, __version__, self.peers.port)
         self.participant = Participant(store, self.settings, me, clock=self.clock, planned_changes=True,
-                                       workers_ready=lambda: self.local.warm_ready())
+                                       workers_ready=lambda: self.local.warm_ready(), admission=self.peers.admit)
         layout = Layout(tuple(config.command), self.nproc, config.node_id, config.job_id, config.log_dir,
                         config.checkpoint_dir, config.max_restarts, config.shutdown_timeout, config.log_keep,
                         ConsoleSettings.of(config), config.local_rank_arg, config.abort_timeout,
@@ -103,10 +105,6 @@ class Agent:
                            lambda: config.drain_timeout)
         self.end = Endings(config, self.local, self.participant, self.metrics, self.signals, self.clock,
                            self._set_state, self._beat, self.plans)
-
-    @property
-    def running(self) -> Running | None:
-        return self.local.running
 
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> int:
@@ -131,6 +129,7 @@ class Agent:
             return self._loop()
         finally:
             guard.close()
+            self.peers.close()
             self.local.stop("agent exiting")
             self.local.discard_warm()
             self.books.sync()
@@ -176,17 +175,16 @@ class Agent:
         started = self.clock.monotonic()
         self.books.rendezvous(entered=True)
         assignment = self.participant.next_assignment(on_tick=self._tick)
+        while not self.peers.check(assignment, self._tick):  # a member is cut off: the next round
+            assignment = self.participant.next_assignment(on_tick=self._tick)
         self.books.rendezvous(entered=False)
         _check_nproc(assignment, self.config.node_id, self.nproc, self.settings.round_key)
         self.metrics.rendezvous_done(self.clock.monotonic() - started, assignment, self.config.node_id)
-        log.info("round %d: %d nodes, world size %d; this node is group rank %s; master %s:%d", assignment.round,
-                 len(assignment.members), assignment.world_size, assignment.group_rank(self.config.node_id),
-                 assignment.master_addr, assignment.master_port)
+        _log_round(assignment, self.config.node_id)
         return assignment
 
     def _tick(self) -> None:
-        """Called by the rendezvous at least every half second: stay live, advance a stop
-        in progress, and honour a leave request."""
+        """The rendezvous calls this at least every 0.5 s: stay live, advance a stop, honour a leave."""
         self.heartbeat = self.clock.monotonic()
         self.books.tick()
         self.local.advance_stop(insist=self.signals.insist)
@@ -212,6 +210,7 @@ class Agent:
             progress = tuple(policy.read_progress(run.progress_files))
             self.metrics.progress(progress)
             self.stragglers.tick(progress, run)
+            self.peers.tick(self.participant.assignment)
             seen = self.plans.look(run, list(codes))
             self.plans.advance(run, seen, list(codes))
             if seen.inprocess:  # not restarted when the job changes: nothing to pre-start
@@ -269,6 +268,12 @@ class Agent:
     def _set_state(self, state: State) -> None:
         self.state = state
         self.metrics.state(state)
+
+
+def _log_round(assignment: Assignment, node: str) -> None:
+    log.info("round %d: %d nodes, world size %d; this node is group rank %s; master %s:%d", assignment.round,
+             len(assignment.members), assignment.world_size, assignment.group_rank(node),
+             assignment.master_addr, assignment.master_port)
 
 
 def _check_nproc(assignment: Assignment, node: str, nproc: int, round_key: str) -> None:

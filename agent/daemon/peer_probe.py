@@ -9,7 +9,8 @@ unread: nothing in a probe is trusted or kept. A peer is *unreachable* once ``MI
 probes in a row went unanswered over at least ``SILENCE`` seconds: one lost datagram, or a
 burst on a lossy link shorter than that, reports nobody.
 
-Not wired into the agent's loop yet (docs/architecture.md, "The network between nodes").
+Wired into the agent by agent.daemon.reach_watch (docs/architecture.md, "The network between
+nodes").
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def decode(data: bytes, tag: bytes) -> tuple[bytes, int] | None:
 class _Peer:
     sent: int = 0  # probes sent since the last answer
     heard: float | None = None  # monotonic time of the last answer (or of the first probe)
+    answered_at: float | None = None  # monotonic time of the last answer (None: none yet)
 
 
 class Misses:
@@ -71,7 +73,11 @@ class Misses:
 
     def answered(self, peer: str, now: float) -> None:
         if peer in self._peers:
-            self._peers[peer] = _Peer(heard=now)
+            self._peers[peer] = _Peer(heard=now, answered_at=now)
+
+    def answered_all(self, since: float) -> bool:
+        """Every tracked peer answered at or after ``since``."""
+        return all(s.answered_at is not None and s.answered_at >= since for s in self._peers.values())
 
     def unreachable(self, now: float) -> frozenset[str]:
         return frozenset(p for p, s in self._peers.items()
@@ -81,8 +87,9 @@ class Misses:
 class ProbeServer:
     """Answers probes on (``addr``, ``port``); port 0 picks one (see ``port``)."""
 
-    def __init__(self, addr: str, port: int, job_id: str) -> None:
-        self.tag = job_tag(job_id)
+    def __init__(self, addr: str, port: int, job_id: str, *, cut: Callable[[], bool] = lambda: False) -> None:
+        """``cut``: while true, every probe is dropped unanswered (tests: a node cut off)."""
+        self.tag, self.cut = job_tag(job_id), cut
         self.sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((addr, port))
         self.port = self.sock.getsockname()[1]
@@ -103,7 +110,7 @@ class ProbeServer:
             except OSError:
                 continue
             probe = decode(data, self.tag)
-            if probe is not None and probe[0] == b"Q":
+            if probe is not None and probe[0] == b"Q" and not self.cut():
                 try:
                     self.sock.sendto(encode(b"A", self.tag, probe[1]), sender)
                 except OSError:
@@ -117,11 +124,17 @@ class ProbeServer:
 
 class Prober:
     """Probes ``peers`` (node id -> (addr, port)) every ``INTERVAL`` from a thread of its own;
-    ``unreachable()`` is who has stopped answering. ``clock`` is the host's monotonic clock."""
+    ``unreachable()`` is who has stopped answering. ``clock`` is the host's monotonic clock.
+    ``on_change`` is called (from the prober's thread) when that set changes; ``source`` is the
+    address probes leave from (the node's --node-addr: the workers' network, not etcd's)."""
 
-    def __init__(self, job_id: str, clock: Callable[[], float], misses: Misses | None = None) -> None:
+    def __init__(self, job_id: str, clock: Callable[[], float], misses: Misses | None = None, *,
+                 on_change: Callable[[], None] = lambda: None, source: str = "",
+                 cut: Callable[[], bool] = lambda: False) -> None:
         self.tag, self.clock = job_tag(job_id), clock
         self.misses = misses or Misses()
+        self.on_change, self.source, self.cut = on_change, source, cut  # cut: while true, hear no answer
+        self._last: frozenset[str] = frozenset()
         self._lock = threading.Lock()
         self._peers: dict[str, tuple[str, int]] = {}
         self._by_addr: dict[tuple[str, int], str] = {}
@@ -135,19 +148,48 @@ class Prober:
         return self
 
     def set_peers(self, peers: dict[str, tuple[str, int]]) -> None:
+        """Probe these from now on; the first probes leave at once (a check waits on them)."""
         with self._lock:
+            if peers == self._peers:
+                return
             self._peers = dict(peers)
             self._by_addr = {addr: node for node, addr in peers.items()}
             self.misses.track(tuple(sorted(peers)), self.clock())
+            self._send_all()
 
     def unreachable(self) -> frozenset[str]:
         with self._lock:
             return self.misses.unreachable(self.clock())
 
+    def answered_all(self, since: float) -> bool:
+        with self._lock:
+            return self.misses.answered_all(since)
+
+    def probe_now(self) -> None:
+        """Probe every peer at once (a check waits on the answers), besides the steady pace."""
+        with self._lock:
+            self._send_all()
+
     def _sock(self, family: int) -> socket.socket:
         if family not in self._socks:
-            self._socks[family] = socket.socket(family, socket.SOCK_DGRAM)
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            if self.source and (":" in self.source) == (family == socket.AF_INET6):
+                try:
+                    sock.bind((self.source, 0))
+                except OSError:
+                    pass  # the address is not this host's (yet): the kernel picks the route
+            self._socks[family] = sock
         return self._socks[family]
+
+    def _send_all(self) -> None:  # under self._lock
+        self._seq += 1
+        for node, (addr, port) in self._peers.items():
+            try:
+                family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+                self._sock(family).sendto(encode(b"Q", self.tag, self._seq), (addr, port))
+            except OSError:
+                pass  # no route: counted as a miss like any unanswered probe
+            self.misses.sent(node)
 
     def _run(self) -> None:
         next_round = self.clock()
@@ -156,20 +198,18 @@ class Prober:
             if now >= next_round:
                 next_round = now + INTERVAL
                 with self._lock:
-                    self._seq += 1
-                    for node, (addr, port) in self._peers.items():
-                        try:
-                            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-                            self._sock(family).sendto(encode(b"Q", self.tag, self._seq), (addr, port))
-                        except OSError:
-                            pass  # no route: counted as a miss like any unanswered probe
-                        self.misses.sent(node)
-            socks = list(self._socks.values())
+                    self._send_all()
+            with self._lock:  # set_peers may add one from another thread
+                socks = list(self._socks.values())
             ready = select.select(socks, [], [], max(0.0, next_round - self.clock()))[0] if socks else []
             if not socks:
                 self._stop.wait(INTERVAL)
             for sock in ready:
                 self._receive(sock)
+            now_unreachable = self.unreachable()
+            if now_unreachable != self._last:
+                self._last = now_unreachable
+                self.on_change()
 
     def _receive(self, sock: socket.socket) -> None:
         try:
@@ -177,6 +217,8 @@ class Prober:
         except OSError:
             return
         probe = decode(data, self.tag)
+        if self.cut():
+            return
         with self._lock:
             node = self._by_addr.get((sender[0], sender[1]))
             if probe is not None and probe[0] == b"A" and node is not None and probe[1] >= self._seq - MISSES:

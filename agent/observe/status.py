@@ -35,6 +35,7 @@ def snapshot(store: Any, job_id: str, *, now: float | None = None) -> dict[str, 
     round_kv, status_kv, restarts_kv = result.reads
     nodes, revision = store.get_prefix(s.nodes_prefix)
     reports = goodput.load(store, s)
+    network = _network(store, s)
     if round_kv is None and not nodes and status_kv is None and not reports:
         raise ConfigError(f"--job-id ({job_id!r}): no such job in etcd (nothing under {s.root})")
     rnd = round_members.load(store, s, round_kv)[0] if round_kv else None
@@ -95,7 +96,19 @@ def snapshot(store: Any, job_id: str, *, now: float | None = None) -> dict[str, 
         "elapsed_node_seconds": round(totals.elapsed, 1),
         "badput_node_seconds": {k: round(v, 1) for k, v in totals.badput.items()},
         "revision": revision,
+        "network": network,
     }
+
+
+def _network(store: Any, s: Any) -> list[dict[str, Any]]:
+    """The nodes' reachability reports (rendezvous.reachability.Report): who cannot reach whom
+    over the workers' network, and who is kept out for it. An unreadable one is skipped."""
+    from rendezvous.reachability import Report  # noqa: PLC0415
+
+    kvs, _ = store.get_prefix(s.reach_prefix)
+    found = [(kv.key[len(s.reach_prefix):], Report.decode(kv.value)) for kv in kvs]
+    return [{"node_id": node, "round": r.round, "unreachable": list(r.unreachable), "kept_out": r.kept_out}
+            for node, r in sorted(found) if r is not None]
 
 
 def _job_state(status: Any, rnd: Any) -> str:
@@ -150,6 +163,10 @@ def render(snap: dict[str, Any]) -> str:
     ckpt = ("-" if snap["checkpoint_step"] is None
             else f"{snap['checkpoint_step']} ({_age(snap['checkpoint_age_seconds'])})")
     lines.append(f"last step: {step}   last checkpoint: {ckpt}")
+    for r in snap.get("network", []):
+        peers = ", ".join(r["unreachable"])
+        lines.append(f"network: {r['node_id']} kept out (unreachable): cannot reach {peers}" if r["kept_out"]
+                     else f"network: {r['node_id']} cannot reach {peers} (round {r['round']})")
     if snap["goodput_ratio"] is not None:
         bad = ", ".join(f"{k} {v:.0f}s" for k, v in snap["badput_node_seconds"].items() if v >= 0.5)
         lines.append(f"goodput: {snap['goodput_ratio']:.1%} of {snap['elapsed_node_seconds']:.0f} node-seconds"

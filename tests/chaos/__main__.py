@@ -1,5 +1,5 @@
-"""``make chaos``: every scenario of tests/chaos/scenarios.py and the seeded soak
-(tests/chaos/soak.py), each in a world of its own (tests/chaos/world.py): a real 3-member
+"""``make chaos``: every scenario of tests/chaos/scenarios.py and tests/chaos/peers.py, and the
+seeded soak (tests/chaos/soak.py), each in a world of its own (tests/chaos/world.py): a real 3-member
 etcd and real agents in network namespaces this run creates and removes. After each, the
 invariants of DESIGN.md section 7 are checked; at the end, a table. Exit 1 on any violation,
 2 when network namespaces cannot be made here.
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.chaos import netns
+from tests.chaos.peers import PEER_SCENARIOS, RELAYED
 from tests.chaos.scenarios import SCENARIOS, Measured
 from tests.chaos.soak import Soak
 from tests.chaos.world import World
@@ -46,11 +47,12 @@ class Row:
         return "ok" if not self.violations else "VIOLATED"
 
 
-def run_one(name: str, tag: str, logs: Path, body, keep: bool = False) -> Row:  # noqa: ANN001 - a World -> Measured
+def run_one(name: str, tag: str, logs: Path, body, keep: bool = False,  # noqa: ANN001 - a World -> Measured
+            relayed: tuple[str, ...] = ()) -> Row:
     row = Row(name)
     began = time.monotonic()
     print(f"--- {name}", flush=True)
-    with World(f"chaos-{tag}", tag) as world:
+    with World(f"chaos-{tag}", tag, relayed) as world:
         try:
             row.measured = body(world)
         except AssertionError as exc:  # a wait ran out: recovery was not bounded
@@ -108,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds the worlds: everything is removed
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
     began = time.monotonic()
-    rows = [run_one(name, str(i), args.logs, body, args.keep_logs) for i, (name, body) in enumerate(SCENARIOS.items())
-            if args.only.lower() in name.lower()]
+    rows = [run_one(name, str(i), args.logs, body, args.keep_logs, RELAYED.get(name, ()))
+            for i, (name, body) in enumerate({**SCENARIOS, **PEER_SCENARIOS}.items()) if args.only.lower() in name.lower()]
     if not args.no_soak and args.only.lower() in SOAK:
         print(f"soak seed {seed}", flush=True)
         rows.append(run_one(SOAK, "soak", args.logs,

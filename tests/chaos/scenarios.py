@@ -25,7 +25,7 @@ RECOVERY_WAIT_S = 90.0
 QUORUM_SHORT_S = 3.0  # well inside the lease TTL, even from a refresh sent TTL/3 before the loss
 QUORUM_LONG_S = LEASE_TTL_S + 6.0
 FREEZES_S = (6.0, LEASE_TTL_S + 5.0)  # past the presence TTL only; past the lease TTL too
-COLLECTIVE_TIMEOUT_S = 20  # train_ddp --timeout: how a collective stuck on a lost peer ends
+COLLECTIVE_TIMEOUT_S = 20  # train_ddp --timeout: how a collective stuck on a lost peer ends (tests/chaos/peers.py)
 RESTARTS = ("restarting the local workers", "lost our lease", "re-form", "fencing")
 OPENED_RE = re.compile(r"round (\d+) opened")
 
@@ -163,38 +163,6 @@ def partitioned_from_all(world: World) -> Measured:
     return _measure(world, cut, f"others on after {moved_on - cut:.1f}s; rejoined {back - healed:.1f}s after heal")
 
 
-def partitioned_from_peers(world: World) -> Measured:
-    """A node whose peers cannot reach it (nor it them) while etcd still can: its workers and
-    theirs wait in a collective that never completes. The collective's timeout ends it, the
-    job restarts; the link is mended then, so the job can go on with every node."""
-    world.start_nodes(NODES, command=train("--timeout", str(COLLECTIVE_TIMEOUT_S)))
-    victim = world.by_rank(1)
-    host = world.hosts[victim.node_id]
-    peers = [world.hosts[a.node_id] for a in world.agents if a is not victim]
-    old_round = world.current_round()
-    blocked = time.monotonic()
-    for peer in peers:
-        world.net.block(host, peer)
-    try:
-        detected = wait_until(lambda: _first_restart(world, blocked), COLLECTIVE_TIMEOUT_S + RECOVERY_WAIT_S,
-                              "the stuck collective detected (a restart)", interval=0.1)
-    finally:
-        for peer in peers:
-            world.net.unblock(host, peer)
-    # The old workers' collective may even complete once the link is back; the job still
-    # restarts them (their round is over): what counts is training in a newer round.
-    back = world.wait_training(3, detected, RECOVERY_WAIT_S, after_round=old_round)
-    _keep_training(world, 3, 3.0)
-    return _measure(world, blocked, f"detected after {detected - blocked:.1f}s; training in round "
-                                    f"{world.current_round()} {back - detected:.1f}s later")
-
-
-def _first_restart(world: World, since: float) -> float | None:
-    times = [line.t for a in world.agents for line in list(a.lines)
-             if line.t > since and ("worker failed" in line.text or OPENED_RE.search(line.text))]
-    return min(times, default=None)
-
-
 def frozen_and_thawed(world: World) -> Measured:
     """The node of group rank 0 is frozen whole (SIGSTOP: agent, keeper, workers), once past
     the presence TTL only, once past the lease TTL too. Thawed, its old workers must not add
@@ -234,6 +202,5 @@ SCENARIOS: dict[str, Callable[[World], Measured]] = {
     f"quorum lost < TTL ({QUORUM_SHORT_S:.0f}s)": quorum_lost_short,
     f"quorum lost > TTL ({QUORUM_LONG_S:.0f}s)": quorum_lost_long,
     "partitioned from etcd + peers": partitioned_from_all,
-    "partitioned from peers only": partitioned_from_peers,
     "frozen (SIGSTOP), thawed": frozen_and_thawed,
 }

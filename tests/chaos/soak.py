@@ -13,6 +13,7 @@ every line.
 from __future__ import annotations
 
 import random
+import re
 import signal
 import statistics
 import time
@@ -30,6 +31,11 @@ GAP_S = (5.0, 14.0)  # between two faults
 FREEZE_S = (3.0, 14.0)  # shorter and longer than the lease TTL
 KINDS = ("kill", "sigterm", "freeze", "join", "etcd")
 FINISH_WAIT_S = 300.0
+# A node killed, SIGTERMed or frozen goes silent to its peers' probes too: a removal of it as
+# unreachable (issue 24) is due within this long of the fault (of the thaw, for a freeze).
+# Any other removal as unreachable is a false one: the soak never touches the network.
+SILENT_SLACK_S = 20.0
+UNREACHABLE_RE = re.compile(r"opened round (\d+): unreachable: (.+?) \(its ring neighbours")
 
 
 @dataclass
@@ -51,6 +57,7 @@ class Soak:
         self.steps = steps
         self.hosts = {name: Host(name) for name in NODE_HOSTS}
         self.events: list[str] = []
+        self.silent: dict[str, list[tuple[float, float]]] = {}  # node id -> (from, until) it may be silent
         self.command = train("--inprocess", steps=steps)
 
     # --- the hosts ------------------------------------------------------------------------
@@ -110,6 +117,9 @@ class Soak:
             return
         h = live[int(pick * len(live))]
         assert h.agent is not None
+        now = time.monotonic()
+        until = now + (length if kind == "freeze" else 0.0) + SILENT_SLACK_S
+        self.silent.setdefault(h.agent.node_id, []).append((now, until))
         if kind == "kill":
             h.agent.kill_node()
         elif kind == "sigterm":
@@ -152,6 +162,22 @@ class Soak:
     def _finished(self) -> bool:
         return all(not self._running(h) for h in self.hosts.values() if not h.frozen)
 
+    def _unreachable_removals(self) -> int:
+        """Removals by the peer probes; a violation for each of a node no fault had silenced."""
+        seen: set[int] = set()
+        for agent in self.world.agents:
+            for line in list(agent.lines):
+                m = UNREACHABLE_RE.search(line.text)
+                if not m or int(m.group(1)) in seen:
+                    continue
+                seen.add(int(m.group(1)))
+                for node in m.group(2).split(", "):
+                    if not any(a <= line.t <= b for a, b in self.silent.get(node, [])):
+                        self.world.extra_violations.append(
+                            f"soak: {node} removed as unreachable (round {m.group(1)}, "
+                            f"+{line.t - self.t0:.1f}s) with no fault on it: a false removal")
+        return len(seen)
+
     def _measure(self, chaos_s: float) -> Measured:
         tl = self.world.timeline()
         steps = [s.step for s in tl.steps]
@@ -174,6 +200,8 @@ class Soak:
         self.goodput = self.steps * pace / wall if wall == wall and wall > 0 else float("nan")
         longest = max((b.t - a.t for a, b in zip(tl.steps, tl.steps[1:])), default=0.0)
         faults = len([e for e in self.events if "thaw" not in e])
+        removed = self._unreachable_removals()
         return Measured(longest, again, f"seed {self.seed}, {faults} faults in {chaos_s:.0f}s, "
+                                        f"{removed} removals as unreachable, "
                                         f"goodput {self.goodput:.0%} ({self.steps} steps at {pace * 1000:.0f} ms "
                                         f"in {wall:.0f}s)")

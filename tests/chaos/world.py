@@ -11,6 +11,7 @@ everything below them (by pid), the etcd members (by pid), the namespaces, the t
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from rendezvous.settings import Settings
 from tests.chaos import history, invariants
 from tests.chaos.evidence import CheckpointWatcher, PidWatch, Timeline, timeline, worker_pids
 from tests.chaos.netns import Topology
-from tests.e2e.harness import PYTHON, TRAIN, AgentProc, Cluster
+from tests.e2e.harness import ELASTIC_AGENT, PYTHON, TRAIN, AgentProc, Cluster
 from tests.etcd_cluster import EtcdCluster
 from tests.waiting import wait_until
 
@@ -30,6 +31,7 @@ MIN_NODES, MAX_NODES = 2, 4
 LEASE_TTL_S = 10.0
 SHUTDOWN_TIMEOUT_S = 10.0
 FENCE_SLACK_S = 2.0
+STATUS_TIMEOUT_S = 60.0  # a cold CLI import on 2 loaded cores
 START_WAIT_S = 150.0  # three or more cold agents importing torch on 2 shared cores
 
 
@@ -38,9 +40,10 @@ def train(*extra: str, steps: int = 100_000) -> list[str]:
 
 
 class World:
-    def __init__(self, job_id: str, tag: str) -> None:
+    def __init__(self, job_id: str, tag: str, relayed: tuple[str, ...] = ()) -> None:
+        """``relayed``: node hosts whose link can be made lossy (tests/chaos/lossy.py)."""
         self.job_id = job_id
-        self.net = Topology([*ETCD_HOSTS, *NODE_HOSTS], tag=tag)
+        self.net = Topology([*ETCD_HOSTS, *NODE_HOSTS], tag=tag, relayed=relayed)
         self.settings = Settings(job_id, MIN_NODES, MAX_NODES)
         self._stack = contextlib.ExitStack()
         self.etcd: EtcdCluster
@@ -112,6 +115,14 @@ class World:
     def current_round(self) -> int:
         """The newest round any agent said it runs."""
         return max((c.round for c in self.timeline().claims), default=0)
+
+    def status(self, *args: str) -> str:
+        """What ``elastic-agent status`` prints for the job, run on an etcd host (etcd is
+        reachable there whatever a scenario did to the nodes' links)."""
+        proc = subprocess.run([*self.net.wrap(ETCD_HOSTS[0]), *ELASTIC_AGENT, "status", "--etcd-endpoints",
+                               self.etcd.endpoints, "--job-id", self.job_id, *args],
+                              capture_output=True, text=True, timeout=STATUS_TIMEOUT_S, cwd=self.cluster.workdir)
+        return proc.stdout + proc.stderr
 
     def by_rank(self, rank: int, among: list[AgentProc] | None = None) -> AgentProc:
         return next(a for a in (among or self.agents) if a.proc.poll() is None and a.group_rank() == rank)

@@ -24,6 +24,21 @@ def test_a_single_miss_reports_nobody_a_silence_does():
     assert misses.unreachable(0.8) == frozenset()
 
 
+def test_a_check_counts_only_answers_that_came_after_it_began():
+    misses = Misses()
+    misses.track(("b", "c"), now=0.0)
+    misses.answered("b", 1.0)
+    misses.answered("c", 1.0)
+    assert misses.answered_all(since=1.0)
+    # A later check (a node left out that rejoins, a new round with the same neighbours)
+    # must hear them again: an answer from before proves nothing about the link now.
+    assert not misses.answered_all(since=2.0)
+    misses.answered("b", 2.1)
+    assert not misses.answered_all(since=2.0)
+    misses.answered("c", 2.2)
+    assert misses.answered_all(since=2.0)
+
+
 def test_a_peer_that_stops_answering_is_reported_and_only_it():
     servers = {n: ProbeServer("127.0.0.1", 0, "job").start() for n in ("b", "c")}
     prober = Prober("job", time.monotonic).start()

@@ -354,3 +354,23 @@ def test_settings_key_layout() -> None:
     assert s.restarts_key == "/elastic-agent/llama-ft/restarts"
     # one job's prefix never contains another's
     assert not Settings(job_id="llama-ft2", min_nodes=1, max_nodes=1).root.startswith(s.root)
+
+
+# --- a member cut off from its peers (rendezvous.reachability) is left out of the next round -----
+def test_a_left_out_member_is_neither_waited_for_nor_admitted():
+    rnd = decide.next_round(closed(4, "a", "b", "c"), "unreachable: c", left_out=("c",))
+    assert rnd.left_out == ("c",) and rnd.previous == ("a", "b", "c")
+    # c is alive (its lease holds: it reaches etcd) and even joined: the round closes without it
+    # at once, not after the rejoin call nor when its presence lease runs out.
+    v = RoundView(rnd, joiners("a", "b", "c"), frozenset({"a", "b", "c"}), NOW)
+    out = decide.close_decision(v, settings(2, 4), NOW)
+    assert isinstance(out, Close) and out.round.assignment is not None
+    assert out.round.assignment.node_ids == ("a", "b") and "c" not in out.round.assignment.standbys
+    v = RoundView(rnd, joiners("a", "b"), frozenset({"a", "b", "c"}), NOW)
+    assert isinstance(decide.close_decision(v, settings(2, 4), NOW), Close)
+
+
+def test_left_out_travels_on_the_round_record_only_while_it_matters():
+    rnd = decide.next_round(closed(4, "a", "b", "c"), "unreachable: c", left_out=("c",))
+    assert RoundState.decode("round", rnd.encode()).left_out == ("c",)
+    assert b"left_out" not in decide.next_round(closed(4, "a", "b"), "node_lost: c").encode()

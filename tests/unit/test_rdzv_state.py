@@ -156,3 +156,14 @@ def test_values_out_of_range_are_typed_errors_naming_the_key(cls: type, raw: byt
     with pytest.raises(CorruptStateError) as info:
         cls.decode("/elastic-agent/j/some-key", raw)
     assert "'/elastic-agent/j/some-key'" in str(info.value) and fragment in str(info.value)
+
+
+def test_a_node_record_carries_its_probe_port_and_a_bad_one_is_refused():
+    from rendezvous.state import NodeRecord  # noqa: PLC0415
+
+    rec = NodeRecord("n1", "10.0.0.1", 2, probe_port=40000)
+    assert NodeRecord.decode("nodes/n1", rec.encode()).probe_port == 40000
+    assert b"probe_port" not in NodeRecord("n1", "10.0.0.1", 2).encode()  # as an older agent wrote it
+    assert NodeRecord.decode("nodes/n1", NodeRecord("n1", "10.0.0.1", 2).encode()).probe_port == 0
+    with pytest.raises(CorruptStateError, match="probe_port"):
+        NodeRecord.decode("nodes/n1", rec.encode().replace(b"40000", b"70000"))

@@ -111,3 +111,20 @@ def test_corrupt_round_is_named() -> None:
     store.put(S.round_key, b"garbage")
     with pytest.raises(CorruptStateError, match="/elastic-agent/llama/round"):
         snapshot(store, "llama")
+
+
+def test_status_shows_who_cannot_reach_whom_and_who_is_kept_out() -> None:
+    from rendezvous.reachability import Report  # noqa: PLC0415
+
+    store = MemoryStore(reap_interval=None)
+    job(store)
+    store.put(S.reach_prefix + "a", Report(7, ("gone",)).encode())
+    store.put(S.reach_prefix + "c", Report(7, ("a", "b"), kept_out=True).encode())
+    store.put(S.reach_prefix + "x", b"\x1b[2J not a report")  # unreadable: not shown, no error
+    snap = snapshot(store, "llama", now=NOW)
+    assert snap["network"] == [
+        {"node_id": "a", "round": 7, "unreachable": ["gone"], "kept_out": False},
+        {"node_id": "c", "round": 7, "unreachable": ["a", "b"], "kept_out": True}]
+    text = render(snap)
+    assert "network: a cannot reach gone (round 7)" in text
+    assert "network: c kept out (unreachable): cannot reach a, b" in text

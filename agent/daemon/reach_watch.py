@@ -1,0 +1,238 @@
+"""The network between nodes, as the agent acts on it: probe the ring neighbours over the
+workers' network (agent.daemon.peer_probe), publish what it cannot reach, and cut off the node
+its neighbours cannot reach (rendezvous.reachability).
+
+Three hooks, each thin:
+
+- ``tick`` (the running loop, woken by the prober when its verdict changes): publish this
+  node's report ``reach/<node-id>`` when the set of peers it cannot reach changes (O(1) bytes,
+  no write per probe), then read the prefix; when the reports name a node (both its ring
+  neighbours, trusted: rendezvous.reachability.cut_off), open the next round without it,
+  reason ``unreachable``. The last of its reporters to write is the one that sees both reports.
+- ``check`` (after a round closed, before its workers start or re-form): every ring
+  neighbour must answer a probe; a neighbour that does not within the probe verdict's bound
+  is reported at once, as above. Bounded by ``CHECK_LIMIT``; a slow answer alone never
+  holds a round back past it.
+- ``admit`` (the rendezvous, before this node joins a round it is not a member of: a
+  newcomer, a standby, a node left out): the members it would neighbour must answer its
+  probes first. Until they do it stays out, and says so once: a log line, the metric
+  ``elastic_agent_connectivity_check_failures_total``, and its report marked ``kept_out``
+  (``elastic-agent status`` shows it).
+
+Errors talking to etcd are logged, never raised: a lost report is retried on the next tick.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from agent.daemon.config import AgentConfig
+from agent.daemon.peer_probe import ProbeServer, Prober
+from agent.observe.metrics import AgentMetrics
+from rendezvous import reachability
+from rendezvous.clock import Clock
+from rendezvous.errors import CorruptStateError, RendezvousError
+from rendezvous.reasons import Reason, reason_text
+from rendezvous.rounds import open_next_round
+from rendezvous.settings import Settings
+from rendezvous.state import Assignment, NodeRecord, RoundState
+from rendezvous.store import Store
+
+log = logging.getLogger("elastic_agent")
+
+# Tests only: a path; while a file is there, this node neither answers probes nor hears answers
+# (its link to the peers is cut; etcd still answers).
+CUT_ENV = "ELASTIC_AGENT_TEST_CUT_FILE"
+CHECK_LIMIT = 2.0  # seconds a round's check waits, at most, for its neighbours' answers
+POLL = 0.01  # seconds between looks while a check waits
+ADMIT_POLL = 0.05
+
+
+def _resolve(addr: str) -> str | None:
+    """An address to send datagrams to (a host name resolved once per round, not per probe)."""
+    try:
+        return str(ipaddress.ip_address(addr))
+    except ValueError:
+        pass
+    try:
+        return socket.getaddrinfo(addr, None, type=socket.SOCK_DGRAM)[0][4][0]
+    except (OSError, IndexError):
+        return None
+
+
+class PeerWatch:
+    def __init__(self, config: AgentConfig, store: Store, settings: Settings, metrics: AgentMetrics, clock: Clock,
+                 environ: Mapping[str, str], participant: Callable[[], object]) -> None:
+        """``participant``: the rendezvous participant, once made (its lease, its wake)."""
+        self.store, self.settings, self.clock = store, settings, clock
+        self.me, self._participant = config.node_id, participant
+        cut_file = environ.get(CUT_ENV, "")
+        cut = (lambda: os.path.exists(cut_file)) if cut_file else (lambda: False)
+        try:
+            self.server: ProbeServer | None = ProbeServer(config.node_addr, 0, config.job_id, cut=cut).start()
+        except OSError as exc:  # peers then never probe this node: it is judged by its lease alone
+            log.warning("no probe server on --node-addr %s (%s); peers cannot check this node's network",
+                        config.node_addr, exc)
+            self.server = None
+        self.prober = Prober(config.job_id, clock.monotonic, on_change=self._wake, source=config.node_addr,
+                             cut=cut).start()
+        labels, r = ("job_id", "node"), metrics.registry
+        self.gauge = Gauge("elastic_agent_unreachable_peers", "Ring neighbours this node cannot reach over "
+                           "--node-addr (probes unanswered).", labels, registry=r).labels(*metrics.labels)
+        self.failures = Counter("elastic_agent_connectivity_check_failures", "Times this node was kept out of "
+                                "the job because a peer it would train with did not answer its probes.",
+                                labels, registry=r).labels(*metrics.labels)
+        self.published = reachability.Report(0, ())  # what reach/<me> holds ("round 0": nothing)
+        self.kept_out = False
+        self._peers_of: tuple[int, tuple[str, ...]] | None = None
+        self._since = 0.0  # when the peers probed now were chosen
+
+    @classmethod
+    def of(cls, agent: Any, environ: Mapping[str, str]) -> PeerWatch:
+        """For an agent.daemon.loop.Agent under construction (its participant comes after)."""
+        return cls(agent.config, agent.store, agent.settings, agent.metrics, agent.clock, environ,
+                   lambda: getattr(agent, "participant", None))
+
+    @property
+    def port(self) -> int:
+        return self.server.port if self.server is not None else 0
+
+    def _wake(self) -> None:
+        wake = getattr(self._participant(), "wake", None)
+        if wake is not None:
+            wake()
+
+    # --- whom to probe ---------------------------------------------------------------------
+    def _probe(self, number: int, peers: tuple[str, ...]) -> None:
+        """Probe ``peers`` (node ids): their addresses and probe ports read from their node
+        records once per round. A peer without a record or a probe port is not probed."""
+        if self._peers_of == (number, peers):
+            return
+        self._since = self.clock.monotonic()
+        found: dict[str, tuple[str, int]] = {}
+        for peer in peers:
+            try:
+                kv, _ = self.store.get(self.settings.node_key(peer))
+                record = NodeRecord.decode(kv.key, kv.value) if kv is not None else None
+            except (RendezvousError, CorruptStateError) as exc:
+                log.warning("cannot read %s's node record to probe it (%s)", peer, exc)
+                return  # tried again on the next call
+            addr = _resolve(record.addr) if record is not None and record.probe_port else None
+            if addr is not None and record is not None:
+                found[peer] = (addr, record.probe_port)
+        self._peers_of = (number, peers)
+        self.prober.set_peers(found)
+        self.prober.probe_now()  # the same peers as before still owe an answer from now on
+
+    # --- running ---------------------------------------------------------------------------
+    def tick(self, assignment: Assignment | None) -> None:
+        """While running in ``assignment``: report a change, and act on the reports."""
+        if assignment is None:
+            return
+        self._probe(assignment.round, reachability.ring_peers(assignment.node_ids, self.me))
+        lost = self.prober.unreachable()
+        self.gauge.set(len(lost))
+        if self.published == reachability.Report(assignment.round, tuple(sorted(lost))):
+            return
+        if self._publish(reachability.Report(assignment.round, tuple(sorted(lost)))) and lost:
+            self._decide(assignment)
+
+    def check(self, assignment: Assignment, tick: Callable[[], None]) -> bool:
+        """Before the workers of ``assignment`` start: True to go on, False when the round
+        was moved on because a member is cut off (the caller joins the next one)."""
+        self._probe(assignment.round, reachability.ring_peers(assignment.node_ids, self.me))
+        since = self._since
+        deadline = self.clock.monotonic() + CHECK_LIMIT
+        while not self.prober.answered_all(since) and not self.prober.unreachable():
+            if self.clock.monotonic() >= deadline:
+                log.warning("round %d: a ring neighbour neither answered nor went silent within %.1fs; "
+                            "going on", assignment.round, CHECK_LIMIT)
+                return True
+            tick()
+            self.clock.sleep(POLL)
+        lost = self.prober.unreachable()
+        self.gauge.set(len(lost))
+        report = reachability.Report(assignment.round, tuple(sorted(lost)))
+        if self.published != report and self._publish(report) and lost:
+            log.warning("round %d: ring neighbour(s) %s do not answer probes on their --node-addr",
+                        assignment.round, ", ".join(sorted(lost)))
+            return not self._decide(assignment)
+        return True
+
+    def _decide(self, assignment: Assignment) -> bool:
+        """Read every report; cut off whom they name. True when a round was opened for it."""
+        prefix = self.settings.reach_prefix
+        try:
+            kvs, _ = self.store.get_prefix(prefix)
+            reports = {kv.key[len(prefix):]: kv.value for kv in kvs}
+            cut = reachability.decide(reports, assignment.node_ids, assignment.round)
+            if not cut:
+                return False
+            names = ", ".join(sorted(cut))
+            why = reason_text(Reason.UNREACHABLE, f"{names} (its ring neighbours cannot reach it)")
+            if open_next_round(self.store, self.settings, why, assignment.round, left_out=tuple(sorted(cut))):
+                log.warning("round %d: %s cut off from its peers (no answer to its ring neighbours' probes); "
+                            "opened round %d without it", assignment.round, names, assignment.round + 1)
+            return True
+        except (RendezvousError, CorruptStateError) as exc:
+            log.warning("could not act on the peers' reports (%s); retrying", exc)
+            return False
+
+    def _publish(self, report: reachability.Report) -> bool:
+        """Put (or, when it names nobody, delete) reach/<me> on the membership lease."""
+        session = getattr(self._participant(), "session", None)
+        if session is None:
+            return False
+        key = self.settings.reach_prefix + self.me
+        try:
+            if report.unreachable or report.kept_out:
+                self.store.put(key, report.encode(), lease=session.lease)
+            elif self.published.unreachable or self.published.kept_out:
+                self.store.delete(key)
+        except RendezvousError as exc:
+            log.warning("could not publish this node's reachability (%s); retrying", exc)
+            return False
+        self.published = report
+        return True
+
+    # --- joining ---------------------------------------------------------------------------
+    def admit(self, rnd: RoundState) -> float | None:
+        """May this node join now (None), or when to ask again. A member of ``rnd`` (or of the
+        round it reopens) and the job's first nodes join at once; any other node first hears
+        from the members it would neighbour."""
+        if rnd.is_open:
+            members, survivor = rnd.previous, self.me in rnd.previous and self.me not in rnd.left_out
+        else:
+            members = rnd.assignment.node_ids if rnd.assignment is not None else ()
+            survivor = self.me in members
+        peers = reachability.prospective_peers([m for m in members if m not in rnd.left_out], self.me)
+        if survivor or not peers:
+            return None
+        self._probe(-rnd.number, peers)  # not a round it trains in: a key of its own
+        now = self.clock.monotonic()
+        if self.prober.answered_all(self._since):
+            if self.kept_out:
+                log.info("peers %s answer probes again: joining", ", ".join(peers))
+                self.kept_out = False
+                self._publish(reachability.Report(rnd.number, ()))
+            return None
+        lost = self.prober.unreachable()
+        if lost and not self.kept_out:
+            self.kept_out = True
+            self.failures.inc()
+            log.warning("kept out of the job (unreachable): peer(s) %s do not answer this node's probes "
+                        "over --node-addr; joining once they do", ", ".join(sorted(lost)))
+            self._publish(reachability.Report(rnd.number, tuple(sorted(lost)), kept_out=True))
+        return now + ADMIT_POLL
+
+    def close(self) -> None:
+        self.prober.close()
+        if self.server is not None:
+            self.server.close()

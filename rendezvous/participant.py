@@ -33,7 +33,7 @@ from rendezvous.inbox import Inbox, InboxItem, ItemKind
 from rendezvous.job_view import JobView
 from rendezvous.net import free_port
 from rendezvous.notices import Notice, NoticeKind, PlannedNotices
-from rendezvous.leases import NodeLeases
+from rendezvous.leases import NodeLeases, Ticker
 from rendezvous.reasons import Reason, reason_text
 from rendezvous.rounds import MemberWatch, PlannedStop, open_next_round
 from rendezvous.session import Session
@@ -55,17 +55,17 @@ def _master_port() -> int:
 class Participant:
     def __init__(self, store: Store, settings: Settings, node: NodeRecord, *,
                  clock: Clock | None = None, port_reserver: Callable[[], int] = _master_port,
-                 planned_changes: bool = False, workers_ready: Callable[[], bool] = lambda: True) -> None:
+                 planned_changes: bool = False, workers_ready: Callable[[], bool] = lambda: True,
+                 ticker: Ticker | None = None) -> None:
         """``planned_changes``: the caller handles STOP and GROW notices (notices.PlannedNotices).
-        ``workers_ready``: could our workers start at once? A standby grows the job only then."""
-        self.store = store
+        ``workers_ready``: could our workers start at once? A standby grows the job only then.
+        ``ticker``: what refreshes our leases (leases.NodeLeases); None, threads of their own."""
+        self.store, self.settings, self.node = store, settings, node
         self._planned = PlannedNotices(planned_changes)
-        self.settings = settings
-        self.node = node
         self.clock = clock or SystemClock()
         self.assignment: Assignment | None = None
         self._inbox = Inbox(store)
-        self.leases = NodeLeases(store, settings, node.node_id, self.clock, self._inbox.lease_lost)
+        self.leases = NodeLeases(store, settings, node.node_id, self.clock, self._inbox.lease_lost, ticker)
         self._job = JobView(store, settings, self._inbox, self.clock)
         self._member = MemberWatch(store, settings, self._inbox)
         self._steps = StepExecutor(store, settings, node, self._inbox, self._member, self.clock, port_reserver)

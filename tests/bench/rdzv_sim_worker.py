@@ -3,8 +3,8 @@
     python -m tests.bench.rdzv_sim_worker ENDPOINTS NODES MAX_NODES FIRST COUNT
 
 Runs participants FIRST .. FIRST+COUNT-1, each a real rendezvous.participant.Participant on
-a thread of its own, all sharing this process's one gRPC channel (one EtcdStore: one Watch
-stream carrying every watch id, one LeaseKeepAlive stream carrying every refresh), as the
+a thread of its own, all sharing one of this process's gRPC channels (an EtcdStore per 32 nodes: one
+Watch stream carrying their watch ids, one LeaseKeepAlive stream carrying their refreshes), as the
 agents of one host would not but as N hosts' agents load etcd: 2N leases, N presences, N
 watch sets. Their leases are refreshed by one timer thread (tests.bench.rdzv_sim_ticker),
 not two threads a node: one keep-alive per lease per refresh, as the agents would send. Each participant loops as an agent does: next_assignment, then poll until the
@@ -37,12 +37,14 @@ from rendezvous.notices import NoticeKind
 from rendezvous.participant import Participant
 from rendezvous.settings import Settings
 from rendezvous.state import NodeRecord
+from rendezvous.store import RequestCounter
 from tests.bench.rdzv_sim_ticker import Ticker
 
 _out = threading.Lock()
 # An agent polls about once a second, but a poll asks etcd nothing (watch events arrive on
 # the store's thread): here a longer one only spares the simulator's CPU. Commands wake it.
 POLL = 30.0
+NODES_PER_CHANNEL = 32
 
 
 def emit(record: dict[str, object]) -> None:
@@ -101,14 +103,20 @@ class Node:
 
 def main(argv: list[str]) -> int:
     endpoints, nodes, max_nodes, first, count = argv[0], *map(int, argv[1:5])
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=os.environ.get("RDZV_SIM_LOG", "ERROR"), format="%(levelname)s %(name)s: %(message)s")
     # min 1: the first round closes on the last call, so a lost node and a planned leave
     # re-form the job rather than wait for a replacement.
     settings = Settings(job_id="sim", min_nodes=1, max_nodes=max_nodes)
     threading.stack_size(512 * 1024)  # thousands of node threads: their stacks are mostly idle
-    store = EtcdStore(endpoints, retry_for=30.0)
+    # A channel per NODES_PER_CHANNEL nodes, all counting into one counter. etcd answers a
+    # keep-alive stream's requests in order, and the refresh of a lease that expired waits
+    # there until etcd has revoked it (its lessor.Renew): on one stream carrying hundreds
+    # of nodes' leases, one lapse would stall every other node's refreshes behind it.
+    counter = RequestCounter()
+    stores = [EtcdStore(endpoints, retry_for=30.0, counter=counter)
+              for _ in range(max(1, -(-count // NODES_PER_CHANNEL)))]
     ticker = Ticker(workers=256)  # a refresh waiting on etcd must not hold up the others
-    nodes_here = {i: Node(store, settings, i, ticker) for i in range(first, first + count)}
+    nodes_here = {i: Node(stores[i % len(stores)], settings, i, ticker) for i in range(first, first + count)}
     cpu0 = os.times()
     for line in sys.stdin:
         word, _, arg = line.strip().partition(" ")
@@ -118,13 +126,13 @@ def main(argv: list[str]) -> int:
                 time.sleep(max(0.0, began + ramp * k / len(nodes_here) - time.monotonic()))
                 node.thread.start()
         elif word == "add":
-            node = nodes_here[int(arg)] = Node(store, settings, int(arg), ticker)
+            node = nodes_here[int(arg)] = Node(stores[0], settings, int(arg), ticker)
             node.thread.start()
         elif word in ("kill", "leave"):
             nodes_here[int(arg)].order(word)
         elif word == "stats":
             cpu = os.times()
-            emit({"stats": store.requests.snapshot(),
+            emit({"stats": counter.snapshot(),
                   "cpu": cpu.user + cpu.system - cpu0.user - cpu0.system, "threads": threading.active_count(),
                   "ticker": ticker.lateness()})
         elif word == "quit":

@@ -33,7 +33,7 @@ from rendezvous.inbox import Inbox, InboxItem, ItemKind
 from rendezvous.job_view import JobView
 from rendezvous.net import free_port
 from rendezvous.notices import Notice, NoticeKind, PlannedNotices
-from rendezvous.leases import NodeLeases
+from rendezvous.leases import NodeLeases, Ticker
 from rendezvous.reasons import Reason, reason_text
 from rendezvous.rounds import MemberWatch, PlannedStop, open_next_round
 from rendezvous.session import Session
@@ -56,18 +56,18 @@ class Participant:
     def __init__(self, store: Store, settings: Settings, node: NodeRecord, *,
                  clock: Clock | None = None, port_reserver: Callable[[], int] = _master_port,
                  planned_changes: bool = False, workers_ready: Callable[[], bool] = lambda: True,
-                 admission: Callable[[RoundState], float | None] = lambda rnd: None) -> None:
+                 admission: Callable[[RoundState], float | None] = lambda rnd: None,
+                 ticker: Ticker | None = None) -> None:
         """``planned_changes``: the caller handles STOP and GROW notices (notices.PlannedNotices).
         ``workers_ready``: could our workers start at once? A standby grows the job only then.
-        ``admission``: may this node join a round now (None), else when to ask again."""
-        self.store = store
+        ``admission``: may this node join a round now (None), else when to ask again.
+        ``ticker``: what refreshes our leases (leases.NodeLeases); None, threads of their own."""
+        self.store, self.settings, self.node = store, settings, node
         self._planned = PlannedNotices(planned_changes)
-        self.settings = settings
-        self.node = node
         self.clock = clock or SystemClock()
         self.assignment: Assignment | None = None
         self._inbox = Inbox(store)
-        self.leases = NodeLeases(store, settings, node.node_id, self.clock, self._inbox.lease_lost)
+        self.leases = NodeLeases(store, settings, node.node_id, self.clock, self._inbox.lease_lost, ticker)
         self._job = JobView(store, settings, self._inbox, self.clock)
         self._member = MemberWatch(store, settings, self._inbox)
         self._steps = StepExecutor(store, settings, node, self._inbox, self._member, self.clock, port_reserver)

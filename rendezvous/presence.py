@@ -33,12 +33,19 @@ class Presence:
         self.lease = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._busy = threading.RLock()  # held by a step in progress: close() waits for it
 
-    def start(self) -> Presence:
-        """Put the key (raises when etcd does not answer), then keep it alive on a thread."""
+    @property
+    def interval(self) -> float:
+        return self.ttl / REFRESHES_PER_TTL
+
+    def start(self, *, background: bool = True) -> Presence:
+        """Put the key (raises when etcd does not answer), then keep it alive on a thread.
+        ``background=False``: no thread; the caller calls :meth:`step` from ``interval`` on."""
         self._establish()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="presence")
-        self._thread.start()
+        if background:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="presence")
+            self._thread.start()
         return self
 
     def _establish(self) -> None:
@@ -55,19 +62,28 @@ class Presence:
                         self.lease, self.ttl)
             self._establish()
 
-    def _run(self) -> None:
-        interval = self.ttl / REFRESHES_PER_TTL
-        while not self._stop.wait(interval):
+    def step(self, now: float) -> float | None:
+        """One refresh, its failure logged; when to step next (None once closed)."""
+        with self._busy:
+            if self._stop.is_set():
+                return None
             try:
                 self.tick()
             except RendezvousError as exc:
                 log.debug("presence refresh failed (%s); retrying", exc)
+            return self.clock.monotonic() + self.interval
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.step(self.clock.monotonic())
 
     def close(self, revoke: bool = False) -> None:
         """Stop refreshing; with ``revoke``, remove the key at once (a node leaving)."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        elif self._busy.acquire(timeout=5):  # stepped by a Ticker, perhaps right now
+            self._busy.release()
         if revoke and self.lease:
             try:
                 self.store.revoke(self.lease)

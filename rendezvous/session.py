@@ -41,6 +41,9 @@ class Session:
         self._next_refresh = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Held by a tick in progress: close() waits for it, as it joins our own thread, so no
+        # refresh of a closed session is still in flight when its caller revokes the lease.
+        self._busy = threading.RLock()
 
     def start(self, *, background: bool = True) -> Session:
         """Take the lease. ``background=False``: no thread; the caller calls :meth:`tick`."""
@@ -61,6 +64,10 @@ class Session:
     def tick(self, now: float) -> float | None:
         """Do what is due at ``now``: declare the lease lost past its deadline, or refresh it
         when a refresh is due. Returns when to tick next; None once the session is over."""
+        with self._busy:
+            return self._tick(now)
+
+    def _tick(self, now: float) -> float | None:
         if self._stop.is_set() or self.lost.is_set():
             return None
         if now >= self._deadline:
@@ -107,6 +114,8 @@ class Session:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        elif self._busy.acquire(timeout=5):  # ticked by a Ticker, perhaps right now
+            self._busy.release()
 
     def revoke(self) -> None:
         """Stop refreshing and revoke: every key on the lease disappears at once."""

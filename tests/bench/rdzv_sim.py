@@ -206,6 +206,7 @@ def run_size(urls: list[str], endpoints: str, nodes: int, procs: int, timeout: f
                 "nodes": nodes, "scenario": name, "round": rnd, "seconds": round(t_formed - t0 - lag, 3),
                 "requests_per_node": round((requests - keepalives) / len(live), 2),
                 "keepalives_per_node": round(keepalives / len(live), 2),
+                "keepalives": keepalives, "etcd_keepalives": int(delta["keepalives_rcvd"]),
                 "keepalives_per_s": round(keepalives / wall),
                 "etcd_keepalives_per_s": round(delta["keepalives_rcvd"] / wall),
                 "watch_msgs": int(delta["watch_msgs"]),

@@ -6,6 +6,11 @@ the working directory (a shared filesystem on clusters: NFS, Lustre), that is hu
 thousands of metadata operations a second at 1,000 nodes (issue 25). They live instead in a
 private directory on this host: ``$XDG_RUNTIME_DIR`` (per user, tmpfs), else ``/dev/shm``, else
 the system's temporary directory. Logs, error files and checkpoints stay under ``--log-dir``.
+
+An agent removes its directory when it exits; one killed (SIGKILL, OOM) cannot, and on tmpfs
+every restart by a supervisor would leave one more behind. So each directory names its owner
+(pid and start time, in ``owner``), and a new agent first removes those of this user whose
+owner is gone.
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+
+from agent.daemon import procfs
+
+OWNER = "owner"
 
 
 def _usable(path: str | None) -> bool:
@@ -39,10 +48,38 @@ def root(environ: Mapping[str, str]) -> str:
     return tempfile.gettempdir()
 
 
+def _identity(pid: int) -> str | None:
+    """``pid`` and its start time (a reused pid is another process), None once it is gone."""
+    fields = procfs.stat_fields(pid)
+    return None if fields is None or fields[0] == b"Z" else f"{pid} {int(fields[19])}"
+
+
+def sweep(directory: str) -> list[Path]:
+    """Remove this user's agent directories in ``directory`` whose owner process is gone; a
+    directory without a readable owner record is left alone. Returns what it removed."""
+    removed = []
+    for entry in Path(directory).glob("elastic-agent-*"):
+        try:
+            if entry.is_symlink() or not entry.is_dir() or entry.stat().st_uid != os.getuid():
+                continue
+            owner = (entry / OWNER).read_text()
+            pid = int(owner.split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if _identity(pid) != owner.strip():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 def create(job_id: str, node_id: str, environ: Mapping[str, str]) -> Path:
     """A new directory of this agent's own (mode 0700, a fresh name: nothing another user
-    placed there beforehand is ever used)."""
-    return Path(tempfile.mkdtemp(prefix=f"elastic-agent-{job_id}-{node_id}-", dir=root(environ)))
+    placed there beforehand is ever used), once the ones of dead agents are gone."""
+    where = root(environ)
+    sweep(where)
+    made = Path(tempfile.mkdtemp(prefix=f"elastic-agent-{job_id}-{node_id}-", dir=where))
+    (made / OWNER).write_text(f"{_identity(os.getpid())}\n")
+    return made
 
 
 class NodeLocal:
@@ -60,7 +97,7 @@ class NodeLocal:
             atexit.register(self.close)  # the agent leaves: its node-local files go
         keep = running.control_file.parent.name if running is not None else ""  # type: ignore[attr-defined]
         for entry in self.path.iterdir():
-            if entry.name != keep:
+            if entry.name not in (keep, OWNER):
                 shutil.rmtree(entry, ignore_errors=True)
         made = self.path / name
         made.mkdir(mode=0o700)

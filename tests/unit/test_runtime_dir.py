@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,3 +40,29 @@ def test_control_and_progress_files_are_private_node_local_and_removed_at_exit(t
     assert not files[0][0].exists() and files[2][0].exists()  # old attempts' files do not pile up
     local.local_files.close()  # what the agent's exit does (atexit)
     assert not private.exists()
+
+
+def test_a_new_agent_removes_the_directories_of_agents_that_were_killed(tmp_path: Path) -> None:
+    """An agent killed with SIGKILL cannot remove its directory; on tmpfs each restart would
+    leave one more behind. The next agent on the node removes those whose owner is gone."""
+    from agent.daemon import runtime_dir
+
+    runtime = tmp_path / "run-user"
+    runtime.mkdir(mode=0o700)
+    environ = {"XDG_RUNTIME_DIR": str(runtime)}
+    killed = runtime_dir.create("job", "node-a", environ)  # as if by an agent since killed
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(gone.stdout)
+    (killed / runtime_dir.OWNER).write_text(f"{pid} 12345\n")
+    (killed / "attempt-1").mkdir()
+    live = runtime_dir.create("job", "node-b", environ)  # its owner (this process) is alive
+    other = runtime / "elastic-agent-notes"  # no owner record: not ours to judge
+    other.mkdir()
+    reused = runtime_dir.create("job", "node-c", environ)
+    (reused / runtime_dir.OWNER).write_text(f"{os.getpid()} 1\n")  # our pid, another start time: a reused pid
+
+    made = runtime_dir.create("job", "node-a", environ)
+
+    assert not killed.exists() and not reused.exists()
+    assert live.exists() and other.exists() and made.exists()
+    assert (made / runtime_dir.OWNER).read_text().split()[0] == str(os.getpid())

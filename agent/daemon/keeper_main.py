@@ -39,6 +39,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -225,6 +226,27 @@ def preload():
     gc.freeze()  # what was imported stays shared: the children's collections never touch it
 
 
+def preload_unless_orphaned(sock):
+    """``preload``, but leave at once if the agent goes meanwhile. The import takes seconds on
+    a loaded machine, and the socket is read only after it: a keeper pre-started for a later
+    attempt outlived an in-process job that ended first (make demo's leftover check saw it)."""
+    done = threading.Event()
+
+    def watch():
+        poller = select.poll()
+        poller.register(sock.fileno(), 0)  # hang-up and errors only: requests wait for the main loop
+        while not done.is_set():
+            if poller.poll(100):
+                kill_everything()  # children a ``become`` kept, if any
+                os._exit(0)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    preload()
+    done.set()
+    watcher.join()  # no thread is left when the zygote forks
+
+
 def become(sock, request):
     """Exec another keeper program in place (the zygote of another python, or a bare
     keeper): the pid, the socket and the children stay, so no worker notices. The program
@@ -302,7 +324,7 @@ def main():
     sock = socket.socket(fileno=int(sys.argv[1]))
     ZYGOTE = "--preload" in sys.argv[2:]
     if ZYGOTE:
-        preload()
+        preload_unless_orphaned(sock)
     send(sock, {"op": "ready", "zygote": ZYGOTE})
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the agent's going away ends the keeper

@@ -67,3 +67,35 @@ def test_a_zygote_whose_python_cannot_be_executed_is_never_ready_and_its_workers
     worker = keeper.spawn([sys.executable], dict(os.environ), str(tmp_path), null_fds(), run=[str(script)])
     assert worker.wait(timeout=DEADLINE_S) == 0
     assert out.read_text() == sys.executable
+
+
+def test_a_zygote_still_importing_torch_leaves_as_soon_as_its_agent_is_gone(tmp_path) -> None:
+    """A keeper pre-started for a later attempt reads its socket only after importing torch
+    (seconds on a loaded machine); an in-process job that ended first left it running. It
+    must leave within a fraction of that import time, without finishing it."""
+    import socket
+    import subprocess
+    import time
+
+    from agent.daemon import keeper_main
+
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import torch, torch._dynamo"], check=True)
+    import_s = time.monotonic() - started
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen([sys.executable, keeper_main.__file__, str(theirs.fileno()), "--preload"],  # as Keeper runs a zygote
+                            pass_fds=(theirs.fileno(),))
+    theirs.close()
+    try:
+        time.sleep(0.05)  # not synchronisation: the agent goes while the keeper is still starting
+        started = time.monotonic()
+        ours.close()
+        proc.wait(timeout=DEADLINE_S)
+        gone_s = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert gone_s < import_s / 2, f"left {gone_s:.2f} s after its agent; importing torch takes {import_s:.2f} s"

@@ -47,31 +47,39 @@ def file_name(key: FileKey) -> str:
     return "shard-r{}-s{}-k{}-of{}".format(*key)
 
 
-def pack(job: str, key: FileKey, entries: dict[str, Any]) -> bytes:
-    """One rank's file: ``entries`` maps each flattened key to a host tensor piece
-    ``(tensor, global_shape, offsets)`` or a JSON value."""
+def pack(job: str, key: FileKey, entries: dict[str, Any]) -> tuple[bytes, list[memoryview]]:
+    """One rank's file as its header and its body's parts (views of the tensors: no copy):
+    ``entries`` maps each flattened key to a host tensor piece ``(tensor, global_shape,
+    offsets)`` or a JSON value."""
     index: dict[str, Any] = {}
-    parts: list[bytes] = []
-    start = 0
+    parts: list[memoryview] = []
+    start, crc = 0, 0
     for name, value in entries.items():
         if isinstance(value, tuple) and len(value) == 3 and isinstance(value[0], torch.Tensor):
             tensor, shape, offsets = value
-            raw = tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+            flat = tensor.reshape(-1).contiguous()
+            raw = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
             index[name] = {"t": "tensor", "dtype": str(tensor.dtype), "shape": list(shape),
-                           "offsets": list(offsets), "sizes": list(tensor.shape), "start": start, "nbytes": len(raw)}
+                           "offsets": list(offsets), "sizes": list(tensor.shape), "start": start, "nbytes": raw.nbytes}
             parts.append(raw)
-            start += len(raw)
+            crc = zlib.crc32(raw, crc)
+            start += raw.nbytes
         else:
             index[name] = {"t": "value", "value": value}
-    body = b"".join(parts)
-    head = {"job": job, "round": key[0], "step": key[1], "rank": key[2], "world": key[3], "size": len(body),
-            "crc32": zlib.crc32(body), "entries": index}
+    head = {"job": job, "round": key[0], "step": key[1], "rank": key[2], "world": key[3], "size": start,
+            "crc32": crc, "entries": index}
     try:
         line = json.dumps(head, allow_nan=True).encode()
     except TypeError as exc:
         raise ShardError(f"the state holds a value that is neither a tensor nor JSON ({exc}); el.run keeps "
                          f"sharded state as tensors and plain numbers, strings, lists and dicts") from exc
-    return MAGIC + line + b"\n" + body
+    return MAGIC + line + b"\n", parts
+
+
+def packed(job: str, key: FileKey, entries: dict[str, Any]) -> bytes:
+    """The whole file as bytes (tests, small files)."""
+    head, parts = pack(job, key, entries)
+    return head + b"".join(bytes(p) for p in parts)
 
 
 def parse_head(data: bytes, job: str, key: FileKey) -> tuple[dict[str, Any], int]:
@@ -123,12 +131,13 @@ class ShardDir:
         self._verified: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) whose crc matched
         self._lock = threading.Lock()
 
-    def write(self, key: FileKey, data: bytes) -> None:
+    def write(self, key: FileKey, *parts: Any) -> None:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.path / f".{file_name(key)}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                for part in parts:
+                    f.write(part)
             os.replace(tmp, self.path / file_name(key))
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -118,12 +118,12 @@ class ShardedMemory:
 
     def _keep(self, key: FileKey, pieces: dict[str, Any], peer: str | None) -> None:
         try:
-            data = store.pack(self.job, key, pieces)
-            self.files.write(key, data)
+            head, parts = store.pack(self.job, key, pieces)
+            self.files.write(key, head, *parts)
             if peer is not None and self.key is not None:
-                head = {"node": self.node, "local_rank": self.local_rank, "round": key[0], "step": key[1],
-                        "kind": "shard", "rank": key[2], "world": key[3]}
-                wire.push(peer, head, data, job=self.job, key=self.key)
+                wire_head = {"node": self.node, "local_rank": self.local_rank, "round": key[0], "step": key[1],
+                             "kind": "shard", "rank": key[2], "world": key[3]}
+                wire.push(peer, wire_head, [memoryview(head), *parts], job=self.job, key=self.key)
         except ShardError as exc:
             log.error("sharded snapshot of step %d failed: %s", key[1], exc)
         except Exception as exc:  # noqa: BLE001 - a failed snapshot never breaks training
@@ -148,7 +148,8 @@ class ShardedMemory:
             raise OSError("this port keeps sharded rank files only")
         key = (head["round"], head["step"], head["rank"], head["world"])
         try:
-            store.parse_head(payload[:store.MAX_INDEX], self.job, key)
+            end = payload.find(b"\n", len(store.MAGIC), store.MAX_INDEX)  # no copy of the body
+            store.parse_head(bytes(payload[:end + 1]) if end >= 0 else b"", self.job, key)
         except ShardError as exc:
             raise OSError(str(exc)) from exc
         self.files.write(key, payload)

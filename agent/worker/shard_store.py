@@ -21,10 +21,13 @@ import os
 import re
 import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from agent.worker.snapshot_wire import MAX_FETCH
 
 MAGIC = b"ELASTIC-AGENT-SHARD 1\n"
 SUBDIR = ".sharded"  # a dot name: the replicated snapshots' listing (agent.worker.snapshot) skips it
@@ -202,3 +205,50 @@ class ShardDir:
             raise ShardError(f"{self.path / name}: its body does not match its checksum (corrupt or cut short)")
         with self._lock:
             self._verified[name] = (st.st_size, st.st_mtime_ns)
+
+
+def fill_piece(name: str, target: torch.Tensor, offsets: list[int], pieces: list[tuple[FileKey, Any, int]],
+                read: Callable[[FileKey, int, int], bytes]) -> None:
+    """Copy into ``target`` (at ``offsets`` of its tensor) the parts of ``pieces`` that overlap it."""
+    sizes, seen, covered = list(target.shape), set(), 0
+    for key, entry, body in pieces:
+        if entry.get("t") != "tensor" or len(entry["offsets"]) != len(offsets):
+            raise ShardError(f"{name}: {file_name(key)} holds it in another shape")
+        so, ss = entry["offsets"], entry["sizes"]
+        if (tuple(so), tuple(ss)) in seen:
+            continue  # a replica of a piece already taken (HSDP)
+        lo = [max(a, b) for a, b in zip(offsets, so)]
+        hi = [min(a + n, b + m) for a, n, b, m in zip(offsets, sizes, so, ss)]
+        if any(h <= low for low, h in zip(lo, hi)):
+            continue
+        seen.add((tuple(so), tuple(ss)))
+        dtype = DTYPES[entry["dtype"]]
+        if dtype != target.dtype:
+            raise ShardError(f"{name}: {entry['dtype']} in {file_name(key)}, {target.dtype} in the state")
+        start = body + entry["start"]
+        if not sizes:
+            target.copy_(_tensor(read(key, start, entry["nbytes"]), dtype, []))
+            covered += 1
+            continue
+        row = entry["nbytes"] // max(1, ss[0])
+        rows = max(1, MAX_FETCH // max(1, row))
+        for a in range(lo[0] - so[0], hi[0] - so[0], rows):
+            b = min(hi[0] - so[0], a + rows)
+            src = _tensor(read(key, start + a * row, (b - a) * row), dtype, [b - a, *ss[1:]])
+            dst = target.narrow(0, so[0] + a - offsets[0], b - a)
+            for d in range(1, len(sizes)):
+                src = src.narrow(d, lo[d] - so[d], hi[d] - lo[d])
+                dst = dst.narrow(d, lo[d] - offsets[d], hi[d] - lo[d])
+            dst.copy_(src)
+        n = 1
+        for low, h in zip(lo, hi):
+            n *= h - low
+        covered += n
+    if covered != target.numel():
+        raise ShardError(f"{name}: the snapshot covers {covered} of the {target.numel()} elements this rank needs")
+
+
+def _tensor(data: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)

@@ -2,16 +2,17 @@
 and step, in the node's snapshot directory in shared memory, its own ranks' and a peer node's.
 
 A file is ``MAGIC``, one JSON header line and the body. The header names the job, the
-(round, step), the rank and world size that wrote it, the body's size and crc32, and an
+(round, step), the rank and world size that wrote it, the body's size, a crc32 per MiB of it, and an
 index: for each entry of the flattened state (``model.0.weight``, ``optimizer.state...``)
 either a tensor piece (dtype, the global shape, the offsets and sizes of the piece this rank
 held, where its raw bytes start in the body) or a JSON value (learning rates, flags). Raw
 bytes and JSON: nothing in it is ever unpickled, and a rank reading a piece asks for exactly
 the byte range it needs (a whole file is never sent to a rank that needs part of it).
 
-A file is written to a temporary name and renamed; before any byte of it is used (here or
-served to a peer) its body is checked against its crc32 once (cached by size and mtime), so a
-corrupted file is refused as a whole, never half used.
+A file is written to a temporary name and renamed. Every body block a read touches (here, or
+to serve a peer) is checked against its crc32 first (once per file version), so checking
+costs what reading costs; a failed check fails the whole recovery on every rank
+(agent.worker.sharded_memory), so a corrupt file is never half used.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from agent.worker.snapshot_wire import MAX_FETCH
 MAGIC = b"ELASTIC-AGENT-SHARD 1\n"
 SUBDIR = ".sharded"  # a dot name: the replicated snapshots' listing (agent.worker.snapshot) skips it
 MAX_INDEX = 64 << 20  # bytes a header line may take
+BLOCK = 1 << 20  # bytes of body under one crc32
 KEEP = 2  # files kept per rank: the newest and the one before (the newest may be incomplete elsewhere)
 _NAME = re.compile(r"shard-r(\d{1,18})-s(\d{1,18})-k(\d{1,5})-of(\d{1,5})")
 DTYPES = {str(t): t for t in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
@@ -56,7 +58,7 @@ def pack(job: str, key: FileKey, entries: dict[str, Any]) -> tuple[bytes, list[m
     offsets)`` or a JSON value."""
     index: dict[str, Any] = {}
     parts: list[memoryview] = []
-    start, crc = 0, 0
+    start = 0
     for name, value in entries.items():
         if isinstance(value, tuple) and len(value) == 3 and isinstance(value[0], torch.Tensor):
             tensor, shape, offsets = value
@@ -65,18 +67,35 @@ def pack(job: str, key: FileKey, entries: dict[str, Any]) -> tuple[bytes, list[m
             index[name] = {"t": "tensor", "dtype": str(tensor.dtype), "shape": list(shape),
                            "offsets": list(offsets), "sizes": list(tensor.shape), "start": start, "nbytes": raw.nbytes}
             parts.append(raw)
-            crc = zlib.crc32(raw, crc)
             start += raw.nbytes
         else:
             index[name] = {"t": "value", "value": value}
     head = {"job": job, "round": key[0], "step": key[1], "rank": key[2], "world": key[3], "size": start,
-            "crc32": crc, "entries": index}
+            "block": BLOCK, "crc32": _block_crcs(parts), "entries": index}
     try:
         line = json.dumps(head, allow_nan=True).encode()
     except TypeError as exc:
         raise ShardError(f"the state holds a value that is neither a tensor nor JSON ({exc}); el.run keeps "
                          f"sharded state as tensors and plain numbers, strings, lists and dicts") from exc
     return MAGIC + line + b"\n", parts
+
+
+def _block_crcs(parts: list[memoryview]) -> list[int]:
+    """The crc32 of each ``BLOCK`` bytes of the body the parts make: a reader checks only the
+    blocks it reads, so a check costs what the read costs."""
+    crcs: list[int] = []
+    crc, filled = 0, 0
+    for part in parts:
+        view, at = part.cast("B"), 0
+        while at < len(view):
+            n = min(BLOCK - filled, len(view) - at)
+            crc, filled, at = zlib.crc32(view[at:at + n], crc), filled + n, at + n
+            if filled == BLOCK:
+                crcs.append(crc)
+                crc, filled = 0, 0
+    if filled:
+        crcs.append(crc)
+    return crcs
 
 
 def packed(job: str, key: FileKey, entries: dict[str, Any]) -> bytes:
@@ -94,8 +113,9 @@ def parse_head(data: bytes, job: str, key: FileKey) -> tuple[dict[str, Any], int
         head = json.loads(data[len(MAGIC):end])
         ok = (isinstance(head, dict) and head.get("job") == job
               and [head.get(f) for f in ("round", "step", "rank", "world")] == list(key)
-              and type(head.get("size")) is int and type(head.get("crc32")) is int
-              and isinstance(head.get("entries"), dict))
+              and type(head.get("size")) is int and head.get("block") == BLOCK
+              and isinstance(head.get("crc32"), list) and all(type(c) is int for c in head["crc32"])
+              and len(head["crc32"]) == -(-head["size"] // BLOCK) and isinstance(head.get("entries"), dict))
     except (ValueError, RecursionError) as exc:
         raise ShardError(f"{file_name(key)}: its header is not JSON ({exc})") from exc
     if not ok:
@@ -131,7 +151,8 @@ class ShardDir:
     def __init__(self, snapshot_dir: Path, job: str) -> None:
         self.path = snapshot_dir / SUBDIR
         self.job = job
-        self._verified: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) whose crc matched
+        # (name, size, mtime_ns) -> its header, where its body starts, the body blocks checked
+        self._heads: dict[tuple[str, int, int], tuple[dict[str, Any], int, set[int]]] = {}
         self._lock = threading.Lock()
 
     def write(self, key: FileKey, *parts: Any) -> None:
@@ -177,34 +198,39 @@ class ShardDir:
         return (self.path / file_name(key)).stat().st_size
 
     def read(self, key: FileKey, offset: int, length: int) -> bytes:
-        """``length`` bytes at ``offset`` of a verified file; ShardError/OSError otherwise."""
+        """``length`` bytes at ``offset`` of a file, every body block they touch checked against
+        its crc32 (once per file version); ShardError/OSError otherwise."""
         path = self.path / file_name(key)
         with open(path, "rb") as f:
-            self._verify(key, f)
+            st = os.fstat(f.fileno())
+            version = (file_name(key), st.st_size, st.st_mtime_ns)
+            with self._lock:
+                known = self._heads.get(version)
+            if known is None:
+                known = (*parse_head(f.read(min(st.st_size, MAX_INDEX)), self.job, key), set())
+                with self._lock:
+                    self._heads = {v: h for v, h in self._heads.items() if v[0] != version[0]}
+                    self._heads[version] = known
+            head, body, checked = known
+            if offset + length > st.st_size or body + head["size"] != st.st_size:
+                raise ShardError(f"{path}: {length} bytes at {offset} lie beyond its end, or it is cut short")
+            first, last = max(0, offset - body) // BLOCK, max(0, offset + length - body - 1) // BLOCK
+            if offset + length <= body:  # the header alone: checked as it was parsed
+                f.seek(offset)
+                return f.read(length)
+            f.seek(body + first * BLOCK)
+            blocks = f.read(min(st.st_size - body - first * BLOCK, (last - first + 1) * BLOCK))
+            for i in range(first, last + 1):
+                if i not in checked:
+                    chunk = memoryview(blocks)[(i - first) * BLOCK:(i - first + 1) * BLOCK]
+                    if zlib.crc32(chunk) != head["crc32"][i]:
+                        raise ShardError(f"{path}: block {i} does not match its checksum (corrupt)")
+                    checked.add(i)
+            if offset >= body:
+                start = offset - body - first * BLOCK
+                return blocks[start:start + length]
             f.seek(offset)
-            data = f.read(length)
-        if len(data) != length:
-            raise ShardError(f"{path}: {length} bytes at {offset} lie beyond its end")
-        return data
-
-    def _verify(self, key: FileKey, f: Any) -> None:
-        st = os.fstat(f.fileno())
-        name = file_name(key)
-        with self._lock:
-            if self._verified.get(name) == (st.st_size, st.st_mtime_ns):
-                return
-        head, body = parse_head(f.read(min(st.st_size, MAX_INDEX)), self.job, key)
-        f.seek(body)
-        crc, left = 0, head["size"]
-        while left > 0:
-            chunk = f.read(min(left, 1 << 24))
-            if not chunk:
-                break
-            crc, left = zlib.crc32(chunk, crc), left - len(chunk)
-        if left or f.read(1) or crc != head["crc32"]:
-            raise ShardError(f"{self.path / name}: its body does not match its checksum (corrupt or cut short)")
-        with self._lock:
-            self._verified[name] = (st.st_size, st.st_mtime_ns)
+            return f.read(body - offset) + blocks[:offset + length - body]
 
 
 def fill_piece(name: str, target: torch.Tensor, offsets: list[int], pieces: list[tuple[FileKey, Any, int]],

@@ -73,9 +73,9 @@ def test_fsdp_job_loses_a_node_and_gains_one_in_process_with_the_exact_state(clu
     first = resumed_at(dumps, 2, before)
     held = check_resumed(dumps, first, 4)
     assert back[1] == held + 1
-    print(f"kill -9 -> a step at world size 2 in {back[0] - killed:.2f} s, {last_before - held} completed steps lost")
     last_before = max(s for t, s, ws in cluster.steps() if t < killed)
     assert held >= last_before - 1, (held, last_before)  # at most the step whose snapshot was in flight
+    print(f"kill -9 -> a step at world size 2 in {back[0] - killed:.2f} s, {last_before - held} completed steps lost")
 
     before = {p.name for p in dumps.iterdir()}
     joined = time.monotonic()

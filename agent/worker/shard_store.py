@@ -219,7 +219,9 @@ class ShardDir:
                 f.seek(offset)
                 return f.read(length)
             f.seek(body + first * BLOCK)
-            blocks = f.read(min(st.st_size - body - first * BLOCK, (last - first + 1) * BLOCK))
+            blocks = bytearray(min(st.st_size - body - first * BLOCK, (last - first + 1) * BLOCK))
+            if f.readinto(blocks) != len(blocks):
+                raise ShardError(f"{path}: cut short while read")
             for i in range(first, last + 1):
                 if i not in checked:
                     chunk = memoryview(blocks)[(i - first) * BLOCK:(i - first + 1) * BLOCK]
@@ -228,7 +230,7 @@ class ShardDir:
                     checked.add(i)
             if offset >= body:
                 start = offset - body - first * BLOCK
-                return blocks[start:start + length]
+                return memoryview(blocks)[start:start + length]  # type: ignore[return-value] - no copy
             f.seek(offset)
             return f.read(body - offset) + blocks[:offset + length - body]
 
@@ -277,4 +279,5 @@ def fill_piece(name: str, target: torch.Tensor, offsets: list[int], pieces: list
 def _tensor(data: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
     if not data:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+    buf = bytearray(data) if isinstance(data, bytes) else data  # a writable buffer: no copy, no warning
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)

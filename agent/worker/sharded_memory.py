@@ -295,10 +295,9 @@ class _Reader:
         self.memory, self.holders, self.local = memory, holders, local
 
     def __call__(self, key: FileKey, offset: int, length: int) -> bytes:
-        parts = []
-        for at in range(offset, offset + length, wire.MAX_FETCH):
-            parts.append(self._part(key, at, min(wire.MAX_FETCH, offset + length - at)))
-        return b"".join(parts)
+        parts = [self._part(key, at, min(wire.MAX_FETCH, offset + length - at))
+                 for at in range(offset, offset + length, wire.MAX_FETCH)]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _part(self, key: FileKey, offset: int, length: int) -> bytes:
         failures = []
@@ -320,9 +319,9 @@ class _Reader:
 
     def head(self, key: FileKey) -> tuple[dict[str, Any], int]:
         size = min(s for _a, s in self.holders[key])
-        data = self(key, 0, min(size, HEAD_READ))
+        data = bytes(self(key, 0, min(size, HEAD_READ)))
         while b"\n" not in data[len(store.MAGIC):] and len(data) < min(size, store.MAX_INDEX):
-            data += self(key, len(data), min(size, store.MAX_INDEX) - len(data))
+            data += bytes(self(key, len(data), min(size, store.MAX_INDEX) - len(data)))
         return store.parse_head(data, self.memory.job, key)
 
 

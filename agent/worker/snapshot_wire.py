@@ -262,7 +262,8 @@ class PeerServer:
             if len(data) != ask["length"]:
                 raise WireError(f"cannot serve {ask['length']} bytes at {ask['offset']}")
             conn.settimeout(_transfer_time(len(data)))
-            conn.sendall(data + _tag(self.key, line, data))
+            conn.sendall(data)
+            conn.sendall(_tag(self.key, line, data))
             return False
         reader.deadline = time.monotonic() + _transfer_time(head["size"])
         payload = reader.exactly(head["size"])

@@ -304,6 +304,8 @@ class InProcess(_Reforming):
         self.el._report(self.held.completed, "paused")
         if ask.leave:
             log.info("stopped after step %d: this node leaves the job", self.held.completed)
+            if self.snapshots is not None:  # the others may need this step's snapshot (sharded: our shards)
+                self.snapshots.wait_idle(30.0)
             self.el._report(self.held.completed, "drained")
             self.el.exit_drained()
         return self._reform(f"a planned change after step {ask.stop_at}")

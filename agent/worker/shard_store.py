@@ -2,16 +2,17 @@
 and step, in the node's snapshot directory in shared memory, its own ranks' and a peer node's.
 
 A file is ``MAGIC``, one JSON header line and the body. The header names the job, the
-(round, step), the rank and world size that wrote it, the body's size and crc32, and an
+(round, step), the rank and world size that wrote it, the body's size, a crc32 per MiB of it, and an
 index: for each entry of the flattened state (``model.0.weight``, ``optimizer.state...``)
 either a tensor piece (dtype, the global shape, the offsets and sizes of the piece this rank
 held, where its raw bytes start in the body) or a JSON value (learning rates, flags). Raw
 bytes and JSON: nothing in it is ever unpickled, and a rank reading a piece asks for exactly
 the byte range it needs (a whole file is never sent to a rank that needs part of it).
 
-A file is written to a temporary name and renamed; before any byte of it is used (here or
-served to a peer) its body is checked against its crc32 once (cached by size and mtime), so a
-corrupted file is refused as a whole, never half used.
+A file is written to a temporary name and renamed. Every body block a read touches (here, or
+to serve a peer) is checked against its crc32 first (once per file version), so checking
+costs what reading costs; a failed check fails the whole recovery on every rank
+(agent.worker.sharded_memory), so a corrupt file is never half used.
 """
 
 from __future__ import annotations
@@ -21,14 +22,18 @@ import os
 import re
 import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from agent.worker.snapshot_wire import MAX_FETCH
+
 MAGIC = b"ELASTIC-AGENT-SHARD 1\n"
 SUBDIR = ".sharded"  # a dot name: the replicated snapshots' listing (agent.worker.snapshot) skips it
 MAX_INDEX = 64 << 20  # bytes a header line may take
+BLOCK = 1 << 20  # bytes of body under one crc32
 KEEP = 2  # files kept per rank: the newest and the one before (the newest may be incomplete elsewhere)
 _NAME = re.compile(r"shard-r(\d{1,18})-s(\d{1,18})-k(\d{1,5})-of(\d{1,5})")
 DTYPES = {str(t): t for t in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
@@ -47,31 +52,56 @@ def file_name(key: FileKey) -> str:
     return "shard-r{}-s{}-k{}-of{}".format(*key)
 
 
-def pack(job: str, key: FileKey, entries: dict[str, Any]) -> bytes:
-    """One rank's file: ``entries`` maps each flattened key to a host tensor piece
-    ``(tensor, global_shape, offsets)`` or a JSON value."""
+def pack(job: str, key: FileKey, entries: dict[str, Any]) -> tuple[bytes, list[memoryview]]:
+    """One rank's file as its header and its body's parts (views of the tensors: no copy):
+    ``entries`` maps each flattened key to a host tensor piece ``(tensor, global_shape,
+    offsets)`` or a JSON value."""
     index: dict[str, Any] = {}
-    parts: list[bytes] = []
+    parts: list[memoryview] = []
     start = 0
     for name, value in entries.items():
         if isinstance(value, tuple) and len(value) == 3 and isinstance(value[0], torch.Tensor):
             tensor, shape, offsets = value
-            raw = tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+            flat = tensor.reshape(-1).contiguous()
+            raw = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
             index[name] = {"t": "tensor", "dtype": str(tensor.dtype), "shape": list(shape),
-                           "offsets": list(offsets), "sizes": list(tensor.shape), "start": start, "nbytes": len(raw)}
+                           "offsets": list(offsets), "sizes": list(tensor.shape), "start": start, "nbytes": raw.nbytes}
             parts.append(raw)
-            start += len(raw)
+            start += raw.nbytes
         else:
             index[name] = {"t": "value", "value": value}
-    body = b"".join(parts)
-    head = {"job": job, "round": key[0], "step": key[1], "rank": key[2], "world": key[3], "size": len(body),
-            "crc32": zlib.crc32(body), "entries": index}
+    head = {"job": job, "round": key[0], "step": key[1], "rank": key[2], "world": key[3], "size": start,
+            "block": BLOCK, "crc32": _block_crcs(parts), "entries": index}
     try:
         line = json.dumps(head, allow_nan=True).encode()
     except TypeError as exc:
         raise ShardError(f"the state holds a value that is neither a tensor nor JSON ({exc}); el.run keeps "
                          f"sharded state as tensors and plain numbers, strings, lists and dicts") from exc
-    return MAGIC + line + b"\n" + body
+    return MAGIC + line + b"\n", parts
+
+
+def _block_crcs(parts: list[memoryview]) -> list[int]:
+    """The crc32 of each ``BLOCK`` bytes of the body the parts make: a reader checks only the
+    blocks it reads, so a check costs what the read costs."""
+    crcs: list[int] = []
+    crc, filled = 0, 0
+    for part in parts:
+        view, at = part.cast("B"), 0
+        while at < len(view):
+            n = min(BLOCK - filled, len(view) - at)
+            crc, filled, at = zlib.crc32(view[at:at + n], crc), filled + n, at + n
+            if filled == BLOCK:
+                crcs.append(crc)
+                crc, filled = 0, 0
+    if filled:
+        crcs.append(crc)
+    return crcs
+
+
+def packed(job: str, key: FileKey, entries: dict[str, Any]) -> bytes:
+    """The whole file as bytes (tests, small files)."""
+    head, parts = pack(job, key, entries)
+    return head + b"".join(bytes(p) for p in parts)
 
 
 def parse_head(data: bytes, job: str, key: FileKey) -> tuple[dict[str, Any], int]:
@@ -83,8 +113,9 @@ def parse_head(data: bytes, job: str, key: FileKey) -> tuple[dict[str, Any], int
         head = json.loads(data[len(MAGIC):end])
         ok = (isinstance(head, dict) and head.get("job") == job
               and [head.get(f) for f in ("round", "step", "rank", "world")] == list(key)
-              and type(head.get("size")) is int and type(head.get("crc32")) is int
-              and isinstance(head.get("entries"), dict))
+              and type(head.get("size")) is int and head.get("block") == BLOCK
+              and isinstance(head.get("crc32"), list) and all(type(c) is int for c in head["crc32"])
+              and len(head["crc32"]) == -(-head["size"] // BLOCK) and isinstance(head.get("entries"), dict))
     except (ValueError, RecursionError) as exc:
         raise ShardError(f"{file_name(key)}: its header is not JSON ({exc})") from exc
     if not ok:
@@ -120,15 +151,17 @@ class ShardDir:
     def __init__(self, snapshot_dir: Path, job: str) -> None:
         self.path = snapshot_dir / SUBDIR
         self.job = job
-        self._verified: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) whose crc matched
+        # (name, size, mtime_ns) -> its header, where its body starts, the body blocks checked
+        self._heads: dict[tuple[str, int, int], tuple[dict[str, Any], int, set[int]]] = {}
         self._lock = threading.Lock()
 
-    def write(self, key: FileKey, data: bytes) -> None:
+    def write(self, key: FileKey, *parts: Any) -> None:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.path / f".{file_name(key)}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                for part in parts:
+                    f.write(part)
             os.replace(tmp, self.path / file_name(key))
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -165,31 +198,86 @@ class ShardDir:
         return (self.path / file_name(key)).stat().st_size
 
     def read(self, key: FileKey, offset: int, length: int) -> bytes:
-        """``length`` bytes at ``offset`` of a verified file; ShardError/OSError otherwise."""
+        """``length`` bytes at ``offset`` of a file, every body block they touch checked against
+        its crc32 (once per file version); ShardError/OSError otherwise."""
         path = self.path / file_name(key)
         with open(path, "rb") as f:
-            self._verify(key, f)
+            st = os.fstat(f.fileno())
+            version = (file_name(key), st.st_size, st.st_mtime_ns)
+            with self._lock:
+                known = self._heads.get(version)
+            if known is None:
+                known = (*parse_head(f.read(min(st.st_size, MAX_INDEX)), self.job, key), set())
+                with self._lock:
+                    self._heads = {v: h for v, h in self._heads.items() if v[0] != version[0]}
+                    self._heads[version] = known
+            head, body, checked = known
+            if offset + length > st.st_size or body + head["size"] != st.st_size:
+                raise ShardError(f"{path}: {length} bytes at {offset} lie beyond its end, or it is cut short")
+            first, last = max(0, offset - body) // BLOCK, max(0, offset + length - body - 1) // BLOCK
+            if offset + length <= body:  # the header alone: checked as it was parsed
+                f.seek(offset)
+                return f.read(length)
+            f.seek(body + first * BLOCK)
+            blocks = bytearray(min(st.st_size - body - first * BLOCK, (last - first + 1) * BLOCK))
+            if f.readinto(blocks) != len(blocks):
+                raise ShardError(f"{path}: cut short while read")
+            for i in range(first, last + 1):
+                if i not in checked:
+                    chunk = memoryview(blocks)[(i - first) * BLOCK:(i - first + 1) * BLOCK]
+                    if zlib.crc32(chunk) != head["crc32"][i]:
+                        raise ShardError(f"{path}: block {i} does not match its checksum (corrupt)")
+                    checked.add(i)
+            if offset >= body:
+                start = offset - body - first * BLOCK
+                return memoryview(blocks)[start:start + length]  # type: ignore[return-value] - no copy
             f.seek(offset)
-            data = f.read(length)
-        if len(data) != length:
-            raise ShardError(f"{path}: {length} bytes at {offset} lie beyond its end")
-        return data
+            return f.read(body - offset) + blocks[:offset + length - body]
 
-    def _verify(self, key: FileKey, f: Any) -> None:
-        st = os.fstat(f.fileno())
-        name = file_name(key)
-        with self._lock:
-            if self._verified.get(name) == (st.st_size, st.st_mtime_ns):
-                return
-        head, body = parse_head(f.read(min(st.st_size, MAX_INDEX)), self.job, key)
-        f.seek(body)
-        crc, left = 0, head["size"]
-        while left > 0:
-            chunk = f.read(min(left, 1 << 24))
-            if not chunk:
-                break
-            crc, left = zlib.crc32(chunk, crc), left - len(chunk)
-        if left or f.read(1) or crc != head["crc32"]:
-            raise ShardError(f"{self.path / name}: its body does not match its checksum (corrupt or cut short)")
-        with self._lock:
-            self._verified[name] = (st.st_size, st.st_mtime_ns)
+
+def fill_piece(name: str, target: torch.Tensor, offsets: list[int], pieces: list[tuple[FileKey, Any, int]],
+                read: Callable[[FileKey, int, int], bytes]) -> None:
+    """Copy into ``target`` (at ``offsets`` of its tensor) the parts of ``pieces`` that overlap it."""
+    sizes, seen, covered = list(target.shape), set(), 0
+    for key, entry, body in pieces:
+        if entry.get("t") != "tensor" or len(entry["offsets"]) != len(offsets):
+            raise ShardError(f"{name}: {file_name(key)} holds it in another shape")
+        so, ss = entry["offsets"], entry["sizes"]
+        if (tuple(so), tuple(ss)) in seen:
+            continue  # a replica of a piece already taken (HSDP)
+        lo = [max(a, b) for a, b in zip(offsets, so)]
+        hi = [min(a + n, b + m) for a, n, b, m in zip(offsets, sizes, so, ss)]
+        if any(h <= low for low, h in zip(lo, hi)):
+            continue
+        seen.add((tuple(so), tuple(ss)))
+        dtype = DTYPES[entry["dtype"]]
+        if dtype != target.dtype:
+            raise ShardError(f"{name}: {entry['dtype']} in {file_name(key)}, {target.dtype} in the state")
+        start = body + entry["start"]
+        if not sizes:
+            target.copy_(_tensor(read(key, start, entry["nbytes"]), dtype, []))
+            covered += 1
+            continue
+        row = entry["nbytes"] // max(1, ss[0])
+        rows = max(1, MAX_FETCH // max(1, row))
+        for a in range(lo[0] - so[0], hi[0] - so[0], rows):
+            b = min(hi[0] - so[0], a + rows)
+            src = _tensor(read(key, start + a * row, (b - a) * row), dtype, [b - a, *ss[1:]])
+            dst = target.narrow(0, so[0] + a - offsets[0], b - a)
+            for d in range(1, len(sizes)):
+                src = src.narrow(d, lo[d] - so[d], hi[d] - lo[d])
+                dst = dst.narrow(d, lo[d] - offsets[d], hi[d] - lo[d])
+            dst.copy_(src)
+        n = 1
+        for low, h in zip(lo, hi):
+            n *= h - low
+        covered += n
+    if covered != target.numel():
+        raise ShardError(f"{name}: the snapshot covers {covered} of the {target.numel()} elements this rank needs")
+
+
+def _tensor(data: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    buf = bytearray(data) if isinstance(data, bytes) else data  # a writable buffer: no copy, no warning
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)

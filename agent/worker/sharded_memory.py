@@ -42,7 +42,7 @@ from agent.worker import snapshot_wire as wire
 from agent.worker.held import _all_gather_bytes, _broadcast_bytes, _device, _newest_on_disk
 from agent.worker.manifest import CheckpointError
 from agent.worker.protocol import NODE_ID_ENV, SNAPSHOT_DIR_ENV
-from agent.worker.shard_store import DTYPES, FileKey, ShardError
+from agent.worker.shard_store import FileKey, ShardError
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +116,21 @@ class ShardedMemory:
             self._thread.join()
             self._thread = None
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait for the snapshot in flight (before a planned exit: the others need its shards)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return thread is None or not thread.is_alive()
+
     def _keep(self, key: FileKey, pieces: dict[str, Any], peer: str | None) -> None:
         try:
-            data = store.pack(self.job, key, pieces)
-            self.files.write(key, data)
+            head, parts = store.pack(self.job, key, pieces)
+            self.files.write(key, head, *parts)
             if peer is not None and self.key is not None:
-                head = {"node": self.node, "local_rank": self.local_rank, "round": key[0], "step": key[1],
-                        "kind": "shard", "rank": key[2], "world": key[3]}
-                wire.push(peer, head, data, job=self.job, key=self.key)
+                wire_head = {"node": self.node, "local_rank": self.local_rank, "round": key[0], "step": key[1],
+                             "kind": "shard", "rank": key[2], "world": key[3]}
+                wire.push(peer, wire_head, [memoryview(head), *parts], job=self.job, key=self.key)
         except ShardError as exc:
             log.error("sharded snapshot of step %d failed: %s", key[1], exc)
         except Exception as exc:  # noqa: BLE001 - a failed snapshot never breaks training
@@ -148,7 +155,8 @@ class ShardedMemory:
             raise OSError("this port keeps sharded rank files only")
         key = (head["round"], head["step"], head["rank"], head["world"])
         try:
-            store.parse_head(payload[:store.MAX_INDEX], self.job, key)
+            end = payload.find(b"\n", len(store.MAGIC), store.MAX_INDEX)  # no copy of the body
+            store.parse_head(bytes(payload[:end + 1]) if end >= 0 else b"", self.job, key)
         except ShardError as exc:
             raise OSError(str(exc)) from exc
         self.files.write(key, payload)
@@ -245,37 +253,39 @@ class ShardedMemory:
               ) -> tuple[dict[str, Any] | None, str | None]:
         template = state_of(held)
         try:
-            return self._fill(template, choice, holders), None
+            return _fill(self, template, choice, holders), None
         except (ShardError, OSError, KeyError) as exc:
             return None, str(exc)
 
-    def _fill(self, template: dict[str, Any], choice: tuple[int, int, int], holders: Mapping[FileKey, Any]
-              ) -> dict[str, Any]:
-        rnd, step, world = choice
-        keys = [(rnd, step, r, world) for r in range(world)]
-        local = set(self.files.held())
-        read = _Reader(self, holders, local)
-        heads = [read.head(k) for k in keys]
-        flat, mappings = flatten_state_dict(template)
-        if set(flat) != set(heads[0][0]["entries"]):
-            raise ShardError(f"the snapshot of step {step} holds other entries than the state "
-                             f"(e.g. {sorted(set(flat) ^ set(heads[0][0]['entries']))[:3]})")
-        order = sorted(range(world), key=lambda r: keys[r] not in local)  # local pieces first
-        for name, value in flat.items():
-            if isinstance(value, DTensor):
-                chunk = value.__create_chunk_list__()[0]
-                _fill_piece(name, value.to_local(), list(chunk.offsets),
-                            [(keys[r], heads[r][0]["entries"][name], heads[r][1]) for r in order], read)
-            elif isinstance(value, torch.Tensor):
-                r = order[0]
-                _fill_piece(name, value, [0] * value.dim(), [(keys[r], heads[r][0]["entries"][name], heads[r][1])],
-                            read)
-            else:
-                entry = heads[0][0]["entries"][name]
-                if entry["t"] != "value":
-                    raise ShardError(f"{name}: a tensor in the snapshot, a value in the state")
-                flat[name] = tuple(entry["value"]) if isinstance(value, tuple) else entry["value"]
-        return unflatten_state_dict(flat, mappings)
+
+def _fill(memory: ShardedMemory, template: dict[str, Any], choice: tuple[int, int, int],
+          holders: Mapping[FileKey, Any]) -> dict[str, Any]:
+    """``template`` (this rank's new pieces) filled from the rank files of ``choice``."""
+    rnd, step, world = choice
+    keys = [(rnd, step, r, world) for r in range(world)]
+    local = set(memory.files.held())
+    read = _Reader(memory, holders, local)
+    heads = [read.head(k) for k in keys]
+    flat, mappings = flatten_state_dict(template)
+    if set(flat) != set(heads[0][0]["entries"]):
+        raise ShardError(f"the snapshot of step {step} holds other entries than the state "
+                         f"(e.g. {sorted(set(flat) ^ set(heads[0][0]['entries']))[:3]})")
+    order = sorted(range(world), key=lambda r: keys[r] not in local)  # local pieces first
+    for name, value in flat.items():
+        if isinstance(value, DTensor):
+            chunk = value.__create_chunk_list__()[0]
+            store.fill_piece(name, value.to_local(), list(chunk.offsets),
+                             [(keys[r], heads[r][0]["entries"][name], heads[r][1]) for r in order], read)
+        elif isinstance(value, torch.Tensor):
+            r = order[0]
+            store.fill_piece(name, value, [0] * value.dim(),
+                             [(keys[r], heads[r][0]["entries"][name], heads[r][1])], read)
+        else:
+            entry = heads[0][0]["entries"][name]
+            if entry["t"] != "value":
+                raise ShardError(f"{name}: a tensor in the snapshot, a value in the state")
+            flat[name] = tuple(entry["value"]) if isinstance(value, tuple) else entry["value"]
+    return unflatten_state_dict(flat, mappings)
 
 
 class _Reader:
@@ -285,10 +295,9 @@ class _Reader:
         self.memory, self.holders, self.local = memory, holders, local
 
     def __call__(self, key: FileKey, offset: int, length: int) -> bytes:
-        parts = []
-        for at in range(offset, offset + length, wire.MAX_FETCH):
-            parts.append(self._part(key, at, min(wire.MAX_FETCH, offset + length - at)))
-        return b"".join(parts)
+        parts = [self._part(key, at, min(wire.MAX_FETCH, offset + length - at))
+                 for at in range(offset, offset + length, wire.MAX_FETCH)]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _part(self, key: FileKey, offset: int, length: int) -> bytes:
         failures = []
@@ -310,57 +319,10 @@ class _Reader:
 
     def head(self, key: FileKey) -> tuple[dict[str, Any], int]:
         size = min(s for _a, s in self.holders[key])
-        data = self(key, 0, min(size, HEAD_READ))
+        data = bytes(self(key, 0, min(size, HEAD_READ)))
         while b"\n" not in data[len(store.MAGIC):] and len(data) < min(size, store.MAX_INDEX):
-            data += self(key, len(data), min(size, store.MAX_INDEX) - len(data))
+            data += bytes(self(key, len(data), min(size, store.MAX_INDEX) - len(data)))
         return store.parse_head(data, self.memory.job, key)
-
-
-def _fill_piece(name: str, target: torch.Tensor, offsets: list[int], pieces: list[tuple[FileKey, Any, int]],
-                read: _Reader) -> None:
-    """Copy into ``target`` (at ``offsets`` of its tensor) the parts of ``pieces`` that overlap it."""
-    sizes, seen, covered = list(target.shape), set(), 0
-    for key, entry, body in pieces:
-        if entry.get("t") != "tensor" or len(entry["offsets"]) != len(offsets):
-            raise ShardError(f"{name}: {store.file_name(key)} holds it in another shape")
-        so, ss = entry["offsets"], entry["sizes"]
-        if (tuple(so), tuple(ss)) in seen:
-            continue  # a replica of a piece already taken (HSDP)
-        lo = [max(a, b) for a, b in zip(offsets, so)]
-        hi = [min(a + n, b + m) for a, n, b, m in zip(offsets, sizes, so, ss)]
-        if any(h <= low for low, h in zip(lo, hi)):
-            continue
-        seen.add((tuple(so), tuple(ss)))
-        dtype = DTYPES[entry["dtype"]]
-        if dtype != target.dtype:
-            raise ShardError(f"{name}: {entry['dtype']} in {store.file_name(key)}, {target.dtype} in the state")
-        start = body + entry["start"]
-        if not sizes:
-            target.copy_(_tensor(read(key, start, entry["nbytes"]), dtype, []))
-            covered += 1
-            continue
-        row = entry["nbytes"] // max(1, ss[0])
-        rows = max(1, wire.MAX_FETCH // max(1, row))
-        for a in range(lo[0] - so[0], hi[0] - so[0], rows):
-            b = min(hi[0] - so[0], a + rows)
-            src = _tensor(read(key, start + a * row, (b - a) * row), dtype, [b - a, *ss[1:]])
-            dst = target.narrow(0, so[0] + a - offsets[0], b - a)
-            for d in range(1, len(sizes)):
-                src = src.narrow(d, lo[d] - so[d], hi[d] - lo[d])
-                dst = dst.narrow(d, lo[d] - offsets[d], hi[d] - lo[d])
-            dst.copy_(src)
-        n = 1
-        for low, h in zip(lo, hi):
-            n *= h - low
-        covered += n
-    if covered != target.numel():
-        raise ShardError(f"{name}: the snapshot covers {covered} of the {target.numel()} elements this rank needs")
-
-
-def _tensor(data: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    if not data:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
 def _any(flag: bool) -> bool:

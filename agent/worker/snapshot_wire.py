@@ -160,14 +160,15 @@ class _Reader:
         return left
 
     def exactly(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
+        buf = bytearray(n)  # the size was checked against the receiver's limit: one buffer, no copies
+        view, got = memoryview(buf), 0
+        while got < n:
             self.conn.settimeout(self._left())
-            chunk = self.conn.recv(min(_CHUNK, n - len(buf)))
-            if not chunk:
+            k = self.conn.recv_into(view[got:], min(_CHUNK, n - got))
+            if not k:
                 raise WireError("connection closed before the whole message arrived")
-            buf += chunk
-        return bytes(buf)
+            got += k
+        return buf  # type: ignore[return-value] - a bytearray: bytes-like, and not copied again
 
     def line(self, limit: int) -> bytes:
         buf = bytearray()
@@ -261,7 +262,8 @@ class PeerServer:
             if len(data) != ask["length"]:
                 raise WireError(f"cannot serve {ask['length']} bytes at {ask['offset']}")
             conn.settimeout(_transfer_time(len(data)))
-            conn.sendall(data + _tag(self.key, line, data))
+            conn.sendall(data)
+            conn.sendall(_tag(self.key, line, data))
             return False
         reader.deadline = time.monotonic() + _transfer_time(head["size"])
         payload = reader.exactly(head["size"])
@@ -275,16 +277,22 @@ class PeerServer:
         self._sock.close()
 
 
-def push(address: str, header: dict[str, Any], payload: bytes, *, job: str, key: bytes) -> None:
-    """Send one snapshot to a peer's :class:`PeerServer`; raises OSError when it did not land."""
+def push(address: str, header: dict[str, Any], payload: bytes | list[memoryview], *, job: str, key: bytes) -> None:
+    """Send one snapshot (its bytes, or its parts in order: never joined into one copy) to a
+    peer's :class:`PeerServer`; raises OSError when it did not land."""
     host, _, port = address.rpartition(":")
-    line = json.dumps({**header, "v": WIRE_VERSION, "job": job, "size": len(payload)}).encode() + b"\n"
-    with socket.create_connection((host, int(port)), timeout=_transfer_time(len(payload))) as conn:
+    parts = [memoryview(payload)] if isinstance(payload, bytes) else payload
+    size = sum(p.nbytes for p in parts)
+    line = json.dumps({**header, "v": WIRE_VERSION, "job": job, "size": size}).encode() + b"\n"
+    mac = hmac.new(key, line, hashlib.sha256)
+    with socket.create_connection((host, int(port)), timeout=_transfer_time(size)) as conn:
         conn.sendall(line + _tag(key, line))
-        view = memoryview(payload)
-        for start in range(0, len(view), _CHUNK):
-            conn.sendall(view[start:start + _CHUNK])
-        conn.sendall(_tag(key, line, payload))
+        for part in parts:
+            view = part.cast("B")
+            for start in range(0, len(view), _CHUNK):
+                conn.sendall(view[start:start + _CHUNK])
+            mac.update(view)
+        conn.sendall(mac.digest())
         if conn.makefile("rb").readline(8) != b"ok\n":
             raise OSError(f"peer {address} did not confirm the snapshot")
 

@@ -38,8 +38,9 @@ def assert_same(saved: Any, loaded: Any, where: str) -> None:
         assert saved == loaded, where
 
 
-def resumed_at(dumps: Path, world: int, after: set[str]) -> Path:
-    found = sorted(p for p in dumps.glob(f"resumed_*_w{world}.pt") if p.name not in after)
+def resumed_at(dumps: Path, world: int, before: set[str]) -> Path:
+    """The one resume at ``world`` ranks since the dumps named ``before`` were there."""
+    found = sorted(p for p in dumps.glob(f"resumed_*_w{world}.pt") if p.name not in before)
     assert len(found) == 1, found
     return found[0]
 
@@ -62,23 +63,26 @@ def test_fsdp_job_loses_a_node_and_gains_one_in_process_with_the_exact_state(clu
     lost = agents[1] if survivor is agents[0] else agents[0]
     pids, starts = survivor.worker_pids(), len(started_lines(survivor))
 
+    before = {p.name for p in dumps.iterdir()}
     killed = time.monotonic()
     lost.kill_node()
     back = wait_until(lambda: cluster.first_step_after(killed, world_size=2), WAIT, "training at world size 2")
     assert survivor.worker_pids() == pids and all(alive(p) for p in pids), survivor.text()[-3000:]
     assert len(started_lines(survivor)) == starts, survivor.text()[-3000:]
     assert "resumed from the in-memory shards" in survivor.text(), survivor.text()[-3000:]
-    first = resumed_at(dumps, 2, set())
+    first = resumed_at(dumps, 2, before)
     held = check_resumed(dumps, first, 4)
     assert back[1] == held + 1
     last_before = max(s for t, s, ws in cluster.steps() if t < killed)
     assert held >= last_before - 1, (held, last_before)  # at most the step whose snapshot was in flight
+    print(f"kill -9 -> a step at world size 2 in {back[0] - killed:.2f} s, {last_before - held} completed steps lost")
 
+    before = {p.name for p in dumps.iterdir()}
     joined = time.monotonic()
     cluster.start_agent("node-2", nproc=2, min_nodes=1, max_nodes=2, command=command)
     wait_until(lambda: cluster.first_step_after(joined, world_size=4), WAIT, "training at world size 4 again")
     assert survivor.worker_pids() == pids, survivor.text()[-3000:]
-    check_resumed(dumps, resumed_at(dumps, 4, set()), 2)
+    check_resumed(dumps, resumed_at(dumps, 4, before), 2)
     assert "Traceback" not in survivor.text(), survivor.text()[-3000:]
 
 
@@ -93,10 +97,10 @@ def test_hsdp_job_loses_a_replica_and_recovers_it_from_the_other_in_process(clus
     wait_until(lambda: any(s >= 5 and ws == 4 for _, s, ws in cluster.steps()), 120, "training at world size 4")
     survivor = agents[0] if agents[0].group_rank() == 0 else agents[1]
     lost = agents[1] if survivor is agents[0] else agents[0]
-    pids = survivor.worker_pids()
+    pids, before = survivor.worker_pids(), {p.name for p in dumps.iterdir()}
     killed = time.monotonic()
     lost.kill_node()
     wait_until(lambda: cluster.first_step_after(killed, world_size=2), WAIT, "training at world size 2")
     assert survivor.worker_pids() == pids, survivor.text()[-3000:]
     assert "resumed from the in-memory shards" in survivor.text(), survivor.text()[-3000:]
-    check_resumed(dumps, resumed_at(dumps, 2, set()), 4)
+    check_resumed(dumps, resumed_at(dumps, 2, before), 4)

@@ -172,14 +172,14 @@ def test_random_messages_never_crash_nor_store(port, tmp_path, head, payload, si
 
 @pytest.fixture(scope="module")
 def shard_port(tmp_path_factory):
-    from agent.worker.shard_store import pack
+    from agent.worker.shard_store import packed
     from agent.worker.sharded_memory import ShardedMemory
 
     directory = tmp_path_factory.mktemp("shards")
     wire.write_key(directory, KEY)
     memory = ShardedMemory(directory, "j", 1, None, node="b", local_rank=0, local_world=1, round_number=1)
     memory.serve("127.0.0.1")
-    data = pack("j", (1, 5, 0, 2), {"w": (torch.arange(6.0), (12,), (0,)), "lr": 0.1})
+    data = packed("j", (1, 5, 0, 2), {"w": (torch.arange(6.0), (12,), (0,)), "lr": 0.1})
     memory.files.write((1, 5, 0, 2), data)
     yield memory, data
     memory.server.close()

@@ -116,6 +116,16 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.dump_dir).mkdir(parents=True, exist_ok=True)
             torch.save(gathered, Path(args.dump_dir) / name)
 
+    def say(line: str) -> None:
+        if dist.get_rank() == 0:
+            print(line, flush=True)
+
+    def loaded_at(start: int) -> None:
+        """The start line (and, for tests, a dump of the state just loaded)."""
+        if args.dump_loaded:
+            dump(f"loaded_{start}.pt")
+        say(f"fsdp: starting at step {start}, world size {dist.get_world_size()}")
+
     last_loss = [float("nan")]
 
     def train_step(step: int, module: nn.Module) -> None:
@@ -133,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         reported = loss.detach().clone()
         dist.all_reduce(reported)  # after the update: a printed step is one every rank completed
         last_loss[0] = reported.item() / world_size
-        if rank == 0:
-            print(f"step {step} world_size {world_size} loss {last_loss[0]:.4f}", flush=True)
+        say(f"step {step} world_size {world_size} loss {last_loss[0]:.4f}")
         if step in args.dump_at:
             dump(f"saved_{step}.pt")
         time.sleep(max(0.0, args.step_time - (time.monotonic() - began)))
@@ -148,22 +157,16 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
             return 2
     else:
-        start, loaded = el.load(default=state)
+        start, loaded = el.load(default=state)  # the latest complete checkpoint, re-sharded; else state()
         set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["opt"])
-        if args.dump_loaded:
-            dump(f"loaded_{start}.pt")
-        if dist.get_rank() == 0:
-            print(f"fsdp: starting at step {start}, world size {dist.get_world_size()}", flush=True)
+        loaded_at(start)
         for step in range(start, args.steps):
             train_step(step, model)
-            if el.step(step, state):
-                if dist.get_rank() == 0:
-                    print(f"drained at step {step}", flush=True)
+            if el.step(step, state):  # drained: every rank's shards of `step` are saved
+                say(f"drained at step {step}")
                 el.exit_drained()
         el.finish()
-    if dist.get_rank() == 0:
-        print(f"fsdp: trained {args.steps} steps, world size {dist.get_world_size()}, loss {last_loss[0]:.4f}",
-              flush=True)
+    say(f"fsdp: trained {args.steps} steps, world size {dist.get_world_size()}, loss {last_loss[0]:.4f}")
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -70,6 +70,7 @@ bench-agent: $(STAMP)
 # parameters + Adam, 2 ranks, gloo; a few minutes). Results: docs/benchmarks.md.
 bench-fsdp: $(STAMP)
 	$(PY) -m tests.bench.fsdp_bench --repeat 5
+	$(PY) -m tests.bench.fsdp_memory_bench
 
 # The rendezvous at scale: N real participants over 16 processes (each its own gRPC channel)
 # against one etcd, then a 3-member cluster; four scenarios (first round, a node lost, one

@@ -30,8 +30,11 @@ class HeldState:
         self.completed = -1  # the last step whose optimizer step landed in this process
         self.round = 0  # the round of the last agreement: the steps completed since are of it
         self.endpoints: set[tuple[str, int]] = set()  # the members' sockets' local endpoints, at the last agreement
+        self.sharded: Callable[[HeldState], dict[str, Any]] | None = None  # a sharded model's state (sharded_memory)
 
     def state_dict(self) -> dict[str, Any]:
+        if self.sharded is not None:
+            return self.sharded(self)
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.completed}
         if self.extra is not None:
             state["extra"] = self.extra()
@@ -55,6 +58,8 @@ class HeldState:
         up in ``self.endpoints`` (how a rank tells the group's connections from its others).
         Exchanged here, the one collective every path into a group runs, so that no rank runs
         a collective the others do not."""
+        if hasattr(snapshots, "agree"):  # a sharded model's snapshots (agent.worker.sharded_memory)
+            return snapshots.agree(self, elastic, round_number, endpoints or [])
         world = dist.get_world_size()
         self.endpoints = set(endpoints or ())
         if world == 1 and self.completed >= 0:

@@ -185,18 +185,18 @@ class Elastic:
     def run(self, train_step: Callable[[int, Any], Any], *, model: Any, optimizer: Any, steps: int,
             state: Callable[[], dict[str, Any]] | None = None,
             load_state: Callable[[dict[str, Any]], None] | None = None, snapshot_every: int = 1,
-            timeout: timedelta | None = None) -> None:
+            timeout: timedelta | None = None, build_model: Callable[[], Any] | None = None) -> None:
         """Run the training loop with recovery in process (see agent.worker.inprocess):
         ``train_step(step, ddp_model)`` is called for each step until ``steps``; extra state
         beyond the model and optimizer goes through ``state``/``load_state``. Under the agent,
         a snapshot of the state is kept in host memory and on a peer node every
         ``snapshot_every`` steps (0: never; agent.worker.snapshot). ``timeout``: as
-        init_process_group's (default: the script's group's, else torch's), at every re-form."""
+        init_process_group's (default: the script's group's, else torch's), at every re-form.
+        A sharded model needs ``build_model`` (agent.worker.sharded_memory)."""
         from agent.worker.inprocess import InProcess  # noqa: PLC0415
 
-        if sharded.module_is_sharded(model):
-            raise WorkerConfigError(sharded.NOT_IN_PROCESS)
-        InProcess(self, model, optimizer, state, load_state, None, snapshot_every, timeout).run(train_step, steps)
+        build = sharded.in_process_builder(model, build_model)
+        InProcess(self, model, optimizer, state, load_state, None, snapshot_every, timeout, build).run(train_step, steps)
 
     def save(self, step: int, state: Any, *, wait: bool = True) -> None:
         """Checkpoint ``state`` as step ``step``: global rank 0 writes, every rank waits for it.

@@ -16,7 +16,9 @@ there is nothing to reload from disk. So when the job re-forms, a worker does no
    forms the new process group in process (no new interpreter, no new CUDA context), and
    every rank says which step it completed last: the most advanced rank broadcasts its
    state to the others, new ranks included. Only when no rank holds any state (the job's
-   first start) is a checkpoint read from disk.
+   first start) is a checkpoint read from disk. A sharded model (FSDP2) takes another path
+   (agent.worker.sharded_memory): rebuilt on the new mesh, its shards re-sharded from the
+   rank files the nodes hold in memory.
 3. It wraps the model for the new group and goes on at the next step.
 
 A planned change (a node leaving, one joining) is announced as a step to stop after
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from agent.worker import control, groups, snapshot
+from agent.worker import control, groups, sharded_memory, snapshot
 from agent.worker.held import HeldState
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ class _Reforming:
     timeout: timedelta | None
     snapshots: Any
     ddp: Any
+    _aborted: bool
+    _stepped: int
     _lock: threading.Lock
     _forming: set[int] | None
     _group_sockets: set[int]
@@ -178,8 +182,11 @@ class _Reforming:
         # job sends none, a gloo one a line per connection (world-size lines per rank).
         mine = ([local for local, _remote in groups.tcp_endpoints().values()] if dist.get_backend() == "gloo"
                 else [])
+        self._aborted = False  # a sharded agreement may run the optimizer once to initialise its state
         held = self.held.agree(self.el, self.snapshots, self.round, mine)
-        self.ddp = groups.wrap(self.model)
+        self._stepped = -1
+        self.model = self.held.model  # rebuilt on the new mesh when sharded
+        self.ddp = self.model if self.held.sharded is not None else groups.wrap(self.model)
         self.el._report(held, "train")  # not broken any more; the agent clears steps from reports
         return held
 
@@ -188,14 +195,17 @@ class InProcess(_Reforming):
     def __init__(self, elastic: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  state: Callable[[], dict[str, Any]] | None, load_state: Callable[[dict[str, Any]], None] | None,
                  environ: dict[str, str] | None = None, snapshot_every: int = 1,
-                 timeout: timedelta | None = None) -> None:
+                 timeout: timedelta | None = None, build_model: Callable[[], torch.nn.Module] | None = None) -> None:
         self.el = elastic
         self.timeout = timeout  # the collectives' timeout, the user's (None: torch's default)
         self.model = model
         self.held = HeldState(model, optimizer, state, load_state)
         self.environ = os.environ if environ is None else environ
         self.round = elastic.round_number or 0
-        self.snapshots = snapshot.from_env(self.environ, snapshot_every)
+        self.snapshots: Any = snapshot.from_env(self.environ, snapshot_every)
+        if build_model is not None:  # a sharded model: every rank snapshots its shards
+            self.held.sharded = sharded_memory.state_of
+            self.snapshots = sharded_memory.from_env(self.environ, snapshot_every, build_model, self.round)
         self.ddp: Any = model
         self._current = -1  # the step in flight
         self._stepped = -1  # the last step whose optimizer.step ran

@@ -45,9 +45,22 @@ METADATA_FILE = ".metadata"  # DCP's name; the manifest allows exactly this dot 
 
 
 NOT_IN_PROCESS = (
-    "el.run does not handle sharded models (FSDP2/DTensor parameters) yet: its in-memory recovery assumes every "
-    "rank holds the whole state. Use the el.step loop, which saves sharded state through "
-    "torch.distributed.checkpoint (docs/examples/train_fsdp.py)")
+    "el.run needs build_model= for a sharded model (FSDP2/DTensor parameters): a function that builds the same "
+    "model sharded on the current process group, which el.run calls after each re-form to re-shard the state "
+    "onto the new mesh (docs/examples/train_fsdp.py)")
+
+
+def in_process_builder(model: Any, build_model: Callable[[], Any] | None) -> Callable[[], Any] | None:
+    """``el.run``'s ``build_model`` for a sharded ``model`` (None for a replicated one): it builds
+    the same model sharded on the current default group, called after each re-form to re-shard
+    the state onto the new mesh; ``train_step`` must use the model it is given."""
+    if not module_is_sharded(model):
+        return None
+    if build_model is None:
+        from agent.worker.helper import WorkerConfigError  # noqa: PLC0415 - helper imports this module
+
+        raise WorkerConfigError(NOT_IN_PROCESS)
+    return build_model
 
 
 def _sharded_types() -> tuple[type, ...]:
@@ -104,13 +117,16 @@ class ShardedSaver:
         self._agree = agree
         self._broadcast = broadcast
         self._group: Any = None
+        self._world: Any = None  # the default group ``_group`` was made in
         self._pending: tuple[int, Future, Future | None] | None = None  # step, DCP future, commit future
 
     def group(self) -> Any:
         """A gloo group for DCP's collectives alone (made once, collectively): the background
         thread's gathers must never interleave with the training's collectives on one group."""
+        if self._group is not None and self._world is not dist.group.WORLD:
+            self._group = None  # made in a group since re-formed in process (el.run): formed anew
         if self._group is None and dist.is_initialized():
-            self._group = dist.new_group(backend="gloo")
+            self._group, self._world = dist.new_group(backend="gloo"), dist.group.WORLD
         return self._group
 
     def save(self, step: int, state: Mapping[str, Any], *, wait: bool) -> int | None:

@@ -19,6 +19,13 @@ to every rank, so (docs/security.md):
 
 Message: one JSON header line, 32 bytes HMAC(header line), ``size`` payload bytes, 32 bytes
 HMAC(header line + payload). The receiver answers ``ok`` only once the snapshot is stored.
+A sharded job's rank file (agent.worker.sharded_memory) is pushed the same way, its header
+naming it (``kind: "shard"``, the rank and world size of the round it belongs to).
+
+A fetch (``kind: "fetch"``, sharded recovery) asks for ``length`` bytes at ``offset`` of one
+rank file the receiver's node holds: the header alone, signed as above (no payload); the
+answer is the bytes and HMAC(header line + bytes), which the asker checks before using them.
+A fetch is bounded (``MAX_FETCH``) and names a file by its fields, never by a path.
 No torch here.
 """
 
@@ -51,6 +58,8 @@ MAX_INT = 2**62
 _TAG = 32
 _CHUNK = 1 << 20
 _NODE = re.compile(r"[A-Za-z0-9._-]{1,253}")
+MAX_FETCH = 16 << 20  # bytes one fetch may ask for (an asker splits a longer range)
+MAX_WORLD = 1 << 16
 
 
 class WireError(ValueError):
@@ -114,7 +123,28 @@ def check_header(head: Any, job: str, max_bytes: int) -> dict[str, Any]:
         raise WireError(f"header field 'node' is {node!r}, expected a node id")
     return {"node": node, "local_rank": _int(head, "local_rank", 0, 65535),
             "round": _int(head, "round", 0, MAX_INT), "step": _int(head, "step", 0, MAX_INT),
-            "size": _int(head, "size", 0, max_bytes)}
+            "size": _int(head, "size", 0, max_bytes), **_shard_fields(head)}
+
+
+def _shard_fields(head: dict[str, Any]) -> dict[str, Any]:
+    """A sharded job's rank file (``kind: "shard"``): which rank of which world size."""
+    kind = head.get("kind", "state")
+    if kind == "state":
+        return {}
+    if kind != "shard":
+        raise WireError(f"header field 'kind' is {kind!r}, expected 'state' or 'shard'")
+    world = _int(head, "world", 1, MAX_WORLD)
+    return {"kind": "shard", "world": world, "rank": _int(head, "rank", 0, world - 1)}
+
+
+def check_fetch(head: Any, job: str) -> dict[str, Any]:
+    """A fetch request's fields (which rank file, which byte range); WireError otherwise."""
+    if not isinstance(head, dict) or head.get("v") != WIRE_VERSION or head.get("job") != job:
+        raise WireError("a fetch that is not this job's")
+    world = _int(head, "world", 1, MAX_WORLD)
+    return {"round": _int(head, "round", 0, MAX_INT), "step": _int(head, "step", 0, MAX_INT), "world": world,
+            "rank": _int(head, "rank", 0, world - 1), "offset": _int(head, "offset", 0, MAX_INT),
+            "length": _int(head, "length", 1, MAX_FETCH)}
 
 
 class _Reader:
@@ -158,14 +188,17 @@ def _transfer_time(size: int) -> float:
 
 # (header, payload) -> stores them; raises OSError when they cannot be kept
 Store = Callable[[dict[str, Any], bytes], None]
+# checked fetch fields -> the bytes asked for; raises OSError/ValueError when they cannot be had
+Serve = Callable[[dict[str, Any]], bytes]
 
 
 class PeerServer:
     """Receives the peer's snapshots; ``store`` keeps each authentic one. ``max_bytes`` is
     asked at each connection (the directory's room may change)."""
 
-    def __init__(self, store: Store, host: str, *, job: str, key: bytes, max_bytes: Callable[[], int]) -> None:
-        self.store, self.job, self.key, self.max_bytes = store, job, key, max_bytes
+    def __init__(self, store: Store, host: str, *, job: str, key: bytes, max_bytes: Callable[[], int],
+                 serve: Serve | None = None) -> None:
+        self.store, self.job, self.key, self.max_bytes, self.serve = store, job, key, max_bytes, serve
         self.stored = 0  # snapshots stored, for tests
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._sock = socket.create_server((host, 0))
@@ -195,8 +228,8 @@ class PeerServer:
     def _receive(self, conn: socket.socket) -> None:
         try:
             with conn:
-                self.receive(conn)
-                conn.sendall(b"ok\n")
+                if self.receive(conn):
+                    conn.sendall(b"ok\n")
         except (OSError, WireError) as exc:
             log.debug("a peer snapshot was not received: %s", exc)  # a stray or hostile sender: ignored
         except Exception:  # noqa: BLE001 - nothing a sender does may end this thread with a traceback
@@ -204,21 +237,39 @@ class PeerServer:
         finally:
             self._slots.release()
 
-    def receive(self, conn: socket.socket) -> None:
+    def receive(self, conn: socket.socket) -> bool:
+        """Serve one message; True when a pushed snapshot was stored (a fetch is answered here)."""
         reader = _Reader(conn, time.monotonic() + HEADER_TIMEOUT)
         line = reader.line(MAX_HEADER)
         if not hmac.compare_digest(reader.exactly(_TAG), _tag(self.key, line)):
             raise WireError("header not signed with this job's snapshot key")
         try:
-            head = check_header(json.loads(line), self.job, self.max_bytes())
+            raw = json.loads(line)
+            if isinstance(raw, dict) and raw.get("kind") == "fetch":
+                ask = check_fetch(raw, self.job)
+            else:
+                head = check_header(raw, self.job, self.max_bytes())
         except (ValueError, RecursionError) as exc:
             raise WireError(f"bad header: {exc}") from exc
+        if isinstance(raw, dict) and raw.get("kind") == "fetch":
+            if self.serve is None:
+                raise WireError("this port serves no fetches")
+            try:
+                data = self.serve(ask)
+            except (OSError, ValueError) as exc:  # not held, or corrupt here: the asker tries elsewhere
+                raise WireError(f"cannot serve the fetch: {exc}") from exc
+            if len(data) != ask["length"]:
+                raise WireError(f"cannot serve {ask['length']} bytes at {ask['offset']}")
+            conn.settimeout(_transfer_time(len(data)))
+            conn.sendall(data + _tag(self.key, line, data))
+            return False
         reader.deadline = time.monotonic() + _transfer_time(head["size"])
         payload = reader.exactly(head["size"])
         if not hmac.compare_digest(reader.exactly(_TAG), _tag(self.key, line, payload)):
             raise WireError("payload not signed with this job's snapshot key")
         self.store(head, payload)
         self.stored += 1
+        return True
 
     def close(self) -> None:
         self._sock.close()
@@ -236,3 +287,22 @@ def push(address: str, header: dict[str, Any], payload: bytes, *, job: str, key:
         conn.sendall(_tag(key, line, payload))
         if conn.makefile("rb").readline(8) != b"ok\n":
             raise OSError(f"peer {address} did not confirm the snapshot")
+
+
+def fetch(address: str, ask: dict[str, Any], *, job: str, key: bytes) -> bytes:
+    """``ask["length"]`` bytes at ``ask["offset"]`` of the rank file (round, step, rank, world)
+    that the node at ``address`` holds, checked against the job's key; OSError when they could
+    not be had whole and authentic."""
+    host, _, port = address.rpartition(":")
+    line = json.dumps({**ask, "v": WIRE_VERSION, "job": job, "kind": "fetch"}).encode() + b"\n"
+    length = int(ask["length"])
+    with socket.create_connection((host, int(port)), timeout=_transfer_time(length)) as conn:
+        conn.sendall(line + _tag(key, line))
+        reader = _Reader(conn, time.monotonic() + _transfer_time(length))
+        try:
+            data = reader.exactly(length)
+            if not hmac.compare_digest(reader.exactly(_TAG), _tag(key, line, data)):
+                raise WireError("answer not signed with this job's snapshot key")
+        except WireError as exc:
+            raise OSError(f"fetch from {address}: {exc}") from exc
+    return data

@@ -101,7 +101,7 @@ def test_sharded_state_that_is_not_a_dict_is_a_clear_error(group: None, tmp_path
         Elastic(tmp_path / "ckpt").save(0, [model.state_dict()])
 
 
-def test_el_run_refuses_a_sharded_model_with_a_clear_error(group: None, tmp_path: Path) -> None:
+def test_el_run_refuses_a_sharded_model_without_build_model_with_a_clear_error(group: None, tmp_path: Path) -> None:
     model, opt = fsdp_model()
-    with pytest.raises(WorkerConfigError, match="el.run does not handle sharded models"):
+    with pytest.raises(WorkerConfigError, match="el.run needs build_model= for a sharded model"):
         Elastic(tmp_path / "ckpt").run(lambda step, m: None, model=model, optimizer=opt, steps=1)

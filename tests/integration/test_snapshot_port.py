@@ -166,3 +166,97 @@ def test_random_messages_never_crash_nor_store(port, tmp_path, head, payload, si
         if path.name != wire.KEY_FILE:
             path.unlink()
     assert snaps.take() is None
+
+
+# --- a sharded job's port (agent.worker.sharded_memory): fetches of byte ranges, rank-file pushes ---
+
+@pytest.fixture(scope="module")
+def shard_port(tmp_path_factory):
+    from agent.worker.shard_store import pack
+    from agent.worker.sharded_memory import ShardedMemory
+
+    directory = tmp_path_factory.mktemp("shards")
+    wire.write_key(directory, KEY)
+    memory = ShardedMemory(directory, "j", 1, None, node="b", local_rank=0, local_world=1, round_number=1)
+    memory.serve("127.0.0.1")
+    data = pack("j", (1, 5, 0, 2), {"w": (torch.arange(6.0), (12,), (0,)), "lr": 0.1})
+    memory.files.write((1, 5, 0, 2), data)
+    yield memory, data
+    memory.server.close()
+
+
+def fetch_head(**over) -> dict:
+    return {"v": 1, "job": "j", "kind": "fetch", "round": 1, "step": 5, "rank": 0, "world": 2, "offset": 0,
+            "length": 8, **over}
+
+
+def ask(address: str, head: dict, key: bytes = KEY) -> bytes:
+    line = json.dumps(head).encode() + b"\n"
+    return send_all(address, line + hmac.new(key, line, hashlib.sha256).digest())
+
+
+def send_all(address: str, data: bytes) -> bytes:
+    host, _, p = address.rpartition(":")
+    with socket.create_connection((host, int(p)), timeout=DEADLINE_S) as conn:
+        try:
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+            out = b""
+            while chunk := conn.recv(1 << 16):
+                out += chunk
+            return out
+        except OSError:
+            return b""
+
+
+def test_an_authentic_fetch_gets_exactly_the_bytes_asked_for(shard_port):
+    memory, data = shard_port
+    got = wire.fetch(memory.address, {k: v for k, v in fetch_head(offset=3, length=40).items()
+                                      if k not in ("v", "job", "kind")}, job="j", key=KEY)
+    assert got == data[3:43]
+
+
+def test_hostile_fetches_get_nothing(shard_port):
+    memory, data = shard_port
+    for head, key in [
+        (fetch_head(), b"x" * 64),  # not the job's key
+        (fetch_head(job="other"), KEY),
+        (fetch_head(offset=-1), KEY),
+        (fetch_head(length=wire.MAX_FETCH + 1), KEY),  # over the bound: never read
+        (fetch_head(offset=len(data) - 4, length=8), KEY),  # beyond the end
+        (fetch_head(step=6), KEY),  # a file not held here
+        (fetch_head(rank=2), KEY),  # a rank outside the world
+        (fetch_head(length=True), KEY),
+        (fetch_head(kind="fetch", world=0), KEY),
+    ]:
+        assert ask(memory.address, head, key) == b"", head
+    # Files are named by their fields, never by a path: a "name" is ignored, the file asked for is sent.
+    assert ask(memory.address, fetch_head(name="../../.key"))[:8] == data[:8]
+
+
+def test_a_pushed_rank_file_that_is_not_one_is_not_stored(shard_port):
+    memory, _ = shard_port
+    before = sorted(memory.files.held())
+    head = {"node": "a", "local_rank": 0, "round": 1, "step": 7, "kind": "shard", "rank": 1, "world": 2}
+    with pytest.raises(OSError):
+        wire.push(memory.address, head, b"not a shard file", job="j", key=KEY)
+    with pytest.raises(OSError):  # a rank outside its world
+        wire.push(memory.address, {**head, "rank": 2}, b"x", job="j", key=KEY)
+    assert sorted(memory.files.held()) == before
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(head=st.dictionaries(st.sampled_from(["v", "job", "kind", "round", "step", "rank", "world", "offset", "length",
+                                            "size", "node", "local_rank"]),
+                            st.one_of(st.integers(-2**70, 2**70), st.text(max_size=12), st.none(), st.booleans(),
+                                      st.sampled_from(["fetch", "shard", "j", 1]))),
+       signed=st.booleans())
+def test_random_fetches_and_shard_pushes_never_crash_nor_leak(shard_port, head, signed):
+    memory, data = shard_port
+    before = sorted(memory.files.held())
+    reply = ask(memory.address, head, KEY if signed else b"z" * 64)
+    if reply:  # only an authentic, well-formed fetch of a held range is answered, with exactly that range
+        ok = fetch_head(**{k: head[k] for k in ("offset", "length") if k in head})
+        assert signed and all(head.get(k) == ok[k] for k in ("v", "job", "kind", "round", "step", "rank", "world"))
+        assert reply[:-32] == data[head["offset"]:head["offset"] + head["length"]]
+    assert sorted(memory.files.held()) == before

@@ -1,0 +1,392 @@
+"""In-memory snapshots and recovery in process for sharded models (FSDP2/DTensor) under ``el.run``.
+
+Each rank holds only its shards, so the replicated design (agent.worker.snapshot: local rank
+0's state; the most advanced rank broadcasts its whole state) does not apply. Instead (see
+docs/architecture.md, "Sharded state in memory"):
+
+- After every ``every``-th step each rank copies its own shards (and the small replicated
+  entries) to host memory: the only stall of the step. A background thread writes them as one
+  rank file (agent.worker.shard_store: raw bytes and a JSON index, never a pickle) into its
+  node's snapshot directory in shared memory, and pushes a copy to the rank of the same local
+  rank on the next node (agent.worker.snapshot_wire, authenticated). The next optimizer step
+  waits for that, so a snapshot is never of a later state than the weights it copies, and at
+  most one is in flight.
+- When a group forms, every rank says which rank files its node holds (JSON). Rank 0 picks
+  the newest (round, step) whose files of every rank are held by some live node, unless the
+  newest disk checkpoint is newer. Every rank rebuilds the model on the new mesh
+  (``build_model``; the optimizer keeps its object, its parameters re-pointed) and fills its
+  new shards from the byte ranges of the old rank files that overlap them: read locally, or
+  fetched point to point, in bounded chunks, from a node that holds them. No rank ever holds
+  the whole model. If any rank cannot fill its shards (a file missing, corrupt, unreachable),
+  every rank loads the same disk checkpoint instead, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+
+from agent.worker import shard_store as store
+from agent.worker import snapshot_wire as wire
+from agent.worker.held import _all_gather_bytes, _broadcast_bytes, _device, _newest_on_disk
+from agent.worker.manifest import CheckpointError
+from agent.worker.protocol import NODE_ID_ENV, SNAPSHOT_DIR_ENV
+from agent.worker.shard_store import DTYPES, FileKey, ShardError
+
+log = logging.getLogger(__name__)
+
+HEAD_READ = 1 << 20  # bytes first asked for a rank file's header
+
+
+def state_of(held: Any) -> dict[str, Any]:
+    """The sharded state (DTensors keyed by parameter name; the optimizer's state initialised)."""
+    model, optim = get_state_dict(held.model, held.optimizer)
+    state = {"model": model, "optimizer": optim, "step": held.completed}
+    if held.extra is not None:
+        state["extra"] = held.extra()
+    return state
+
+
+def load_state(held: Any, state: Mapping[str, Any]) -> None:
+    set_state_dict(held.model, held.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    if held.load_extra is not None and "extra" in state:
+        held.load_extra(state["extra"])
+
+
+def stage(state: Mapping[str, Any]) -> dict[str, Any]:
+    """This rank's part of ``state`` in host memory: each tensor as (piece, global shape, offsets)."""
+    flat, _ = flatten_state_dict(dict(state))
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        if isinstance(value, DTensor):
+            chunks = value.__create_chunk_list__()
+            if len(chunks) != 1:
+                raise ShardError(f"{name}: a DTensor whose local part is {len(chunks)} pieces; el.run keeps one")
+            out[name] = (value.to_local().detach().to("cpu", copy=True), tuple(value.shape), tuple(chunks[0].offsets))
+        elif isinstance(value, torch.Tensor):
+            out[name] = (value.detach().to("cpu", copy=True), tuple(value.shape), (0,) * value.dim())
+        else:
+            out[name] = value
+    return out
+
+
+class ShardedMemory:
+    """This rank's sharded snapshots, its snapshot port, and the recovery of a new group."""
+
+    def __init__(self, directory: Path, job: str, every: int, build_model: Callable[[], torch.nn.Module] | None,
+                 *, node: str, local_rank: int, local_world: int, round_number: int) -> None:
+        self.files = store.ShardDir(directory, job)
+        self.job, self.every, self.build_model = job, every, build_model
+        self.node, self.local_rank, self.local_world = node, local_rank, local_world
+        self.key = wire.read_key(directory)
+        self.built_round = round_number  # the round whose mesh the model is sharded on
+        self.server: wire.PeerServer | None = None
+        self.address: str | None = None
+        self.peer: str | None = None
+        self.taken = -1
+        self._thread: threading.Thread | None = None
+
+    # --- taking snapshots ------------------------------------------------------------------
+    def after_step(self, step: int, round_number: int, state: Mapping[str, Any]) -> bool:
+        if self.every <= 0 or (step + 1) % self.every != 0:
+            return False
+        self.before_update()
+        pieces = stage(state)
+        key = (round_number, step, dist.get_rank(), dist.get_world_size())
+        self._thread = threading.Thread(target=self._keep, args=(key, pieces, self.peer), daemon=True,
+                                        name="shard-snapshot-writer")
+        self._thread.start()
+        self.taken = step
+        return True
+
+    def before_update(self) -> None:
+        """Before an optimizer step (and the next snapshot): the one in flight is kept."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _keep(self, key: FileKey, pieces: dict[str, Any], peer: str | None) -> None:
+        try:
+            data = store.pack(self.job, key, pieces)
+            self.files.write(key, data)
+            if peer is not None and self.key is not None:
+                head = {"node": self.node, "local_rank": self.local_rank, "round": key[0], "step": key[1],
+                        "kind": "shard", "rank": key[2], "world": key[3]}
+                wire.push(peer, head, data, job=self.job, key=self.key)
+        except ShardError as exc:
+            log.error("sharded snapshot of step %d failed: %s", key[1], exc)
+        except Exception as exc:  # noqa: BLE001 - a failed snapshot never breaks training
+            log.warning("sharded snapshot of step %d not kept whole: %s", key[1], exc)
+
+    # --- the port --------------------------------------------------------------------------
+    def serve(self, host: str) -> None:
+        if self.server is None and self.key is not None:
+            self.server = wire.PeerServer(self._store, host, job=self.job, key=self.key, max_bytes=self._room,
+                                          serve=self._serve)
+            self.address = self.server.address
+
+    def _room(self) -> int:
+        try:
+            st = os.statvfs(self.files.path.parent)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
+
+    def _store(self, head: dict[str, Any], payload: bytes) -> None:
+        if head.get("kind") != "shard":
+            raise OSError("this port keeps sharded rank files only")
+        key = (head["round"], head["step"], head["rank"], head["world"])
+        try:
+            store.parse_head(payload[:store.MAX_INDEX], self.job, key)
+        except ShardError as exc:
+            raise OSError(str(exc)) from exc
+        self.files.write(key, payload)
+
+    def _serve(self, ask: dict[str, Any]) -> bytes:
+        key = (ask["round"], ask["step"], ask["rank"], ask["world"])
+        if key not in self.files.held():
+            raise OSError(f"{store.file_name(key)} is not held here")
+        return self.files.read(key, ask["offset"], ask["length"])
+
+    # --- recovery --------------------------------------------------------------------------
+    def agree(self, held: Any, elastic: Any, round_number: int, endpoints: list[tuple[str, int]]) -> int:
+        """Collective: every rank of the new group ends up with the same state (see the module
+        docstring); returns its step (-1: none, start from the beginning)."""
+        self.before_update()
+        if self.built_round != round_number and self.build_model is not None:
+            self._rebuild(held)
+        self.built_round = round_number
+        held.endpoints = set(endpoints)
+        mine = {"completed": held.completed, "address": self.address, "endpoints": sorted(held.endpoints),
+                "files": [[*k, self.files.size(k)] for k in self.files.held() if k[0] < round_number]}
+        everyone = [_message(raw) for raw in _all_gather_bytes(json.dumps(mine).encode())]
+        held.endpoints = {e for rank in everyone for e in rank["endpoints"]}
+        addresses = [e["address"] for e in everyone]
+        world, rank = dist.get_world_size(), dist.get_rank()
+        self.peer = addresses[(rank + self.local_world) % world] if world > self.local_world else None
+        holders: dict[FileKey, list[tuple[str | None, int]]] = {}
+        for e in everyone:
+            for *k, size in e["files"]:
+                holders.setdefault(tuple(k), []).append((e["address"], size))  # type: ignore[arg-type]
+        choice = self._decide(elastic, holders)
+        state, failure = None, None
+        if choice is not None:
+            state, failure = self._load(held, choice, holders)
+            if _any(failure is not None):
+                failure = failure or "another rank's could not be loaded"
+                log.warning("the in-memory shards of step %d cannot be loaded (%s); every rank resumes from disk",
+                            choice[1], failure)
+                state = None
+        if state is not None:
+            load_state(held, state)
+            held.completed = int(state["step"])
+            self.files.drop_older(choice[:2])  # type: ignore[index]
+            log.info("resumed from the in-memory shards of round %d step %d", choice[0], choice[1])  # type: ignore[index]
+        else:
+            start, loaded = elastic.load(default=lambda: state_of(held))
+            if start == 0 and any(e["completed"] >= 0 for e in everyone):
+                raise CheckpointError(
+                    "the job's sharded state is lost: " + (f"the in-memory shards failed ({failure})" if failure else
+                                                           "a node's shards are in no live node's memory")
+                    + " and there is no checkpoint on disk to resume from")
+            if start > 0:
+                load_state(held, loaded)
+            held.completed = start - 1
+        held.round = round_number
+        return held.completed
+
+    def _rebuild(self, held: Any) -> None:
+        """The model anew on the current mesh; the optimizer keeps its object (the script's
+        references stay good), its parameters re-pointed in order and its state dropped."""
+        assert self.build_model is not None
+        model = self.build_model()
+        params = list(model.parameters())
+        groups = held.optimizer.param_groups
+        if sum(len(g["params"]) for g in groups) != len(params):
+            raise CheckpointError("build_model() returned a model with another number of parameters than the "
+                                  "optimizer's; it must build the same model")
+        at = 0
+        for group in groups:
+            group["params"] = params[at:at + len(group["params"])]
+            at += len(group["params"])
+        held.optimizer.state.clear()
+        held.model = model
+
+    def _decide(self, elastic: Any, holders: Mapping[FileKey, Any]) -> tuple[int, int, int] | None:
+        """(round, step, world) of the snapshot every rank loads, None for disk (rank 0's rule)."""
+        decision = None
+        if dist.get_rank() == 0:
+            whole = sorted({k[:2] + (k[3],) for k in holders
+                            if all((k[0], k[1], r, k[3]) in holders for r in range(k[3]))})
+            best = whole[-1] if whole else None
+            try:
+                disk = _newest_on_disk(elastic)
+            except Exception as exc:  # noqa: BLE001 - the others wait on this choice
+                log.warning("cannot list the checkpoints on disk (%s)", exc)
+                disk = None
+            if best is not None and disk is not None and disk >= best[:2]:
+                best = None
+            decision = json.dumps(best).encode()
+        raw = json.loads(_broadcast_bytes(decision, 0) or b"null")
+        return tuple(int(v) for v in raw) if isinstance(raw, list) and len(raw) == 3 else None  # type: ignore[return-value]
+
+    def _load(self, held: Any, choice: tuple[int, int, int], holders: Mapping[FileKey, Any]
+              ) -> tuple[dict[str, Any] | None, str | None]:
+        template = state_of(held)
+        try:
+            return self._fill(template, choice, holders), None
+        except (ShardError, OSError, KeyError) as exc:
+            return None, str(exc)
+
+    def _fill(self, template: dict[str, Any], choice: tuple[int, int, int], holders: Mapping[FileKey, Any]
+              ) -> dict[str, Any]:
+        rnd, step, world = choice
+        keys = [(rnd, step, r, world) for r in range(world)]
+        local = set(self.files.held())
+        read = _Reader(self, holders, local)
+        heads = [read.head(k) for k in keys]
+        flat, mappings = flatten_state_dict(template)
+        if set(flat) != set(heads[0][0]["entries"]):
+            raise ShardError(f"the snapshot of step {step} holds other entries than the state "
+                             f"(e.g. {sorted(set(flat) ^ set(heads[0][0]['entries']))[:3]})")
+        order = sorted(range(world), key=lambda r: keys[r] not in local)  # local pieces first
+        for name, value in flat.items():
+            if isinstance(value, DTensor):
+                chunk = value.__create_chunk_list__()[0]
+                _fill_piece(name, value.to_local(), list(chunk.offsets),
+                            [(keys[r], heads[r][0]["entries"][name], heads[r][1]) for r in order], read)
+            elif isinstance(value, torch.Tensor):
+                r = order[0]
+                _fill_piece(name, value, [0] * value.dim(), [(keys[r], heads[r][0]["entries"][name], heads[r][1])],
+                            read)
+            else:
+                entry = heads[0][0]["entries"][name]
+                if entry["t"] != "value":
+                    raise ShardError(f"{name}: a tensor in the snapshot, a value in the state")
+                flat[name] = tuple(entry["value"]) if isinstance(value, tuple) else entry["value"]
+        return unflatten_state_dict(flat, mappings)
+
+
+class _Reader:
+    """Byte ranges of the chosen rank files: from this node's files, else from a holder's port."""
+
+    def __init__(self, memory: ShardedMemory, holders: Mapping[FileKey, Any], local: set[FileKey]) -> None:
+        self.memory, self.holders, self.local = memory, holders, local
+
+    def __call__(self, key: FileKey, offset: int, length: int) -> bytes:
+        parts = []
+        for at in range(offset, offset + length, wire.MAX_FETCH):
+            parts.append(self._part(key, at, min(wire.MAX_FETCH, offset + length - at)))
+        return b"".join(parts)
+
+    def _part(self, key: FileKey, offset: int, length: int) -> bytes:
+        failures = []
+        if key in self.local:
+            try:
+                return self.memory.files.read(key, offset, length)
+            except (OSError, ShardError) as exc:  # corrupt or gone here: another node's copy may do
+                failures.append(f"this node: {exc}")
+        for address, _size in self.holders.get(key, []):
+            if address is None or address == self.memory.address or self.memory.key is None:
+                continue
+            ask = {"round": key[0], "step": key[1], "rank": key[2], "world": key[3], "offset": offset,
+                   "length": length}
+            try:
+                return wire.fetch(address, ask, job=self.memory.job, key=self.memory.key)
+            except OSError as exc:
+                failures.append(f"{address}: {exc}")
+        raise ShardError(f"{store.file_name(key)} could not be fetched from any node ({'; '.join(failures)})")
+
+    def head(self, key: FileKey) -> tuple[dict[str, Any], int]:
+        size = min(s for _a, s in self.holders[key])
+        data = self(key, 0, min(size, HEAD_READ))
+        while b"\n" not in data[len(store.MAGIC):] and len(data) < min(size, store.MAX_INDEX):
+            data += self(key, len(data), min(size, store.MAX_INDEX) - len(data))
+        return store.parse_head(data, self.memory.job, key)
+
+
+def _fill_piece(name: str, target: torch.Tensor, offsets: list[int], pieces: list[tuple[FileKey, Any, int]],
+                read: _Reader) -> None:
+    """Copy into ``target`` (at ``offsets`` of its tensor) the parts of ``pieces`` that overlap it."""
+    sizes, seen, covered = list(target.shape), set(), 0
+    for key, entry, body in pieces:
+        if entry.get("t") != "tensor" or len(entry["offsets"]) != len(offsets):
+            raise ShardError(f"{name}: {store.file_name(key)} holds it in another shape")
+        so, ss = entry["offsets"], entry["sizes"]
+        if (tuple(so), tuple(ss)) in seen:
+            continue  # a replica of a piece already taken (HSDP)
+        lo = [max(a, b) for a, b in zip(offsets, so)]
+        hi = [min(a + n, b + m) for a, n, b, m in zip(offsets, sizes, so, ss)]
+        if any(h <= low for low, h in zip(lo, hi)):
+            continue
+        seen.add((tuple(so), tuple(ss)))
+        dtype = DTYPES[entry["dtype"]]
+        if dtype != target.dtype:
+            raise ShardError(f"{name}: {entry['dtype']} in {store.file_name(key)}, {target.dtype} in the state")
+        start = body + entry["start"]
+        if not sizes:
+            target.copy_(_tensor(read(key, start, entry["nbytes"]), dtype, []))
+            covered += 1
+            continue
+        row = entry["nbytes"] // max(1, ss[0])
+        rows = max(1, wire.MAX_FETCH // max(1, row))
+        for a in range(lo[0] - so[0], hi[0] - so[0], rows):
+            b = min(hi[0] - so[0], a + rows)
+            src = _tensor(read(key, start + a * row, (b - a) * row), dtype, [b - a, *ss[1:]])
+            dst = target.narrow(0, so[0] + a - offsets[0], b - a)
+            for d in range(1, len(sizes)):
+                src = src.narrow(d, lo[d] - so[d], hi[d] - lo[d])
+                dst = dst.narrow(d, lo[d] - offsets[d], hi[d] - lo[d])
+            dst.copy_(src)
+        n = 1
+        for low, h in zip(lo, hi):
+            n *= h - low
+        covered += n
+    if covered != target.numel():
+        raise ShardError(f"{name}: the snapshot covers {covered} of the {target.numel()} elements this rank needs")
+
+
+def _tensor(data: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+
+def _any(flag: bool) -> bool:
+    mine = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_device())
+    dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+    return bool(mine.item())
+
+
+def _message(raw: bytes) -> dict[str, Any]:
+    """Another rank's part of the agreement (JSON), its fields checked."""
+    msg = json.loads(raw)
+    address = msg.get("address")
+    files = [f for f in msg.get("files") or [] if isinstance(f, list) and len(f) == 5
+             and all(type(v) is int and v >= 0 for v in f) and f[2] < f[3]]
+    endpoints = [(e[0], e[1]) for e in msg.get("endpoints") or []
+                 if isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and type(e[1]) is int]
+    return {"completed": int(msg.get("completed", -1)), "address": address if isinstance(address, str) else None,
+            "files": files, "endpoints": endpoints}
+
+
+def from_env(environ: Mapping[str, str], every: int, build_model: Callable[[], torch.nn.Module] | None,
+             round_number: int) -> ShardedMemory | None:
+    """This rank's sharded snapshots under the agent (``ELASTIC_AGENT_SNAPSHOT_DIR``), else None."""
+    directory = environ.get(SNAPSHOT_DIR_ENV)
+    if not directory:
+        return None
+    return ShardedMemory(Path(directory), environ.get("TORCHELASTIC_RUN_ID", ""), every, build_model,
+                         node=environ.get(NODE_ID_ENV, "node"), local_rank=int(environ.get("LOCAL_RANK", "0")),
+                         local_world=int(environ.get("LOCAL_WORLD_SIZE", "1")), round_number=round_number)

@@ -173,13 +173,14 @@ class Story:
         self.display.say(f"{joiner.node_id} joins (new capacity; {source}): watch training resume at step "
                          f"{drained.value + 1} with world size 2 - no completed step lost")
         resumed = self.wait("training after the join", lambda: c.first_step_after(left, world=2), 90)
-        lost = resumed.value - (drained.value + 1)
+        lost = drained.value + 1 - resumed.value  # completed before the drain, trained again after it
         r.events.append(Event("join", joiner.node_id, left, resumed.t - left,
                               f"resumed at step {resumed.value} with world size 2: {lost} steps lost"))
         self.display.event(f"resumed at step {resumed.value} with world size 2, {resumed.t - left:.1f} s after "
                            f"{joiner.node_id} started: {lost} steps lost")
         if lost:
-            raise DemoFailed(f"the preemption lost {lost} steps: drained at {drained.value}, resumed at {resumed.value}")
+            raise DemoFailed(f"the preemption lost {lost} steps: drained at {drained.value}, resumed at {resumed.value}"
+                             f"\n{stayer.tail()}\n{joiner.tail()}")
 
     # --- helpers ----------------------------------------------------------------------------
     def wait(self, what: str, predicate: Callable[[], T | None], timeout: float) -> T:

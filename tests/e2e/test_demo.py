@@ -22,8 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from docs.demo.nodes import SHARDED_INPROCESS
-
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
@@ -185,7 +183,7 @@ def test_demo_restart_shows_the_process_restart_from_the_checkpoint():
 
 @pytest.mark.slow
 def test_demo_sharded_trains_the_fsdp2_example_through_the_same_story():
-    run_story("--sharded", inprocess=SHARDED_INPROCESS, script="train_fsdp.py")
+    run_story("--sharded", inprocess=True, script="train_fsdp.py")
 
 
 def test_ctrl_c_stops_everything_promptly():

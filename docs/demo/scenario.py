@@ -116,7 +116,12 @@ class Story:
         event = Event("kill -9", victim.node_id, killed)
         r.events.append(event)
         self.display.event(f"{victim.node_id} killed (kill -9) at step {before.value}{role}")
-        if c.job.inprocess:
+        if c.job.inprocess and c.job.sharded:
+            self.display.say(f"{victim.node_id} killed: watch the others notice within ~2 s (its presence expires, "
+                             "or a collective fails at once), re-form the process group at world size 2 in their "
+                             f"running workers and re-shard the state from the copies of {victim.node_id}'s shards "
+                             "kept on the other nodes: the last step, or the one before if its copy was in flight")
+        elif c.job.inprocess:
             self.display.say(f"{victim.node_id} killed: watch the others notice within ~2 s (its presence expires, "
                              "or a collective fails at once), re-form the process group at world size 2 in their "
                              "running workers and go on from the last step they all completed, held in memory")

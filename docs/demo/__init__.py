@@ -15,9 +15,10 @@ the process group in their running workers and go on from the last step they all
 and the newcomer gets the state from a survivor. ``--restart`` shows the process-restart loop
 (``el.step``) instead: every membership change restarts the workers from the last checkpoint,
 so the ``kill -9`` redoes the steps since it. ``--sharded`` trains the FSDP2 example
-(``docs/examples/train_fsdp.py``, each rank holding only its shards, checkpoints through
-torch.distributed.checkpoint re-sharded on load); for now with the process-restart loop,
-since ``el.run`` does not take sharded models yet (``nodes.SHARDED_INPROCESS``).
+(``docs/examples/train_fsdp.py``, each rank holding only its shards) through the same story:
+in process, the survivors re-shard the lost node's shards onto the smaller group from the
+copies the nodes keep of each other's shards in memory; with ``--restart``, from the DCP
+checkpoint on disk, re-sharded on load.
 
 Modules: ``nodes`` (the processes it starts and stops), ``metrics`` (one agent's scrape),
 ``scenario`` (the story), ``display`` (the live screen, or a plain line per update when

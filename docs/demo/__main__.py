@@ -15,7 +15,7 @@ from pathlib import Path
 from docs.demo import report
 from docs.demo.display import LiveDisplay, PlainDisplay
 from docs.demo.metrics import Scraper
-from docs.demo.nodes import SHARDED_INPROCESS, Cluster, Job
+from docs.demo.nodes import Cluster, Job
 from docs.demo.scenario import DemoFailed, Interrupted, Story
 
 
@@ -28,8 +28,7 @@ def main(argv: list[str] | None = None) -> int:
                              "membership change restarts the workers, which resume from the last checkpoint")
     parser.add_argument("--sharded", action="store_true",
                         help="train the FSDP2 example (docs/examples/train_fsdp.py: each rank holds only its "
-                             "shards, checkpoints through torch.distributed.checkpoint) instead of the DDP one; "
-                             "with the process-restart loop for now: el.run does not take sharded models yet")
+                             "shards, checkpoints through torch.distributed.checkpoint) instead of the DDP one")
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    job = Job(inprocess=not args.restart and (SHARDED_INPROCESS or not args.sharded), sharded=args.sharded)
+    job = Job(inprocess=not args.restart, sharded=args.sharded)
     cluster = Cluster(job)
     scraper = Scraper(lambda: {n.node_id: n.metrics_port for n in list(cluster.nodes.values())
                                if n.metrics_port is not None and n.exit_code() is None})

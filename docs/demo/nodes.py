@@ -38,9 +38,6 @@ RESUMED_RE = re.compile(r"^\[[^\]/]+/\d+\] (?:resumed from step|starting from st
 # order to its workers (el.run's workers stop there in process and print nothing).
 DRAINED_RE = re.compile(r"^\[[^\]/]+/\d+\] drained at step (\d+)|\bINFO workers stop after step (\d+) and exit\b")
 PORT_RE = re.compile(r"metrics and health on http://[^/]+:(\d+)/metrics")
-# el.run does not take sharded (FSDP2) models yet (agent/worker/sharded.py's NOT_IN_PROCESS):
-# --sharded shows the process-restart loop until it does; then this becomes True.
-SHARDED_INPROCESS = False
 KEEPER_EXIT_GRACE = 5.0  # seconds a keeper may take to end after its agent before it counts as left over
 
 

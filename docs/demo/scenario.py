@@ -116,7 +116,12 @@ class Story:
         event = Event("kill -9", victim.node_id, killed)
         r.events.append(event)
         self.display.event(f"{victim.node_id} killed (kill -9) at step {before.value}{role}")
-        if c.job.inprocess:
+        if c.job.inprocess and c.job.sharded:
+            self.display.say(f"{victim.node_id} killed: watch the others notice within ~2 s (its presence expires, "
+                             "or a collective fails at once), re-form the process group at world size 2 in their "
+                             f"running workers and re-shard the state from the copies of {victim.node_id}'s shards "
+                             "kept on the other nodes: the last step, or the one before if its copy was in flight")
+        elif c.job.inprocess:
             self.display.say(f"{victim.node_id} killed: watch the others notice within ~2 s (its presence expires, "
                              "or a collective fails at once), re-form the process group at world size 2 in their "
                              "running workers and go on from the last step they all completed, held in memory")
@@ -173,13 +178,14 @@ class Story:
         self.display.say(f"{joiner.node_id} joins (new capacity; {source}): watch training resume at step "
                          f"{drained.value + 1} with world size 2 - no completed step lost")
         resumed = self.wait("training after the join", lambda: c.first_step_after(left, world=2), 90)
-        lost = resumed.value - (drained.value + 1)
+        lost = drained.value + 1 - resumed.value  # completed before the drain, trained again after it
         r.events.append(Event("join", joiner.node_id, left, resumed.t - left,
                               f"resumed at step {resumed.value} with world size 2: {lost} steps lost"))
         self.display.event(f"resumed at step {resumed.value} with world size 2, {resumed.t - left:.1f} s after "
                            f"{joiner.node_id} started: {lost} steps lost")
         if lost:
-            raise DemoFailed(f"the preemption lost {lost} steps: drained at {drained.value}, resumed at {resumed.value}")
+            raise DemoFailed(f"the preemption lost {lost} steps: drained at {drained.value}, resumed at {resumed.value}"
+                             f"\n{stayer.tail()}\n{joiner.tail()}")
 
     # --- helpers ----------------------------------------------------------------------------
     def wait(self, what: str, predicate: Callable[[], T | None], timeout: float) -> T:

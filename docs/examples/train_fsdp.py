@@ -17,8 +17,10 @@ Two loops, as docs/examples/train_ddp.py has:
 - ``--loop step`` (the default): the script's own loop with ``el.load``/``el.step``. A
   membership change restarts the workers, which resume from the latest complete checkpoint.
 - ``--loop run``: the helper runs the loop (``el.run``): a membership change re-forms the
-  process group inside the running workers, which keep their state in memory. It needs a
-  helper whose ``el.run`` takes sharded models; one that does not says so in one line (exit 2).
+  process group inside the running workers. Every rank keeps a snapshot of its own shards in
+  host memory and on a peer node; after a re-form ``build_model`` (``build`` here) shards a new
+  model on the new group and the helper fills its shards from those snapshots, re-sharded
+  onto the new world size, without reading disk. ``train_step`` uses the model it is given.
 
 Output on global rank 0: ``fsdp: starting at step N, world size W`` (the step loop), a line per
 completed step, ``step 12 world_size 2 loss 0.1234`` (printed once every rank has updated its
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from agent.worker import Elastic, WorkerConfigError
+from agent.worker import Elastic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,24 +98,40 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group(backend="gloo", rank=0, world_size=1)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
-    torch.manual_seed(0)  # the same initial model on every rank, whatever the world size
-    model = nn.Sequential(nn.Linear(16, args.width), nn.ReLU(), nn.Linear(args.width, args.width), nn.ReLU(),
-                          nn.Linear(args.width, 4)).to(device)
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+    def build() -> nn.Module:
+        """The model, sharded on the current process group (el.run calls it again after a re-form)."""
+        torch.manual_seed(0)  # the same initial model on every rank, whatever the world size
+        built = nn.Sequential(nn.Linear(16, args.width), nn.ReLU(), nn.Linear(args.width, args.width), nn.ReLU(),
+                              nn.Linear(args.width, 4)).to(device)
+        for layer in built:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(built)
+        return built
+
+    model = build()
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
 
     def state() -> dict[str, Any]:
         model_state, opt_state = get_state_dict(model, opt)
         return {"model": model_state, "opt": opt_state}
 
-    def dump(name: str) -> None:
-        gathered = full(state())
+    def dump(name: str, module: nn.Module) -> None:
+        model_state, opt_state = get_state_dict(module, opt)
+        gathered = full({"model": model_state, "opt": opt_state})
         if dist.get_rank() == 0 and args.dump_dir is not None:
             Path(args.dump_dir).mkdir(parents=True, exist_ok=True)
             torch.save(gathered, Path(args.dump_dir) / name)
+
+    def say(line: str) -> None:
+        if dist.get_rank() == 0:
+            print(line, flush=True)
+
+    def loaded_at(start: int) -> None:
+        """The start line (and, for tests, a dump of the state just loaded)."""
+        if args.dump_loaded:
+            dump(f"loaded_{start}.pt", model)
+        say(f"fsdp: starting at step {start}, world size {dist.get_world_size()}")
 
     last_loss = [float("nan")]
 
@@ -133,37 +150,25 @@ def main(argv: list[str] | None = None) -> int:
         reported = loss.detach().clone()
         dist.all_reduce(reported)  # after the update: a printed step is one every rank completed
         last_loss[0] = reported.item() / world_size
-        if rank == 0:
-            print(f"step {step} world_size {world_size} loss {last_loss[0]:.4f}", flush=True)
+        say(f"step {step} world_size {world_size} loss {last_loss[0]:.4f}")
         if step in args.dump_at:
-            dump(f"saved_{step}.pt")
+            dump(f"saved_{step}.pt", module)
         time.sleep(max(0.0, args.step_time - (time.monotonic() - began)))
 
     el = Elastic(args.checkpoint_dir, checkpoint_every=args.checkpoint_every, keep_last=args.keep_last)
     if args.loop == "run":
-        try:
-            el.run(train_step, model=model, optimizer=opt, steps=args.steps)
-        except WorkerConfigError as exc:  # a helper whose el.run does not take sharded models
-            print(f"train_fsdp.py: --loop run: {exc}", file=sys.stderr, flush=True)
-            dist.destroy_process_group()
-            return 2
+        el.run(train_step, model=model, optimizer=opt, steps=args.steps, build_model=build)
     else:
-        start, loaded = el.load(default=state)
+        start, loaded = el.load(default=state)  # the latest complete checkpoint, re-sharded; else state()
         set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["opt"])
-        if args.dump_loaded:
-            dump(f"loaded_{start}.pt")
-        if dist.get_rank() == 0:
-            print(f"fsdp: starting at step {start}, world size {dist.get_world_size()}", flush=True)
+        loaded_at(start)
         for step in range(start, args.steps):
             train_step(step, model)
-            if el.step(step, state):
-                if dist.get_rank() == 0:
-                    print(f"drained at step {step}", flush=True)
+            if el.step(step, state):  # drained: every rank's shards of `step` are saved
+                say(f"drained at step {step}")
                 el.exit_drained()
         el.finish()
-    if dist.get_rank() == 0:
-        print(f"fsdp: trained {args.steps} steps, world size {dist.get_world_size()}, loss {last_loss[0]:.4f}",
-              flush=True)
+    say(f"fsdp: trained {args.steps} steps, world size {dist.get_world_size()}, loss {last_loss[0]:.4f}")
     dist.barrier()
     dist.destroy_process_group()
     return 0

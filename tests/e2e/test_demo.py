@@ -22,8 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from docs.demo.nodes import SHARDED_INPROCESS
-
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,9 +122,10 @@ def in_order(text: str, patterns: list[str]) -> list[re.Match[str]]:
     return found
 
 
-def run_story(*args: str, inprocess: bool, script: str) -> None:
+def run_story(*args: str, inprocess: bool, script: str, in_flight: int = 0) -> None:
     """The demo with ``args`` tells the whole story, what it says of each event is what its
-    step lines show, and it leaves nothing behind."""
+    step lines show, and it leaves nothing behind. ``in_flight``: steps the kill may cost in
+    process (a sharded job's snapshot of the last step may still be on its way to the peer)."""
     demo = Demo(*args)
     try:
         began = time.monotonic()
@@ -151,7 +150,7 @@ def run_story(*args: str, inprocess: bool, script: str) -> None:
         ])
         went_on, last, lost = map(int, recovered.groups())
         if inprocess:  # the survivors held the last step every rank completed, or one more
-            assert lost == 0 and went_on in (last + 1, last + 2), recovered.group(0)
+            assert lost <= in_flight and went_on in range(last + 1 - in_flight, last + 3), recovered.group(0)
         else:  # back to the last checkpoint (every 10 steps), and what was redone is counted
             assert went_on % 10 == 0 and lost == last + 1 - went_on > 0, recovered.group(0)
         assert preempt.group(1) != kill.group(1) and drained.group(1) == preempt.group(1), out
@@ -185,7 +184,7 @@ def test_demo_restart_shows_the_process_restart_from_the_checkpoint():
 
 @pytest.mark.slow
 def test_demo_sharded_trains_the_fsdp2_example_through_the_same_story():
-    run_story("--sharded", inprocess=SHARDED_INPROCESS, script="train_fsdp.py")
+    run_story("--sharded", inprocess=True, script="train_fsdp.py", in_flight=1)
 
 
 def test_ctrl_c_stops_everything_promptly():

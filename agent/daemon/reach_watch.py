@@ -54,6 +54,7 @@ CUT_ENV = "ELASTIC_AGENT_TEST_CUT_FILE"
 CHECK_LIMIT = 2.0  # seconds a round's check waits, at most, for its neighbours' answers
 POLL = 0.01  # seconds between looks while a check waits
 ADMIT_POLL = 0.05
+RESOLVE_EVERY = 1.0  # seconds between reads of the would-be neighbours' presence, while waiting
 READMIT_WINDOW = 3.0  # seconds a node that failed must hear its would-be neighbours ...
 READMIT_RATIO = 0.9  # ... answer at least this share of its probes, before it joins again
 
@@ -97,6 +98,8 @@ class PeerWatch:
         self._peers_of: tuple[int, tuple[str, ...]] | None = None
         self._since = 0.0  # when the peers probed now were chosen
         self._window: tuple[float, dict[str, tuple[int, int]]] | None = None  # readmission: start, totals
+        self._resolved_at = 0.0  # when the probed peers' records were last read
+        self._lost_since: float | None = None  # since when a would-be neighbour has been silent
 
     @classmethod
     def of(cls, agent: Any, environ: Mapping[str, str]) -> PeerWatch:
@@ -114,16 +117,21 @@ class PeerWatch:
             wake()
 
     # --- whom to probe ---------------------------------------------------------------------
-    def _probe(self, number: int, peers: tuple[str, ...]) -> None:
+    def _probe(self, number: int, peers: tuple[str, ...], refresh: bool = False) -> None:
         """Probe ``peers`` (node ids): their addresses and probe ports read from their node
-        records once per round. A peer without a record or a probe port is not probed."""
-        if self._peers_of == (number, peers):
+        records once per round (``refresh``: again every ``RESOLVE_EVERY``). A peer that is not
+        present (dead: nobody to hear from), or has no record or probe port, is not probed."""
+        now = self.clock.monotonic()
+        if self._peers_of == (number, peers) and not (refresh and now - self._resolved_at >= RESOLVE_EVERY):
             return
-        self._since = self.clock.monotonic()
+        if self._peers_of != (number, peers):
+            self._since = now
+        self._resolved_at = now
         found: dict[str, tuple[str, int]] = {}
         for peer in peers:
             try:
-                kv, _ = self.store.get(self.settings.node_key(peer))
+                present, _ = self.store.get(self.settings.presence_key(peer))
+                kv, _ = self.store.get(self.settings.node_key(peer)) if present is not None else (None, 0)
                 record = NodeRecord.decode(kv.key, kv.value) if kv is not None else None
             except CorruptStateError as exc:  # not probed: judged by its lease alone
                 log.warning("cannot probe %s: %s", peer, exc)
@@ -134,9 +142,11 @@ class PeerWatch:
             addr = _resolve(record.addr) if record is not None and record.probe_port else None
             if addr is not None and record is not None:
                 found[peer] = (addr, record.probe_port)
+        fresh = self._peers_of != (number, peers)
         self._peers_of = (number, peers)
         self.prober.set_peers(found)
-        self.prober.probe_now()  # the same peers as before still owe an answer from now on
+        if fresh:
+            self.prober.probe_now()  # the same peers as before still owe an answer from now on
 
     # --- running ---------------------------------------------------------------------------
     def tick(self, assignment: Assignment | None) -> None:
@@ -223,10 +233,13 @@ class PeerWatch:
         peers = reachability.prospective_peers([m for m in members if m not in rnd.left_out], self.me)
         if survivor or not peers:
             return None
-        self._probe(-rnd.number, peers)  # not a round it trains in: a key of its own
+        self._probe(-rnd.number, peers, refresh=True)  # not a round it trains in: a key of its own
         now = self.clock.monotonic()
         lost = self.prober.unreachable()
-        if self.me in rnd.left_out or lost:
+        self._lost_since = (self._lost_since or now) if lost else None
+        # A member that just died is silent too, until its presence lease runs out: only a
+        # verdict that outlives that lease keeps a newcomer out (and says so).
+        if self.me in rnd.left_out or (lost and now - (self._lost_since or now) >= self.settings.presence_ttl):
             self._keep_out(rnd.number, lost or frozenset(peers))
         if not self.kept_out:
             return None if self.prober.answered_all(self._since) else now + ADMIT_POLL

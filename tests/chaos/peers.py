@@ -145,15 +145,16 @@ def _never_the_wrong_node(world: World, rounds: list[Closed], others: list[str],
                                           f"(a healthy node removed)")
 
 
-def partitioned_from_peers(world: World, inprocess: bool = False) -> Measured:
+def partitioned_from_peers(world: World, inprocess: bool = False, rank: int = 1) -> Measured:
     """A node whose peers cannot reach it (nor it them) while etcd still can: without peer
     liveness its workers and theirs wait in a collective that never completes until the
     collective's timeout (train_ddp ``--timeout``). The node cut off must be the one removed,
     and the others train again within ``CUT_TARGET_S`` (their workers re-formed in process;
-    restarted workers are given ``RESTART_TARGET_S`` more); mended, it comes back."""
+    restarted workers are given ``RESTART_TARGET_S`` more); mended, it comes back. ``rank``:
+    the cut-off node's group rank (0 holds the workers' store and writes the checkpoints)."""
     mode = ("--inprocess",) if inprocess else ()
     world.start_nodes(NODES, command=train(*mode, "--timeout", str(COLLECTIVE_TIMEOUT_S)))
-    victim = world.by_rank(1)
+    victim = world.by_rank(rank)
     host = world.hosts[victim.node_id]
     others = [a.node_id for a in world.agents if a is not victim]
     blocked = time.monotonic()
@@ -326,6 +327,8 @@ def _longest_pause(tl: Timeline, since: float, until: float) -> float:
 
 PEER_SCENARIOS = {
     "partitioned from peers only (in process)": functools.partial(partitioned_from_peers, inprocess=True),
+    "partitioned from peers only (in process, rank 0)": functools.partial(partitioned_from_peers, inprocess=True,
+                                                                          rank=0),
     "partitioned from peers only (workers restart)": partitioned_from_peers,
     "lossy link to peers (30%, then 80%)": lossy_link,
     "joiner cannot reach the others": unreachable_joiner,

@@ -16,6 +16,7 @@ nodes").
 from __future__ import annotations
 
 import hashlib
+import logging
 import select
 import socket
 import struct
@@ -23,12 +24,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+log = logging.getLogger("elastic_agent")
+
 MAGIC = b"EAP1"
 _FORMAT = struct.Struct("!4sc8sQ")  # magic, kind, job tag, sequence
 SIZE = _FORMAT.size
 INTERVAL = 0.1  # seconds between probes of one peer
-MISSES = 5  # unanswered probes in a row, and ...
-SILENCE = 0.5  # ... seconds since the last answer, before a peer counts as unreachable
+MISSES = 8  # unanswered probes in a row, and ...
+SILENCE = 0.8  # ... seconds since the last answer, before a peer counts as unreachable
 
 
 def job_tag(job_id: str) -> bytes:
@@ -62,18 +65,32 @@ class Misses:
     def __init__(self, misses: int = MISSES, silence: float = SILENCE) -> None:
         self.misses, self.silence = misses, silence
         self._peers: dict[str, _Peer] = {}
+        self._totals: dict[str, tuple[int, int]] = {}  # probes sent, answers heard, while tracked
 
     def track(self, peers: tuple[str, ...], now: float) -> None:
         """Probe these peers from now on (a new round's neighbours); forget the others."""
         self._peers = {p: self._peers.get(p) or _Peer(heard=now) for p in peers}
+        self._totals = {p: self._totals.get(p, (0, 0)) for p in peers}
 
     def sent(self, peer: str) -> None:
         if peer in self._peers:
             self._peers[peer].sent += 1
+            sent, heard = self._totals[peer]
+            self._totals[peer] = (sent + 1, heard)
 
-    def answered(self, peer: str, now: float) -> None:
-        if peer in self._peers:
-            self._peers[peer] = _Peer(heard=now, answered_at=now)
+    def answered(self, peer: str, now: float) -> float:
+        """Record an answer; returns how long the peer had been silent (0 if not tracked)."""
+        if peer not in self._peers:
+            return 0.0
+        before = self._peers[peer].heard
+        self._peers[peer] = _Peer(heard=now, answered_at=now)
+        sent, heard = self._totals[peer]
+        self._totals[peer] = (sent, heard + 1)
+        return now - before if before is not None else 0.0
+
+    def totals(self) -> dict[str, tuple[int, int]]:
+        """Per tracked peer: (probes sent, answers heard) so far; differences give a loss rate."""
+        return dict(self._totals)
 
     def answered_all(self, since: float) -> bool:
         """Every tracked peer answered at or after ``since``."""
@@ -82,6 +99,17 @@ class Misses:
     def unreachable(self, now: float) -> frozenset[str]:
         return frozenset(p for p, s in self._peers.items()
                          if s.sent >= self.misses and s.heard is not None and now - s.heard >= self.silence)
+
+
+def steady(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], ratio: float) -> bool:
+    """Pure: between two ``Misses.totals()``, every peer answered at least ``ratio`` of the
+    probes sent to it (and some were sent): the bar for a node that failed before to come back,
+    so a lossy link that answers now and then does not flap in and out of the job."""
+    for peer, (sent, heard) in after.items():
+        sent0, heard0 = before.get(peer, (0, 0))
+        if sent - sent0 <= 0 or (heard - heard0) < ratio * (sent - sent0):
+            return False
+    return True
 
 
 class ProbeServer:
@@ -165,6 +193,10 @@ class Prober:
         with self._lock:
             return self.misses.answered_all(since)
 
+    def totals(self) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            return self.misses.totals()
+
     def probe_now(self) -> None:
         """Probe every peer at once (a check waits on the answers), besides the steady pace."""
         with self._lock:
@@ -222,7 +254,10 @@ class Prober:
         with self._lock:
             node = self._by_addr.get((sender[0], sender[1]))
             if probe is not None and probe[0] == b"A" and node is not None and probe[1] >= self._seq - MISSES:
-                self.misses.answered(node, self.clock())
+                silent = self.misses.answered(node, self.clock())
+                if silent >= self.misses.silence / 2:  # a near miss: how close load came to a verdict
+                    log.info("peer %s answered probes again after %.2fs of silence (unreachable at %.1fs)",
+                             node, silent, self.misses.silence)
 
     def close(self) -> None:
         self._stop.set()

@@ -15,7 +15,8 @@ Three hooks, each thin:
   holds a round back past it.
 - ``admit`` (the rendezvous, before this node joins a round it is not a member of: a
   newcomer, a standby, a node left out): the members it would neighbour must answer its
-  probes first. Until they do it stays out, and says so once: a log line, the metric
+  probes first (a node that failed before: steadily, for ``READMIT_WINDOW``, so a lossy link
+  does not flap in and out). Until then it stays out, and says so once: a log line, the metric
   ``elastic_agent_connectivity_check_failures_total``, and its report marked ``kept_out``
   (``elastic-agent status`` shows it).
 
@@ -34,7 +35,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from agent.daemon.config import AgentConfig
-from agent.daemon.peer_probe import ProbeServer, Prober
+from agent.daemon.peer_probe import ProbeServer, Prober, steady
 from agent.observe.metrics import AgentMetrics
 from rendezvous import reachability
 from rendezvous.clock import Clock
@@ -53,6 +54,8 @@ CUT_ENV = "ELASTIC_AGENT_TEST_CUT_FILE"
 CHECK_LIMIT = 2.0  # seconds a round's check waits, at most, for its neighbours' answers
 POLL = 0.01  # seconds between looks while a check waits
 ADMIT_POLL = 0.05
+READMIT_WINDOW = 3.0  # seconds a node that failed must hear its would-be neighbours ...
+READMIT_RATIO = 0.9  # ... answer at least this share of its probes, before it joins again
 
 
 def _resolve(addr: str) -> str | None:
@@ -93,6 +96,7 @@ class PeerWatch:
         self.kept_out = False
         self._peers_of: tuple[int, tuple[str, ...]] | None = None
         self._since = 0.0  # when the peers probed now were chosen
+        self._window: tuple[float, dict[str, tuple[int, int]]] | None = None  # readmission: start, totals
 
     @classmethod
     def of(cls, agent: Any, environ: Mapping[str, str]) -> PeerWatch:
@@ -121,8 +125,11 @@ class PeerWatch:
             try:
                 kv, _ = self.store.get(self.settings.node_key(peer))
                 record = NodeRecord.decode(kv.key, kv.value) if kv is not None else None
-            except (RendezvousError, CorruptStateError) as exc:
-                log.warning("cannot read %s's node record to probe it (%s)", peer, exc)
+            except CorruptStateError as exc:  # not probed: judged by its lease alone
+                log.warning("cannot probe %s: %s", peer, exc)
+                continue
+            except RendezvousError as exc:
+                log.warning("cannot read %s's node record to probe it (%s); retrying", peer, exc)
                 return  # tried again on the next call
             addr = _resolve(record.addr) if record is not None and record.probe_port else None
             if addr is not None and record is not None:
@@ -206,7 +213,8 @@ class PeerWatch:
     def admit(self, rnd: RoundState) -> float | None:
         """May this node join now (None), or when to ask again. A member of ``rnd`` (or of the
         round it reopens) and the job's first nodes join at once; any other node first hears
-        from the members it would neighbour."""
+        from the members it would neighbour. A node that failed (left out, or kept out) must
+        hear them steadily for ``READMIT_WINDOW``: a lossy link stays out, not in and out."""
         if rnd.is_open:
             members, survivor = rnd.previous, self.me in rnd.previous and self.me not in rnd.left_out
         else:
@@ -217,20 +225,33 @@ class PeerWatch:
             return None
         self._probe(-rnd.number, peers)  # not a round it trains in: a key of its own
         now = self.clock.monotonic()
-        if self.prober.answered_all(self._since):
-            if self.kept_out:
-                log.info("peers %s answer probes again: joining", ", ".join(peers))
-                self.kept_out = False
-                self._publish(reachability.Report(rnd.number, ()))
-            return None
         lost = self.prober.unreachable()
-        if lost and not self.kept_out:
-            self.kept_out = True
-            self.failures.inc()
-            log.warning("kept out of the job (unreachable): peer(s) %s do not answer this node's probes "
-                        "over --node-addr; joining once they do", ", ".join(sorted(lost)))
-            self._publish(reachability.Report(rnd.number, tuple(sorted(lost)), kept_out=True))
+        if self.me in rnd.left_out or lost:
+            self._keep_out(rnd.number, lost or frozenset(peers))
+        if not self.kept_out:
+            return None if self.prober.answered_all(self._since) else now + ADMIT_POLL
+        if self._window is None or self._window[0] < self._since:
+            self._window = (now, self.prober.totals())
+        start, before = self._window
+        if now - start < READMIT_WINDOW:
+            return now + ADMIT_POLL
+        if not lost and self.me not in rnd.left_out and steady(before, self.prober.totals(), READMIT_RATIO):
+            log.info("peers %s answered steadily for %.0fs: joining again", ", ".join(peers), READMIT_WINDOW)
+            self.kept_out, self._window = False, None
+            self._publish(reachability.Report(rnd.number, ()))
+            return None
+        self._window = (now, self.prober.totals())  # not yet: judge the next window
         return now + ADMIT_POLL
+
+    def _keep_out(self, number: int, lost: frozenset[str]) -> None:
+        """Say once per spell out why this node stays out (log, metric, report for status)."""
+        if self.kept_out:
+            return
+        self.kept_out = True
+        self.failures.inc()
+        log.warning("kept out of the job (unreachable): peer(s) %s do not answer this node's probes over "
+                    "--node-addr, or cannot reach it; joining once they answer steadily", ", ".join(sorted(lost)))
+        self._publish(reachability.Report(number, tuple(sorted(lost)), kept_out=True))
 
     def close(self) -> None:
         self.prober.close()

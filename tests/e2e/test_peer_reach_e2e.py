@@ -73,5 +73,40 @@ def test_a_node_its_peers_cannot_reach_is_removed_kept_out_and_readmitted_once_r
     cut.unlink()
     back = time.monotonic()
     wait_until(lambda: cluster.first_step_after(back, world_size=3), WAIT, "node-2 readmitted: world size 3")
-    assert "answer probes again: joining" in kept.text()
+    assert "answered steadily for 3s: joining again" in kept.text()
     assert all(a.proc.poll() is None for a in agents.values())
+
+
+def test_a_node_cut_off_from_the_start_fails_the_check_before_training_and_the_others_train(cluster):
+    """The first round has nobody to be admitted by: the members' check before their workers
+    start is what finds the node, and the round after goes on without it."""
+    cut = cluster.workdir / "cut-node-2"
+    cut.touch()
+    agents = {f"node-{i}": cluster.start_agent(f"node-{i}", nproc=1, node_addr=f"127.0.0.{i + 1}",
+                                               min_nodes=2, max_nodes=3,
+                                               env={"ELASTIC_AGENT_TEST_CUT_FILE": str(cut)} if i == 2 else None)
+              for i in range(3)}
+    t0 = time.monotonic()
+    wait_until(lambda: cluster.first_step_after(t0, world_size=2), WAIT, "training at world size 2")
+    wait_until(lambda: "kept out of the job (unreachable)" in agents["node-2"].text(), WAIT, "node-2 kept out")
+    assert any("do not answer probes" in a.text() for a in agents.values())
+    assert not cluster.first_step_after(t0, world_size=3)
+    assert all(a.proc.poll() is None for a in agents.values())
+
+
+def test_a_frozen_node_is_removed_by_the_probes_before_its_presence_lease_runs_out(cluster):
+    agents = {f"node-{i}": cluster.start_agent(f"node-{i}", nproc=1, node_addr=f"127.0.0.{i + 1}")
+              for i in range(3)}
+    t0 = time.monotonic()
+    wait_until(lambda: cluster.first_step_after(t0, world_size=3), WAIT, "training at world size 3")
+    frozen = agents["node-2"].freeze()
+    try:
+        at = time.monotonic()
+        # --presence-ttl is 2 s: the round that removes it must come from the probes, well before.
+        wait_until(lambda: any("node-2 cut off from its peers" in a.text() for a in agents.values()),
+                   REMOVED_WITHIN, "a round opened without node-2 (unreachable)")
+        # (Logged only by the node whose round opened: a presence expiry first would have won the
+        # compare-and-swap and this line would never be written.)
+        wait_until(lambda: cluster.first_step_after(at, world_size=2), WAIT, "training at world size 2")
+    finally:
+        agents["node-2"].thaw(frozen)

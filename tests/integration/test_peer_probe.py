@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import time
 
-from agent.daemon.peer_probe import SIZE, Misses, Prober, ProbeServer, encode, job_tag
+from agent.daemon.peer_probe import SIZE, Misses, Prober, ProbeServer, encode, job_tag, steady
 from tests.waiting import wait_until
 
 
@@ -37,6 +37,14 @@ def test_a_check_counts_only_answers_that_came_after_it_began():
     assert not misses.answered_all(since=2.0)
     misses.answered("c", 2.2)
     assert misses.answered_all(since=2.0)
+
+
+def test_a_node_that_failed_comes_back_only_over_a_steady_link():
+    before = {"b": (10, 10), "c": (10, 4)}
+    assert steady(before, {"b": (40, 40), "c": (40, 32)}, 0.9)  # 30 of 30, 28 of 30
+    # A lossy link (netem): it answers now and then, which is not enough to come back.
+    assert not steady(before, {"b": (40, 40), "c": (40, 20)}, 0.9)
+    assert not steady(before, {"b": (10, 10), "c": (40, 34)}, 0.9)  # nothing sent to b: no verdict
 
 
 def test_a_peer_that_stops_answering_is_reported_and_only_it():

@@ -254,7 +254,8 @@ def lossy_link(world: World) -> Measured:
     back = world.wait_training(3, mended, RECOVERY_WAIT_S)
     _keep_training(world, 3, 3.0)
     return _measure(world, began, f"{before:.1f} steps/s before; {'; '.join(notes)}; removed {removals}x, let in "
-                                  f"{readmissions}x in all; all 3 again {back - mended:.1f}s after mend")
+                                  f"{readmissions}x in all, out for good {_rel(out_at, heavy.start)} into the "
+                                  f"{heavy.fraction:.0%} phase; all 3 again {back - mended:.1f}s after mend")
 
 
 def _member_at(rounds: list[Closed], node: str, t: float) -> bool:

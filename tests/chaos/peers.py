@@ -45,6 +45,7 @@ NOTICE_S = 10.0  # the heavy phase's loss is noticed (the node out of training) 
 JOIN_HOLD_S = 30.0  # the unreachable joiner is kept out this long while the job trains on
 JOIN_PAUSE_S = 5.0  # the longest pause in training the unreachable joiner may cause
 REASON_RE = re.compile(r"unreachable|cannot reach|can't reach|connectivity|no answer from", re.IGNORECASE)
+NEAR_MISS = "answered probes again after"  # agent.daemon.peer_probe's info line of a peer silent a while
 TRAINING_STEPS = 3  # steps that make a round count as training again
 CLOSED_RE = re.compile(r"\bround (\d+) closed \(.*\): ([\w.-]+(?:, [\w.-]+)*|-)\s*$")
 
@@ -274,9 +275,10 @@ def _out_for_good(rounds: list[Closed], node: str) -> float | None:
 
 
 def _named(world: World, node: str, phase: Phase) -> bool:
-    """Whether a log line in ``phase`` or the status at its end names ``node``'s reachability."""
+    """Whether a log line in ``phase`` or the status at its end names ``node``'s reachability.
+    Near misses do not count: a loaded machine logs them of healthy peers too."""
     said = [line.text for a in world.agents for line in list(a.lines)
-            if phase.start < line.t <= phase.end and REASON_RE.search(line.text)
+            if phase.start < line.t <= phase.end and REASON_RE.search(line.text) and NEAR_MISS not in line.text
             and (a.node_id == node or re.search(rf"\b{re.escape(node)}\b", line.text))]
     shown = [line for line in phase.status.splitlines() if REASON_RE.search(line) and node in line]
     return bool(said or shown)

@@ -57,6 +57,42 @@ ADMIT_POLL = 0.05
 RESOLVE_EVERY = 1.0  # seconds between reads of the would-be neighbours' presence, while waiting
 READMIT_WINDOW = 3.0  # seconds a node that failed must hear its would-be neighbours ...
 READMIT_RATIO = 0.9  # ... answer at least this share of its probes, before it joins again
+LOSS_WINDOW = 10.0  # seconds over which a neighbour's share of unanswered probes is measured
+LOSS_WARN = 0.2  # a share at or above this is a lossy link: said, and shown as a metric
+LOSS_MIN_PROBES = 50  # ... over at least this many probes (5 s of them at 10 a second)
+
+
+class LinkLoss:
+    """A lossy link is noticed: the verdict needs ``MISSES`` unanswered probes in a row, which a
+    link losing 30 % of its frames almost never gives (0.3^8), while it slows a collective 20x.
+    Every ``LOSS_WINDOW`` the share of each neighbour's probes left unanswered is measured
+    from the prober's totals; the worst goes to a gauge, and one at or above ``LOSS_WARN``
+    is logged, naming the peer. It removes nobody: a lossy link is not a cut one."""
+
+    def __init__(self, totals: Callable[[], dict[str, tuple[int, int]]], gauge: Any, now: Callable[[], float]) -> None:
+        self._totals, self._gauge, self._now = totals, gauge, now
+        self._start: tuple[float, dict[str, tuple[int, int]]] = (now(), totals())
+
+    def tick(self) -> None:
+        now = self._now()
+        began, before = self._start
+        if now - began < LOSS_WINDOW:
+            return
+        totals = self._totals()
+        self._start = (now, totals)
+        worst = 0.0
+        for peer, (sent, heard) in sorted(totals.items()):
+            sent0, heard0 = before.get(peer, (0, 0))
+            asked, answered = sent - sent0, heard - heard0
+            if asked < LOSS_MIN_PROBES:
+                continue
+            lost = max(0.0, 1 - answered / asked)
+            worst = max(worst, lost)
+            if lost >= LOSS_WARN:
+                log.warning("the link to %s is lossy: %d of %d probes over --node-addr got no answer from it in "
+                            "the last %.0f s (%.0f %%); collectives with it will be slow", peer, asked - answered,
+                            asked, now - began, lost * 100)
+        self._gauge.set(worst)
 
 
 def _resolve(addr: str) -> str | None:
@@ -69,6 +105,41 @@ def _resolve(addr: str) -> str | None:
         return socket.getaddrinfo(addr, None, type=socket.SOCK_DGRAM)[0][4][0]
     except (OSError, IndexError):
         return None
+
+
+def _metrics(metrics: AgentMetrics) -> tuple[Any, Any, Any]:
+    """The node's network gauges and counter (docs/metrics.md)."""
+    labels, r = ("job_id", "node"), metrics.registry
+    unreachable = Gauge("elastic_agent_unreachable_peers", "Ring neighbours this node cannot reach over "
+                        "--node-addr (probes unanswered).", labels, registry=r).labels(*metrics.labels)
+    failures = Counter("elastic_agent_connectivity_check_failures", "Times this node was kept out of the job "
+                       "because a peer it would train with did not answer its probes.",
+                       labels, registry=r).labels(*metrics.labels)
+    loss = Gauge("elastic_agent_peer_probe_loss_ratio", "Share of probes to the worst ring neighbour left "
+                 "unanswered over the last 10 s (a lossy link).", labels, registry=r).labels(*metrics.labels)
+    return unreachable, failures, loss
+
+
+def _probe_targets(store: Store, settings: Settings, peers: tuple[str, ...]) -> dict[str, tuple[str, int]] | None:
+    """Where to probe ``peers`` (node ids): address and probe port from their node records. A
+    peer that is not present (dead: nobody to hear from), or has no record or probe port, is
+    left out; None when etcd could not be read (tried again later)."""
+    found: dict[str, tuple[str, int]] = {}
+    for peer in peers:
+        try:
+            present, _ = store.get(settings.presence_key(peer))
+            kv, _ = store.get(settings.node_key(peer)) if present is not None else (None, 0)
+            record = NodeRecord.decode(kv.key, kv.value) if kv is not None else None
+        except CorruptStateError as exc:  # not probed: judged by its lease alone
+            log.warning("cannot probe %s: %s", peer, exc)
+            continue
+        except RendezvousError as exc:
+            log.warning("cannot read %s's node record to probe it (%s); retrying", peer, exc)
+            return None
+        addr = _resolve(record.addr) if record is not None and record.probe_port else None
+        if addr is not None and record is not None:
+            found[peer] = (addr, record.probe_port)
+    return found
 
 
 class PeerWatch:
@@ -87,12 +158,8 @@ class PeerWatch:
             self.server = None
         self.prober = Prober(config.job_id, clock.monotonic, on_change=self._wake, source=config.node_addr,
                              cut=cut).start()
-        labels, r = ("job_id", "node"), metrics.registry
-        self.gauge = Gauge("elastic_agent_unreachable_peers", "Ring neighbours this node cannot reach over "
-                           "--node-addr (probes unanswered).", labels, registry=r).labels(*metrics.labels)
-        self.failures = Counter("elastic_agent_connectivity_check_failures", "Times this node was kept out of "
-                                "the job because a peer it would train with did not answer its probes.",
-                                labels, registry=r).labels(*metrics.labels)
+        self.gauge, self.failures, loss_gauge = _metrics(metrics)
+        self.loss = LinkLoss(self.prober.totals, loss_gauge, clock.monotonic)
         self.published = reachability.Report(0, ())  # what reach/<me> holds ("round 0": nothing)
         self.kept_out = False
         self._peers_of: tuple[int, tuple[str, ...]] | None = None
@@ -127,21 +194,9 @@ class PeerWatch:
         if self._peers_of != (number, peers):
             self._since = now
         self._resolved_at = now
-        found: dict[str, tuple[str, int]] = {}
-        for peer in peers:
-            try:
-                present, _ = self.store.get(self.settings.presence_key(peer))
-                kv, _ = self.store.get(self.settings.node_key(peer)) if present is not None else (None, 0)
-                record = NodeRecord.decode(kv.key, kv.value) if kv is not None else None
-            except CorruptStateError as exc:  # not probed: judged by its lease alone
-                log.warning("cannot probe %s: %s", peer, exc)
-                continue
-            except RendezvousError as exc:
-                log.warning("cannot read %s's node record to probe it (%s); retrying", peer, exc)
-                return  # tried again on the next call
-            addr = _resolve(record.addr) if record is not None and record.probe_port else None
-            if addr is not None and record is not None:
-                found[peer] = (addr, record.probe_port)
+        found = _probe_targets(self.store, self.settings, peers)
+        if found is None:
+            return  # tried again on the next call
         fresh = self._peers_of != (number, peers)
         self._peers_of = (number, peers)
         self.prober.set_peers(found)
@@ -156,6 +211,7 @@ class PeerWatch:
         self._probe(assignment.round, reachability.ring_peers(assignment.node_ids, self.me))
         lost = self.prober.unreachable()
         self.gauge.set(len(lost))
+        self.loss.tick()
         if self.published == reachability.Report(assignment.round, tuple(sorted(lost))):
             return
         if self._publish(reachability.Report(assignment.round, tuple(sorted(lost)))) and lost:
@@ -176,6 +232,7 @@ class PeerWatch:
             self.clock.sleep(POLL)
         lost = self.prober.unreachable()
         self.gauge.set(len(lost))
+        self.loss.tick()
         report = reachability.Report(assignment.round, tuple(sorted(lost)))
         if self.published != report and self._publish(report) and lost:
             log.warning("round %d: ring neighbour(s) %s do not answer probes on their --node-addr",

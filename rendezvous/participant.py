@@ -1,10 +1,10 @@
 """One node's side of the rendezvous: join, wait for an assignment, watch, leave.
 
 The participant drives primitives that live in their own modules: the lease
-(:mod:`~rendezvous.session`), the inbox of watch events (:mod:`~rendezvous.inbox`), the job's
-round and status (:mod:`~rendezvous.job_view`), the steps towards an assignment
-(:mod:`~rendezvous.executor`, deciding by :mod:`~rendezvous.decide`), closing a round
-(:mod:`~rendezvous.coordination`) and opening the next one (:mod:`~rendezvous.rounds`).
+(:mod:`~rendezvous.protocol.session`), the inbox of watch events (:mod:`~rendezvous.protocol.inbox`), the job's
+round and status (:mod:`~rendezvous.protocol.job_view`), the steps towards an assignment
+(:mod:`~rendezvous.protocol.executor`, deciding by :mod:`~rendezvous.protocol.decide`), closing a round
+(:mod:`~rendezvous.protocol.coordination`) and opening the next one (:mod:`~rendezvous.protocol.rounds`).
 Store callbacks only enqueue; all processing happens on the caller's thread, so there is
 one place where state changes.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from rendezvous import decide
 from rendezvous.clock import Clock, SystemClock
 from rendezvous.errors import (
     JobFinishedError,
@@ -28,15 +27,16 @@ from rendezvous.errors import (
     RendezvousTimeoutError,
     StoreUnavailableError,
 )
-from rendezvous.executor import StepExecutor
-from rendezvous.inbox import Inbox, InboxItem, ItemKind
-from rendezvous.job_view import JobView
 from rendezvous.net import free_port
-from rendezvous.notices import Notice, NoticeKind, PlannedNotices
-from rendezvous.leases import NodeLeases, Ticker
+from rendezvous.protocol import decide
+from rendezvous.protocol.executor import StepExecutor
+from rendezvous.protocol.inbox import Inbox, InboxItem, ItemKind
+from rendezvous.protocol.job_view import JobView
+from rendezvous.protocol.leases import NodeLeases, Ticker
+from rendezvous.protocol.notices import Notice, NoticeKind, PlannedNotices
+from rendezvous.protocol.rounds import MemberWatch, PlannedStop, open_next_round
+from rendezvous.protocol.session import Session
 from rendezvous.reasons import Reason, reason_text
-from rendezvous.rounds import MemberWatch, PlannedStop, open_next_round
-from rendezvous.session import Session
 from rendezvous.settings import Settings
 from rendezvous.state import Assignment, JobStatus, NodeRecord, Outcome, RoundState
 from rendezvous.store import Store

@@ -116,5 +116,5 @@ class Settings:
 
     @property
     def reach_prefix(self) -> str:
-        """``reach/<node-id>``: the peers a node cannot reach (rendezvous.reachability.Report)."""
+        """``reach/<node-id>``: the peers a node cannot reach (rendezvous.protocol.reachability.Report)."""
         return f"{self.root}reach/"

@@ -107,7 +107,7 @@ class NodeRecord:
     nproc: int
     host: str = ""
     version: str = ""
-    # The UDP port of the agent's probe server on ``addr`` (agent.daemon.peer_probe); 0: none.
+    # The UDP port of the agent's probe server on ``addr`` (agent.daemon.connection.peer_probe); 0: none.
     probe_port: int = 0
 
     def encode(self) -> bytes:
@@ -216,7 +216,7 @@ class RoundState:
     # A planned stop was asked for: every member stops clearing steps and answers how far
     # its workers may go (Settings.cleared_prefix); ``stop_at`` is then chosen past them all.
     stop_asked: bool = False
-    # Open round: members cut off from their peers (rendezvous.reachability), neither waited
+    # Open round: members cut off from their peers (rendezvous.protocol.reachability), neither waited
     # for nor admitted when it closes.
     left_out: tuple[str, ...] = ()
 

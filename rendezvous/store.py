@@ -1,7 +1,7 @@
 """The key-value store the rendezvous needs: etcd v3's model, reduced to what we use.
 
 Two implementations satisfy it: :mod:`rendezvous.memory_store` (tests, pure logic) and
-:mod:`rendezvous.etcd_store` (the only module that talks to etcd). The contract suite in
+:mod:`rendezvous.etcd.store` (the only module that talks to etcd). The contract suite in
 ``tests/contract`` runs against both.
 """
 

@@ -14,9 +14,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agent.daemon import procfs
-from rendezvous.etcd_server import EtcdServer
-
+from agent.daemon.workers import procfs
+from rendezvous.etcd.server import EtcdServer
 from tests.waiting import DEFAULT_WAIT_S, wait_until  # noqa: F401 - re-exported for the suites
 
 

@@ -17,7 +17,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from rendezvous.etcd_server import etcd_binary
+from rendezvous.etcd.server import etcd_binary
 from rendezvous.net import free_port
 from tests.waiting import wait_until
 

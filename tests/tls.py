@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from rendezvous.etcd_server import EtcdServer, ServerTls, etcd_binary
+from rendezvous.etcd.server import EtcdServer, ServerTls, etcd_binary
 
 SECURITY_DOC = Path(__file__).resolve().parents[1] / "docs" / "security.md"
 

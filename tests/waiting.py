@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from agent.daemon.procfs import alive  # noqa: F401 - one /proc reader for the suite
+from agent.daemon.workers.procfs import alive  # noqa: F401 - one /proc reader for the suite
 
 T = TypeVar("T")
 

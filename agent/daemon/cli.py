@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from agent.daemon.states import State
+from agent.common.states import State
 from agent.errors import EXIT_FAILED, EXIT_USAGE, AgentError, ConfigError
 
 EMBEDDED_ETCD_ARGS = ("--auto-compaction-mode", "periodic", "--auto-compaction-retention", "10m")
@@ -51,19 +51,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start(argv: list[str]) -> int:
-    from agent.daemon import node_identity  # noqa: PLC0415
-    from agent.daemon.config import load_config, prepare_directories  # noqa: PLC0415
+    from agent.daemon.config import node_identity  # noqa: PLC0415
+    from agent.daemon.config.layers import load_config, prepare_directories  # noqa: PLC0415
 
     if argv and argv[0] in ("-h", "--help"):
-        from agent.daemon.options import start_parser  # noqa: PLC0415
+        from agent.daemon.config.options import start_parser  # noqa: PLC0415
 
         start_parser().print_help()
         return 0
     config = load_config(argv, os.environ, id_dir=node_identity.state_dir())
-    from agent.daemon.config import PASSWORD_VAR  # noqa: PLC0415
+    from agent.daemon.config.layers import PASSWORD_VAR  # noqa: PLC0415
 
     os.environ.pop(PASSWORD_VAR, None)  # read: workers inherit our environment, not our etcd password
-    from agent.daemon.spawn import check_command  # noqa: PLC0415
+    from agent.daemon.workers.spawn import check_command  # noqa: PLC0415
 
     try:
         check_command(config.command)
@@ -73,22 +73,21 @@ def _start(argv: list[str]) -> int:
     _setup_logging(config.log_level, config.node_id)
     log = logging.getLogger("elastic_agent")
 
+    from agent.daemon.connection.connect import open_store, usage_error  # noqa: PLC0415
     from agent.daemon.loop import Agent  # noqa: PLC0415
     from agent.daemon.signals import Signals  # noqa: PLC0415
-    from agent.daemon.local import snapshots_of  # noqa: PLC0415
-    from agent.observe.collectors import (  # noqa: PLC0415
-        CheckpointCollector, RequestCountCollector, SnapshotsOffCollector)
-    from agent.worker.protocol import OFF_FILE  # noqa: PLC0415
+    from agent.daemon.workers.local import snapshots_of  # noqa: PLC0415
+    from agent.observe.collectors import CheckpointCollector, RequestCountCollector, SnapshotsOffCollector  # noqa: PLC0415
     from agent.observe.http import HealthServer, loop_liveness  # noqa: PLC0415
     from agent.observe.metrics import AgentMetrics  # noqa: PLC0415
-    from agent.daemon.connect import open_store, usage_error  # noqa: PLC0415
+    from agent.worker.protocol import OFF_FILE  # noqa: PLC0415
     from rendezvous.errors import RendezvousError, StoreConfigError, StoreUnavailableError  # noqa: PLC0415
 
     signals = Signals()
     signals.install()  # from here on a SIGTERM is a request to leave, not a crash
     server = None
     if config.standalone:
-        from rendezvous.etcd_server import EtcdServer  # noqa: PLC0415
+        from rendezvous.etcd.server import EtcdServer  # noqa: PLC0415
 
         try:
             # Auto-compaction: the agents write a record per node every minute; keep history bounded.
@@ -100,7 +99,7 @@ def _start(argv: list[str]) -> int:
     else:
         endpoints = config.endpoints_text
     # Requests retry for at most a quarter of the lease TTL, so the loop is never blocked on
-    # etcd long enough to miss fencing (see rendezvous.session's margin).
+    # etcd long enough to miss fencing (see rendezvous.protocol.session's margin).
     store = open_store(config, endpoints, retry_for=min(5.0, max(0.5, config.lease_ttl / 4)))
     http = None
     watcher = None

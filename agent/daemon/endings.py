@@ -7,13 +7,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from agent.daemon import reconnect
-from agent.daemon.supervise import drain_survives
-from agent.daemon.config import AgentConfig
-from agent.daemon.local import LocalWorkers, Running
+from agent.common.states import State
+from agent.daemon.config.layers import AgentConfig
+from agent.daemon.connection import reconnect
 from agent.daemon.planning import Plans
 from agent.daemon.signals import Signals
-from agent.daemon.states import State
+from agent.daemon.supervise import drain_survives
+from agent.daemon.workers.local import LocalWorkers, Running
 from agent.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_SUCCEEDED
 from agent.observe.metrics import AgentMetrics
 from rendezvous.clock import Clock

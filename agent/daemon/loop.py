@@ -14,23 +14,22 @@ import secrets
 from collections.abc import Mapping
 
 from agent import __version__
-from agent.daemon import policy, supervise
-from agent.daemon.config import AgentConfig
-from agent.daemon.console import ConsoleSettings
-from agent.daemon.env import resolve_nproc
-from agent.daemon.local import GroupFactory, Layout, LocalWorkers, Running, process_group
-from agent.daemon.prewarm import prewarmable
-from agent.daemon.reach_watch import PeerWatch
-from agent.daemon.signals import Signals
-from agent.daemon.states import State
-from agent.errors import EXIT_PREEMPTED
-from agent.daemon import reconnect
+from agent.common.states import State
+from agent.daemon import policy, steering, supervise
 from agent.daemon.bookkeeping import Bookkeeping
-from agent.daemon import steering
+from agent.daemon.config.console import ConsoleSettings
+from agent.daemon.config.layers import AgentConfig
+from agent.daemon.connection import reconnect
+from agent.daemon.connection.fence_guard import FenceGuard
+from agent.daemon.connection.reach_watch import PeerWatch
 from agent.daemon.endings import Endings
 from agent.daemon.planning import Plans
-from agent.daemon.fence_guard import FenceGuard
+from agent.daemon.signals import Signals
 from agent.daemon.straggler_watch import StragglerWatch
+from agent.daemon.workers.env import resolve_nproc
+from agent.daemon.workers.local import GroupFactory, Layout, LocalWorkers, Running, process_group
+from agent.daemon.workers.prewarm import prewarmable
+from agent.errors import EXIT_PREEMPTED
 from agent.observe.collectors import CheckpointCollector
 from agent.observe.metrics import AgentMetrics
 from rendezvous.clock import Clock, SystemClock

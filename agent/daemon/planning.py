@@ -23,8 +23,8 @@ import threading
 from collections.abc import Callable
 
 from agent.daemon import steering
-from agent.daemon.local import LocalWorkers, Running
 from agent.daemon.steering import StepClock, WorkersView
+from agent.daemon.workers.local import LocalWorkers, Running
 from rendezvous.clock import Clock
 from rendezvous.errors import RendezvousError
 from rendezvous.participant import Participant

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from agent.worker.protocol import DRAINED_EXIT_CODE
 
-
 __all__ = ["Progress", "Verdict", "helper_in_use", "judge_exits", "read_progress",
            "silent_ranks"]
 

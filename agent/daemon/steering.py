@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 
 from agent.daemon import policy
-from agent.daemon.local import Running
+from agent.daemon.workers.local import Running
 from agent.worker import control
 from rendezvous.state import Assignment
 

@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 
 from prometheus_client import Gauge
 
-from agent.daemon.config import AgentConfig
-from agent.daemon.local import Running
+from agent.daemon.config.layers import AgentConfig
 from agent.daemon.policy import Progress
 from agent.daemon.signals import Signals
+from agent.daemon.workers.local import Running
 from agent.observe import stragglers
 from agent.observe.metrics import AgentMetrics
 from rendezvous.clock import Clock

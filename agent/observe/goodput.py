@@ -37,7 +37,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from agent.daemon.states import FINAL, State
+from agent.common.states import FINAL, State
 from rendezvous.errors import CorruptStateError, RendezvousError
 from rendezvous.settings import Settings
 from rendezvous.state import RestartCount

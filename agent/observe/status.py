@@ -15,15 +15,15 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from agent.daemon.options import RaisingParser
+from agent.daemon.config.options import RaisingParser
 from agent.errors import ConfigError
 
 
 def snapshot(store: Any, job_id: str, *, now: float | None = None) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (the ``--json`` output)."""
     from agent.observe import goodput  # noqa: PLC0415
+    from rendezvous.protocol import round_members  # noqa: PLC0415
     from rendezvous.settings import Settings  # noqa: PLC0415
-    from rendezvous import round_members  # noqa: PLC0415
     from rendezvous.state import JobStatus, NodeRecord, RestartCount  # noqa: PLC0415
 
     now = time.time() if now is None else now
@@ -101,9 +101,9 @@ def snapshot(store: Any, job_id: str, *, now: float | None = None) -> dict[str, 
 
 
 def _network(store: Any, s: Any) -> list[dict[str, Any]]:
-    """The nodes' reachability reports (rendezvous.reachability.Report): who cannot reach whom
+    """The nodes' reachability reports (rendezvous.protocol.reachability.Report): who cannot reach whom
     over the workers' network, and who is kept out for it. An unreadable one is skipped."""
-    from rendezvous.reachability import Report  # noqa: PLC0415
+    from rendezvous.protocol.reachability import Report  # noqa: PLC0415
 
     kvs, _ = store.get_prefix(s.reach_prefix)
     found = [(kv.key[len(s.reach_prefix):], Report.decode(kv.value)) for kv in kvs]
@@ -177,7 +177,7 @@ def render(snap: dict[str, Any]) -> str:
 def run_status(argv: list[str]) -> int:
     import os  # noqa: PLC0415
 
-    from agent.daemon import connect  # noqa: PLC0415
+    from agent.daemon.connection import connect  # noqa: PLC0415
     from rendezvous.errors import RendezvousError, StoreConfigError, StoreUnavailableError  # noqa: PLC0415
     from rendezvous.net import parse_endpoints  # noqa: PLC0415
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.daemon.cli import EMBEDDED_ETCD_ARGS
-from agent.daemon.procfs import descendants
-from rendezvous.etcd_server import EtcdServer
+from agent.daemon.workers.procfs import descendants
+from rendezvous.etcd.server import EtcdServer
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "docs" / "examples" / "train_ddp.py"

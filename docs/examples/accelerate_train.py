@@ -13,10 +13,9 @@
 
 import argparse
 
+import _toy
 import torch
 from accelerate import Accelerator
-
-import _toy
 
 
 def main() -> None:

@@ -14,11 +14,10 @@ See docs/migrating.md.
 import argparse
 import os
 
+import _toy
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-import _toy
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--local_rank", default=0, type=int)

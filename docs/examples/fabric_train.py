@@ -14,10 +14,9 @@ agent, because an elastic job's size is not known when the script is written.
 import argparse
 import os
 
+import _toy
 import torch
 from lightning_fabric import Fabric
-
-import _toy
 
 
 def main() -> None:

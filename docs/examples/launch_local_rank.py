@@ -15,11 +15,10 @@ See docs/migrating.md.
 import argparse
 import os
 
+import _toy
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-import _toy
 
 
 def main() -> None:

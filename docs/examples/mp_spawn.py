@@ -27,12 +27,11 @@ destroy_process_group(). Run alone (no agent), it still spawns its ranks as befo
 import argparse
 import os
 
+import _toy
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-import _toy
 
 
 def main(rank: int, world_size: int, local_rank: int, steps: int) -> None:

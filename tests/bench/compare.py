@@ -58,8 +58,18 @@ from dataclasses import dataclass, field
 
 from tests.bench import torchft_launch
 from tests.bench.overhead import children, node_overhead
-from tests.e2e.harness import (PYTHON, REPO, TRAIN, AgentProc, Cluster, cpu_seconds, free_port, listener_pid,
-                               rss_mib, wait_until)
+from tests.e2e.harness import (
+    PYTHON,
+    REPO,
+    TRAIN,
+    AgentProc,
+    Cluster,
+    cpu_seconds,
+    free_port,
+    listener_pid,
+    rss_mib,
+    wait_until,
+)
 
 CMD = [PYTHON, str(TRAIN), "--steps", "100000", "--checkpoint-every", "10"]
 AGENT_CMD = {"elastic-agent": CMD, "elastic-agent-inprocess": CMD + ["--inprocess"]}

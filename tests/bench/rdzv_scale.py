@@ -19,8 +19,8 @@ import threading
 import time
 
 from rendezvous.errors import RendezvousError
-from rendezvous.etcd_server import EtcdServer
-from rendezvous.etcd_store import EtcdStore
+from rendezvous.etcd.server import EtcdServer
+from rendezvous.etcd.store import EtcdStore
 from rendezvous.participant import Participant
 from rendezvous.settings import Settings
 from rendezvous.state import Assignment, NodeRecord

@@ -37,7 +37,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from rendezvous.etcd_server import EtcdServer
+from rendezvous.etcd.server import EtcdServer
 from rendezvous.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,7 +1,7 @@
 """Every lease refresh of one scale-simulator process, driven by one timer thread.
 
-An agent refreshes its two leases from two threads of its own (rendezvous.session,
-rendezvous.presence). A simulator process holding hundreds of nodes cannot: a thousand
+An agent refreshes its two leases from two threads of its own (rendezvous.protocol.session,
+rendezvous.protocol.presence). A simulator process holding hundreds of nodes cannot: a thousand
 threads waking four times a second fight over one GIL, refreshes start late, and leases
 expire because of the simulator, not etcd (seen at 512 nodes on 2 cores). Here one thread
 keeps every refresh in a heap by due time and hands the due ones to a few workers; each
@@ -30,7 +30,7 @@ SLOT = 0.05
 
 
 class Ticker:
-    """rendezvous.leases.Ticker on one timer thread and ``workers`` refresh threads (a
+    """rendezvous.protocol.leases.Ticker on one timer thread and ``workers`` refresh threads (a
     refresh blocks until etcd answers, so several are in flight at once)."""
 
     def __init__(self, workers: int = 32) -> None:

@@ -32,9 +32,9 @@ import threading
 import time
 
 from rendezvous.errors import JobFinishedError, RendezvousError
-from rendezvous.etcd_store import EtcdStore
-from rendezvous.notices import NoticeKind
+from rendezvous.etcd.store import EtcdStore
 from rendezvous.participant import Participant
+from rendezvous.protocol.notices import NoticeKind
 from rendezvous.settings import Settings
 from rendezvous.state import NodeRecord
 from rendezvous.store import RequestCounter

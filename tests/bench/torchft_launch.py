@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.e2e.harness import REPO, AgentProc, Cluster, STEP_RE, free_port, wait_until
+from tests.e2e.harness import REPO, STEP_RE, AgentProc, Cluster, free_port, wait_until
 
 VERSION = "0.2.0"
 VENV = Path(os.environ.get("TORCHFT_VENV", REPO / "build" / "torchft-venv"))

@@ -38,7 +38,7 @@ class HistoryError(RuntimeError):
 
 def replay(endpoints: str, prefix: str) -> list[Event]:
     """Every event under ``prefix`` since revision 1, in revision order."""
-    from rendezvous.etcd_store import EtcdStore  # noqa: PLC0415 - only where etcd is reachable
+    from rendezvous.etcd.store import EtcdStore  # noqa: PLC0415 - only where etcd is reachable
 
     store = EtcdStore(endpoints, retry_for=10.0)
     events: list[Event] = []
@@ -115,7 +115,7 @@ def check(events: list[Event], settings: Settings) -> RoundHistory:
                 violations.append(f"revision {ev.mod_revision}: round went back from {last} to {rnd.number}")
             last = max(last, rnd.number)
         elif ev.key.startswith(f"{settings.root}rounds/") and ev.key.endswith("/members") and ev.kind == PUT:
-            # A closed round's assignment, written with its close (rendezvous/round_members.py).
+            # A closed round's assignment, written with its close (rendezvous/protocol/round_members.py).
             try:
                 number = int(ev.key.split("/")[-2])
                 rnd = RoundState(number, RoundPhase.CLOSED).with_members(ev.key, ev.value)

@@ -27,8 +27,15 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from tests.chaos.evidence import Timeline
-from tests.chaos.scenarios import COLLECTIVE_TIMEOUT_S, OPENED_RE, RECOVERY_WAIT_S, Measured, _keep_training, \
-    _measure, hold
+from tests.chaos.scenarios import (
+    COLLECTIVE_TIMEOUT_S,
+    OPENED_RE,
+    RECOVERY_WAIT_S,
+    Measured,
+    _keep_training,
+    _measure,
+    hold,
+)
 from tests.chaos.world import World, train
 from tests.waiting import wait_until
 
@@ -45,7 +52,7 @@ NOTICE_S = 10.0  # the heavy phase's loss is noticed (the node out of training) 
 JOIN_HOLD_S = 30.0  # the unreachable joiner is kept out this long while the job trains on
 JOIN_PAUSE_S = 5.0  # the longest pause in training the unreachable joiner may cause
 REASON_RE = re.compile(r"unreachable|cannot reach|can't reach|connectivity|no answer from", re.IGNORECASE)
-NEAR_MISS = "answered probes again after"  # agent.daemon.peer_probe's info line of a peer silent a while
+NEAR_MISS = "answered probes again after"  # agent.daemon.connection.peer_probe's info line of a peer silent a while
 TRAINING_STEPS = 3  # steps that make a round count as training again
 CLOSED_RE = re.compile(r"\bround (\d+) closed \(.*\): ([\w.-]+(?:, [\w.-]+)*|-)\s*$")
 

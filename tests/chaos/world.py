@@ -26,7 +26,7 @@ from tests.waiting import wait_until
 ETCD_HOSTS = ("e0", "e1", "e2")
 NODE_HOSTS = ("n0", "n1", "n2", "n3", "n4")
 MIN_NODES, MAX_NODES = 2, 4
-# What the agent's default flags give (agent.daemon.options): a cut-off node's workers must be
+# What the agent's default flags give (agent.daemon.config.options): a cut-off node's workers must be
 # gone this long after its last word with etcd (invariant 2), give or take the fence guard's poll.
 LEASE_TTL_S = 10.0
 SHUTDOWN_TIMEOUT_S = 10.0

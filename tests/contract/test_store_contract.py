@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from rendezvous.errors import LeaseLostError, StoreUnavailableError
-from rendezvous.etcd_server import EtcdServer
-from rendezvous.etcd_store import EtcdStore
+from rendezvous.etcd.server import EtcdServer
+from rendezvous.etcd.store import EtcdStore
 from rendezvous.memory_store import MemoryStore
 from rendezvous.store import DELETE, PUT, Event
 from tests.conftest import wait_until

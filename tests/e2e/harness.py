@@ -20,10 +20,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.daemon import procfs
-from agent.daemon.local import snapshots_of
-from agent.daemon.procfs import cpu_seconds  # noqa: F401 - re-exported for the benches
-from rendezvous.etcd_server import EtcdServer, ServerTls
+from agent.daemon.workers import procfs
+from agent.daemon.workers.local import snapshots_of
+from agent.daemon.workers.procfs import cpu_seconds  # noqa: F401 - re-exported for the benches
+from rendezvous.etcd.server import EtcdServer, ServerTls
 from rendezvous.net import free_port
 from tests.conftest import torchrun_env
 from tests.waiting import alive, wait_until  # noqa: F401 - re-exported for tests and benches

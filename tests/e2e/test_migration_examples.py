@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from rendezvous.etcd_server import EtcdServer
+from rendezvous.etcd.server import EtcdServer
 from tests.e2e.harness import PYTHON, REPO, Cluster
 
 EXAMPLES = REPO / "docs" / "examples"

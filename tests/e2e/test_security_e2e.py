@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from rendezvous.etcd_auth import Credentials
-from rendezvous.etcd_store import EtcdStore
+from rendezvous.etcd.auth import Credentials
+from rendezvous.etcd.store import EtcdStore
 from tests import tls
 from tests.e2e.harness import PYTHON, TRAIN, Cluster, wait_until
 

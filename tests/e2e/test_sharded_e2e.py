@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from rendezvous.etcd_server import EtcdServer
+from rendezvous.etcd.server import EtcdServer
 from tests.e2e.harness import PYTHON, REPO, Cluster
 
 EXAMPLE = REPO / "docs" / "examples" / "train_fsdp.py"

@@ -91,8 +91,8 @@ def test_sigterm_while_etcd_is_away_leaves_with_exit_3(cluster, when):
 
 def test_a_full_etcd_is_reported_as_such_and_the_job_resumes_once_it_is_fixed():
     from rendezvous.errors import StoreFullError
-    from rendezvous.etcd_server import etcd_binary
-    from rendezvous.etcd_store import EtcdStore
+    from rendezvous.etcd.server import etcd_binary
+    from rendezvous.etcd.store import EtcdStore
 
     quota = str(2 * 1024 * 1024)
     with Cluster(job_id="nospace", etcd_args=("--quota-backend-bytes", quota)) as cluster:

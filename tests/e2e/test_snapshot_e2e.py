@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon.local import Layout
+from agent.daemon.workers.local import Layout
 from tests.e2e.harness import PYTHON, TRAIN, Cluster, consoles, wait_until
 
 pytestmark = pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""End-to-end: real ``torchrun`` processes on ``--rdzv-backend etcd-v3`` (rendezvous/torchrun_plugin.py),
+"""End-to-end: real ``torchrun`` processes on ``--rdzv-backend etcd-v3`` (rendezvous/torchrun/plugin.py),
 one real etcd, gloo workers on 127.0.0.1.
 
 The node whose torchrun hosts global rank 0 (group rank 0: with c10d, the node whose agent
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from rendezvous.etcd_store import EtcdStore
+from rendezvous.etcd.store import EtcdStore
 from rendezvous.settings import Settings
 from rendezvous.state import JobStatus, Outcome
 from tests.e2e.harness import Cluster, wait_until

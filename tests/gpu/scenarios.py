@@ -30,7 +30,17 @@ from agent.worker.checkpoint import latest_step
 from tests.e2e.harness import AgentProc
 from tests.gpu import expect
 from tests.gpu.plan import (
-    DRAIN, ELRUN, FAIL, INPROCESS, KILL, NPROC_GPU, PASS, SKIP, Result, Scenario, steps_lost,
+    DRAIN,
+    ELRUN,
+    FAIL,
+    INPROCESS,
+    KILL,
+    NPROC_GPU,
+    PASS,
+    SKIP,
+    Result,
+    Scenario,
+    steps_lost,
 )
 from tests.gpu.scene import Context, Failed, Scene, Stopped, pid_alive
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon.config import load_config
+from agent.daemon.config.layers import load_config
 from agent.daemon.loop import Agent
 from rendezvous.memory_store import MemoryStore
 from rendezvous.state import JobStatus, Outcome, RestartCount

@@ -19,9 +19,9 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.daemon.policy import Progress
 from agent.observe.goodput import NodeReport, Totals, persist
 from agent.observe.metrics import AgentMetrics
-from agent.daemon.policy import Progress
 from rendezvous.memory_store import MemoryStore
 from rendezvous.settings import Settings
 from rendezvous.state import Assignment, Member
@@ -56,9 +56,9 @@ def exercised_scrape(tmp_path: Path) -> str:
     """Every AgentMetrics method called at least once, then the exposition text."""
     from agent.daemon.straggler_watch import StragglerWatch  # noqa: PLC0415
     from agent.observe import goodput  # noqa: PLC0415
-    from rendezvous.clock import FakeClock  # noqa: PLC0415
     from agent.observe.collectors import CheckpointCollector, RequestCountCollector  # noqa: PLC0415
     from agent.worker import checkpoint  # noqa: PLC0415
+    from rendezvous.clock import FakeClock  # noqa: PLC0415
 
     checkpoint.save(tmp_path, 3, {"x": b"1"}, round_number=1)
     clock = [100.0]

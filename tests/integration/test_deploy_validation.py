@@ -1,7 +1,7 @@
 """deploy/kubernetes, deploy/slurm and deploy/systemd, checked offline: by the validators
 their ecosystems use (yamllint, kubernetes-validate, shellcheck, bash -n, systemd-analyze
 verify), and by what matters to the agent: every flag and variable is one of
-``elastic-agent start``'s (agent.daemon.options), every agent command line loads with the
+``elastic-agent start``'s (agent.daemon.config.options), every agent command line loads with the
 agent's own config loader, grace periods outlast the drain, exit codes are handled as
 docs/deploy/*.md say. The Slurm scripts run for real against a fake srun, scontrol and agent,
 so the trap, the waits and the requeue decision are exercised, not just read.
@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.daemon import options
-from agent.daemon.config import PASSWORD_VAR, load_config
+from agent.daemon.config import options
+from agent.daemon.config.layers import PASSWORD_VAR, load_config
 from agent.daemon.endings import DRAIN_MARGIN
 from agent.daemon.preemption import METADATA_URL_ENV
 from agent.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_SUCCEEDED, EXIT_USAGE

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon.config import load_config
+from agent.daemon.config.layers import load_config
 from agent.errors import ConfigError
 from rendezvous.errors import StoreConfigError
-from rendezvous.etcd_auth import Credentials
-from rendezvous.etcd_server import EtcdServer, etcd_binary
-from rendezvous.etcd_store import EtcdStore
+from rendezvous.etcd.auth import Credentials
+from rendezvous.etcd.server import EtcdServer, etcd_binary
+from rendezvous.etcd.store import EtcdStore
 from tests import tls
 from tests.conftest import stop_server
 from tests.integration.test_etcd_tls import one_line_exit_2, run

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon.config import load_config
-from agent.daemon.connect import open_store
-from agent.daemon.values import TlsEndpoints
+from agent.daemon.config.layers import load_config
+from agent.daemon.config.values import TlsEndpoints
+from agent.daemon.connection.connect import open_store
 from agent.errors import ConfigError
 from rendezvous.errors import StoreConfigError
-from rendezvous.etcd_auth import Credentials
-from rendezvous.etcd_server import EtcdServer
-from rendezvous.etcd_store import EtcdStore
-from rendezvous.etcd_tls import validity
+from rendezvous.etcd.auth import Credentials
+from rendezvous.etcd.server import EtcdServer
+from rendezvous.etcd.store import EtcdStore
+from rendezvous.etcd.tls import validity
 from rendezvous.state import JobStatus
 from tests import tls
 from tests.conftest import stop_server

@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
-from agent.daemon.config import load_config
+from agent.daemon.config.layers import load_config
 from agent.daemon.loop import Agent
 from agent.errors import AgentError
 from agent.observe.goodput import goodput_key
@@ -32,7 +33,15 @@ from rendezvous.errors import CorruptStateError, RendezvousError
 from rendezvous.memory_store import MemoryStore
 from rendezvous.settings import Settings
 from rendezvous.state import (
-    Assignment, JobStatus, JoinRecord, Member, NodeRecord, Outcome, RestartCount, RoundPhase, RoundState,
+    Assignment,
+    JobStatus,
+    JoinRecord,
+    Member,
+    NodeRecord,
+    Outcome,
+    RestartCount,
+    RoundPhase,
+    RoundState,
 )
 
 FUZZ = settings(max_examples=20, deadline=None, derandomize=True, database=None,

@@ -1,4 +1,4 @@
-"""The keeper (agent.daemon.keeper / keeper_main) with real processes: requests of any size,
+"""The keeper (agent.daemon.workers.keeper / keeper_main) with real processes: requests of any size,
 exits told apart from a recycled pid's, and a zygote that could not be executed never taken
 for one."""
 
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.daemon.keeper import Keeper
+from agent.daemon.workers.keeper import Keeper
 
 DEADLINE_S = 20.0
 
@@ -77,7 +77,7 @@ def test_a_zygote_still_importing_torch_leaves_as_soon_as_its_agent_is_gone(tmp_
     import subprocess
     import time
 
-    from agent.daemon import keeper_main
+    from agent.daemon.workers import keeper_main
 
     started = time.monotonic()
     subprocess.run([sys.executable, "-c", "import torch, torch._dynamo"], check=True)

@@ -1,4 +1,4 @@
-"""The default node id survives an agent restart on the same host (agent.daemon.node_identity):
+"""The default node id survives an agent restart on the same host (agent.daemon.config.node_identity):
 kept per (host, job) in a node-local file, distinct for two agents running at once, and an
 explicit --node-id is used as given. Real processes hold the file locks."""
 
@@ -8,14 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.daemon.config import load_config
+from agent.daemon.config.layers import load_config
 
 ARGV = ["--etcd-endpoints", "127.0.0.1:2379", "--job-id", "j", "--", "python", "train.py"]
 
 
 def node_id_of_a_new_agent(id_dir: Path, argv: list[str] = ARGV) -> str:
     """The node id an agent started now (and gone when this returns) would take."""
-    code = ("import sys; from pathlib import Path; from agent.daemon.config import load_config; "
+    code = ("import sys; from pathlib import Path; from agent.daemon.config.layers import load_config; "
             "print(load_config(sys.argv[2:], {}, hostname=lambda: 'host-a', id_dir=Path(sys.argv[1])).node_id)")
     out = subprocess.run([sys.executable, "-c", code, str(id_dir), *argv], capture_output=True, text=True,
                          timeout=60, check=True)

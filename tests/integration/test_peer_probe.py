@@ -1,4 +1,4 @@
-"""Peer probes over real UDP sockets on 127.0.0.1 (agent.daemon.peer_probe): a peer whose probe
+"""Peer probes over real UDP sockets on 127.0.0.1 (agent.daemon.connection.peer_probe): a peer whose probe
 server stops answering is reported unreachable within about a second, a peer that answers
 never is, and the server answers only well-formed probes of its own job."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import time
 
-from agent.daemon.peer_probe import SIZE, Misses, Prober, ProbeServer, encode, job_tag, steady
+from agent.daemon.connection.peer_probe import SIZE, Misses, Prober, ProbeServer, encode, job_tag, steady
 from tests.waiting import wait_until
 
 

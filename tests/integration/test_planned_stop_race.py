@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from rendezvous.etcd_store import EtcdStore
-from rendezvous.rounds import PlannedStop
+from rendezvous.etcd.store import EtcdStore
+from rendezvous.protocol.rounds import PlannedStop
 from rendezvous.settings import Settings
 from rendezvous.state import Assignment, Member, RoundPhase, RoundState
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon.prewarm import WarmWorker, prewarmable
-from agent.daemon.workers import WorkerGroup, stdout_path, stderr_path
+from agent.daemon.workers.group import WorkerGroup, stderr_path, stdout_path
+from agent.daemon.workers.prewarm import WarmWorker, prewarmable
 
 SCRIPT = str(Path(__file__).resolve().parents[1] / "bin" / "show_invocation.py")
 
@@ -61,7 +61,7 @@ def test_a_warm_worker_runs_the_script_as_a_cold_one_would(tmp_path, exit_with):
 
 
 def test_every_warm_worker_of_a_node_is_forked_from_one_zygote(tmp_path):
-    from agent.daemon.keeper import shared_keeper
+    from agent.daemon.workers.keeper import shared_keeper
 
     out, _text, code = _run(tmp_path / "a", warm=True, exit_with="0")
     zygote = shared_keeper()
@@ -92,7 +92,7 @@ def test_the_zygote_is_given_up_and_brought_back_in_place_while_its_workers_run(
     pre-started interpreter up (its memory is the node's overhead) and brings it back when
     new workers may be needed. The keeper changes program in place: the workers below it
     (children of that very pid, killed if it died) keep running."""
-    from agent.daemon.keeper import retire_zygote, shared_keeper, zygote_running
+    from agent.daemon.workers.keeper import retire_zygote, shared_keeper, zygote_running
 
     warm = WarmWorker(sys.executable, dict(os.environ))
     keeper = shared_keeper()

@@ -19,10 +19,10 @@ from rendezvous.errors import (
     RendezvousError,
     RendezvousTimeoutError,
 )
-from rendezvous import round_members
-from rendezvous.etcd_server import EtcdServer
-from rendezvous.etcd_store import EtcdStore
+from rendezvous.etcd.server import EtcdServer
+from rendezvous.etcd.store import EtcdStore
 from rendezvous.participant import Notice, Participant
+from rendezvous.protocol import round_members
 from rendezvous.settings import Settings
 from rendezvous.state import Assignment, JobStatus, NodeRecord, Outcome, RestartCount, RoundPhase, RoundState
 from rendezvous.store import PUT, Event

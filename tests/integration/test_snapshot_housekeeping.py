@@ -1,4 +1,4 @@
-"""What the agent does with the in-memory snapshots on its host (agent.daemon.local): the
+"""What the agent does with the in-memory snapshots on its host (agent.daemon.workers.local): the
 workers get the job's snapshot key in a file only their user can read, and the snapshots of
 node ids no longer in the job are removed when a round starts. Real files, workers faked."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import stat
 
-from agent.daemon.local import Layout, LocalWorkers
+from agent.daemon.workers.local import Layout, LocalWorkers
 from agent.worker.snapshot_wire import KEY_FILE, read_key
 from rendezvous.clock import SystemClock
 from rendezvous.state import Assignment, Member
@@ -21,7 +21,7 @@ class NoGroup:
 
 
 def workers(tmp_path, monkeypatch, key: bytes | None = None) -> LocalWorkers:
-    monkeypatch.setattr("agent.daemon.local.snapshots_of", lambda job, log_dir: tmp_path / "shm" / job)
+    monkeypatch.setattr("agent.daemon.workers.local.snapshots_of", lambda job, log_dir: tmp_path / "shm" / job)
     layout = Layout(command=("true",), nproc=1, node_id="host-a-123456", job_id="j", log_dir=tmp_path / "logs",
                     checkpoint_dir=None, max_restarts=0, shutdown_timeout=1, snapshot_key=lambda: key)
     return LocalWorkers(layout, {}, SystemClock(), factory=NoGroup)

@@ -1,4 +1,4 @@
-"""agent.daemon.workers with real processes: env, logs, console prefixes, stop escalation, children."""
+"""agent.daemon.workers.group with real processes: env, logs, console prefixes, stop escalation, children."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.daemon.workers.group import WorkerGroup, error_file_path, stderr_path, stdout_path
 from agent.errors import SpawnError
-from agent.daemon.workers import WorkerGroup, error_file_path, stderr_path, stdout_path
 from tests.waiting import alive, wait_until
 
 BIN = Path(__file__).resolve().parents[1] / "bin"

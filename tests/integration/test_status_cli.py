@@ -10,8 +10,8 @@ import time
 import pytest
 
 from agent.observe.goodput import NodeReport, Totals, persist
+from rendezvous.etcd.store import EtcdStore
 from rendezvous.net import free_port
-from rendezvous.etcd_store import EtcdStore
 from rendezvous.settings import Settings
 from rendezvous.state import Assignment, Member, NodeRecord, RestartCount, RoundState
 

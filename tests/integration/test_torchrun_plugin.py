@@ -27,18 +27,22 @@ from typing import Any
 import pytest
 import torch.distributed as dist
 from torch.distributed.elastic.agent.server.api import _TERMINAL_STATE_SYNC_ID
-from torch.distributed.elastic.rendezvous import (RendezvousClosedError, RendezvousGracefulExitError,
-                                                  RendezvousParameters, RendezvousTimeoutError,
-                                                  rendezvous_handler_registry)
-from torch.distributed.elastic.rendezvous import registry
+from torch.distributed.elastic.rendezvous import (
+    RendezvousClosedError,
+    RendezvousGracefulExitError,
+    RendezvousParameters,
+    RendezvousTimeoutError,
+    registry,
+    rendezvous_handler_registry,
+)
 from torch.distributed.elastic.utils import store as store_util
 
-from rendezvous import torchrun_plugin
-from rendezvous.etcd_c10d_store import EtcdC10dStore
-from rendezvous.etcd_server import EtcdServer
-from rendezvous.etcd_store import EtcdStore
+from rendezvous.etcd.server import EtcdServer
+from rendezvous.etcd.store import EtcdStore
 from rendezvous.settings import Settings
 from rendezvous.state import JobStatus, Outcome
+from rendezvous.torchrun import plugin as torchrun_plugin
+from rendezvous.torchrun.c10d_store import EtcdC10dStore
 from tests.conftest import torchrun_env, wait_until
 
 HANG_S = 30.0
@@ -93,7 +97,7 @@ def die(handler: Any) -> None:
 # --- found and built as torchrun finds and builds it --------------------------------------------
 def test_the_entry_point_registers_etcd_v3_with_torch() -> None:
     (point,) = [p for p in importlib.metadata.entry_points(group="torchrun.handlers") if p.name == "etcd-v3"]
-    assert point.value == "rendezvous.torchrun_plugin:create_handler"
+    assert point.value == "rendezvous.torchrun.plugin:create_handler"
     assert point.load()() is torchrun_plugin.handler_for_torchrun
     registry._register_out_of_tree_handlers()  # torch may register twice: the same creator is accepted
     assert rendezvous_handler_registry._registry["etcd-v3"] is torchrun_plugin.handler_for_torchrun

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon.console import ConsoleSettings, local_ranks, per_rank_streams
-from agent.daemon.prewarm import WarmWorker
-from agent.daemon.spawn import with_local_rank_arg
-from agent.daemon.workers import WorkerGroup, stderr_path, stdout_path
+from agent.daemon.config.console import ConsoleSettings, local_ranks, per_rank_streams
+from agent.daemon.workers.group import WorkerGroup, stderr_path, stdout_path
+from agent.daemon.workers.prewarm import WarmWorker
+from agent.daemon.workers.spawn import with_local_rank_arg
 from tests.waiting import wait_until
 
 SCRIPT = str(Path(__file__).resolve().parents[1] / "bin" / "show_invocation.py")  # argv JSON out, a line err

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from rendezvous.settings import Settings
-from agent.daemon.config import AgentConfig, load_config
+from agent.daemon.config.layers import AgentConfig, load_config
 from agent.errors import ConfigError
+from rendezvous.settings import Settings
 
 CMD = ["--", "python", "train.py", "--lr", "3e-4"]
 CLUSTER = ["--etcd-endpoints", "etcd-0:2379", "--job-id", "job1"]

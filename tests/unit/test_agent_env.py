@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from agent.daemon.env import gpu_probe, resolve_nproc, visible_gpu_count, worker_env
+from agent.daemon.workers.env import gpu_probe, resolve_nproc, visible_gpu_count, worker_env
 from agent.errors import ConfigError
 
 

@@ -4,8 +4,8 @@ writing every 10 s filled etcd's default 2 GB quota within a day)."""
 
 from __future__ import annotations
 
+from agent.common.states import State
 from agent.daemon.bookkeeping import SYNC_ON_CHANGE, Bookkeeping
-from agent.daemon.states import State
 from agent.observe.collectors import CheckpointCollector
 from agent.observe.goodput import goodput_key
 from agent.observe.metrics import AgentMetrics

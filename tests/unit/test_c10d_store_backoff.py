@@ -5,9 +5,9 @@ once, and retrying at once costs O(N^2) transactions. A store that loses the fir
 from __future__ import annotations
 
 from rendezvous.clock import FakeClock
-from rendezvous.etcd_c10d_store import BACKOFF_FIRST_S, BACKOFF_MAX_S, RoundKeys
 from rendezvous.memory_store import MemoryStore
 from rendezvous.settings import Settings
+from rendezvous.torchrun.c10d_store import BACKOFF_FIRST_S, BACKOFF_MAX_S, RoundKeys
 
 
 class Contended(MemoryStore):

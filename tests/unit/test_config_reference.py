@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon import reference
-from agent.daemon.config import load_config
-from agent.daemon.options import OPTIONS, PET_VARS, TOGGLE
+from agent.daemon.config import reference
+from agent.daemon.config.layers import load_config
+from agent.daemon.config.options import OPTIONS, PET_VARS, TOGGLE
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "configuration.md"
-FIX = "run `python -m agent.daemon.reference --write` and commit docs/configuration.md"
+FIX = "run `python -m agent.daemon.config.reference --write` and commit docs/configuration.md"
 
 
 def table_rows(text: str) -> dict[str, list[str]]:
@@ -81,7 +81,7 @@ def test_check_exits_1_on_a_stale_file_and_write_fixes_it(tmp_path: Path, monkey
 
 
 def test_the_module_prints_the_reference() -> None:
-    proc = subprocess.run([sys.executable, "-m", "agent.daemon.reference"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "agent.daemon.config.reference"], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == reference.render()

@@ -1,4 +1,4 @@
-"""agent.daemon.console: --redirects, --tee, --local-ranks-filter and the line prefix mean what
+"""agent.daemon.config.console: --redirects, --tee, --local-ranks-filter and the line prefix mean what
 they mean to torchrun 2.13 (checked against torch's own DefaultLogsSpecs), and bad values are
 one line naming the flag and the form."""
 
@@ -9,12 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon.config import AgentConfig, load_config
-from agent.daemon.console import (
-    DEFAULT_TEMPLATE, ConsoleSettings, PerRank, Route, Streams, local_ranks, per_rank_streams, prefix_template,
+from agent.daemon.config.console import (
+    DEFAULT_TEMPLATE,
+    ConsoleSettings,
+    PerRank,
+    Route,
+    Streams,
+    local_ranks,
+    per_rank_streams,
+    prefix_template,
 )
-from agent.daemon.spawn import for_rank, with_local_rank_arg
-from agent.daemon.values import Invalid
+from agent.daemon.config.layers import AgentConfig, load_config
+from agent.daemon.config.values import Invalid
+from agent.daemon.workers.spawn import for_rank, with_local_rank_arg
 from agent.errors import ConfigError
 
 CMD = ["--", "python", "train.py"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from rendezvous.errors import StoreUnavailableError
-from rendezvous.etcd_streams import KeepAliveStream, WatchStream
+from rendezvous.etcd.streams import KeepAliveStream, WatchStream
 from rendezvous.store import RequestCounter
 
 

@@ -1,4 +1,4 @@
-"""agent.daemon.failures, from files alone: torchelastic error files and tracebacks."""
+"""agent.daemon.workers.failures, from files alone: torchelastic error files and tracebacks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon.failures import describe_exit as _describe_exit, error_file_message as _error_file_message, exception_line as _exception_line
+from agent.daemon.workers.failures import describe_exit as _describe_exit
+from agent.daemon.workers.failures import error_file_message as _error_file_message
+from agent.daemon.workers.failures import exception_line as _exception_line
 
 TRACEBACK = """\
 step 1

@@ -14,7 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from agent.worker import checkpoint as ckpt
 from agent.worker.choice import choose

@@ -2,7 +2,7 @@
 either gets a configuration that is sound all the way through, or one line naming the setting
 and exit 2; never a traceback.
 
-In process, hypothesis drives :func:`agent.daemon.config.load_config` with command lines,
+In process, hypothesis drives :func:`agent.daemon.config.layers.load_config` with command lines,
 ``ELASTIC_AGENT_*`` / ``PET_*`` variables and TOML files made of the flags the option table
 knows and values chosen to sit on every parser's edges (huge, non-finite, non-ASCII digits,
 control characters, wrong TOML types, undecodable bytes). A few of the failures it found are
@@ -21,10 +21,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
-from agent.daemon.config import AgentConfig, load_config, prepare_directories
-from agent.daemon.options import OPTIONS, PET_VARS, SWITCH, TOGGLE, flags
+from agent.daemon.config.layers import AgentConfig, load_config, prepare_directories
+from agent.daemon.config.options import OPTIONS, PET_VARS, SWITCH, TOGGLE, flags
 from agent.errors import ConfigError
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,

@@ -15,13 +15,22 @@ from __future__ import annotations
 import json
 import math
 
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from agent.observe.goodput import NodeReport, Totals
 from rendezvous.errors import CorruptStateError
 from rendezvous.settings import Settings
 from rendezvous.state import (
-    Assignment, JobStatus, JoinRecord, Member, NodeRecord, Outcome, RestartCount, RoundPhase, RoundState,
+    Assignment,
+    JobStatus,
+    JoinRecord,
+    Member,
+    NodeRecord,
+    Outcome,
+    RestartCount,
+    RoundPhase,
+    RoundState,
 )
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,

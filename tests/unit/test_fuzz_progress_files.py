@@ -11,7 +11,8 @@ import math
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from agent.daemon.policy import Progress, read_progress
 

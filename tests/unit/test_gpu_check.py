@@ -13,7 +13,19 @@ import pytest
 
 from tests.gpu import check, expect
 from tests.gpu.plan import (
-    DRAIN, ELRUN, INPROCESS, KILL, NPROC_GPU, PASS, SCENARIOS, SKIP, Result, plan, split, steps_lost, table,
+    DRAIN,
+    ELRUN,
+    INPROCESS,
+    KILL,
+    NPROC_GPU,
+    PASS,
+    SCENARIOS,
+    SKIP,
+    Result,
+    plan,
+    split,
+    steps_lost,
+    table,
 )
 from tests.gpu.smi import App, Gpu, Smi, normal_uuid, parse_apps, parse_gpus
 

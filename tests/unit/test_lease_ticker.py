@@ -1,4 +1,4 @@
-"""A node's two leases refreshed from a ticker (rendezvous.leases.Ticker) instead of a thread
+"""A node's two leases refreshed from a ticker (rendezvous.protocol.leases.Ticker) instead of a thread
 each: what the scale simulator runs thousands of nodes with. The refreshes must be the ones
 an agent sends, and closing a node must stop them as joining its threads does.
 """
@@ -9,9 +9,9 @@ import threading
 
 from rendezvous.clock import FakeClock
 from rendezvous.errors import LeaseLostError
-from rendezvous.leases import NodeLeases
 from rendezvous.memory_store import MemoryStore
-from rendezvous.presence import Presence
+from rendezvous.protocol.leases import NodeLeases
+from rendezvous.protocol.presence import Presence
 from rendezvous.settings import Settings
 from tests.waiting import wait_until
 
@@ -24,7 +24,7 @@ class ListTicker:
     def __init__(self) -> None:
         self.steps: list[tuple[object, float]] = []
 
-    def add(self, step, at: float) -> None:  # noqa: ANN001 - rendezvous.leases.Ticker
+    def add(self, step, at: float) -> None:  # noqa: ANN001 - rendezvous.protocol.leases.Ticker
         self.steps.append((step, at))
 
 

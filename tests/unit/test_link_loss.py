@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from agent.daemon.reach_watch import LOSS_WINDOW, LinkLoss
+from agent.daemon.connection.reach_watch import LOSS_WINDOW, LinkLoss
 
 
 class _Gauge:

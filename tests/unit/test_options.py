@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.daemon.options import OPTIONS, flags, start_parser
+from agent.daemon.config.options import OPTIONS, flags, start_parser
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

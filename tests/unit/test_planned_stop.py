@@ -17,7 +17,7 @@ from agent.daemon.planning import ANSWER_WAIT, Plans
 from agent.daemon.steering import WorkersView
 from agent.worker import control
 from rendezvous.clock import FakeClock
-from rendezvous.notices import NoticeKind, PlannedNotices
+from rendezvous.protocol.notices import NoticeKind, PlannedNotices
 from rendezvous.state import Assignment, Member, RoundPhase, RoundState
 
 NODES = ("node-0", "node-1", "node-2")
@@ -193,7 +193,7 @@ def test_the_initiator_waits_for_a_late_answer_on_a_watch_not_by_reading_cleared
     """Issue 25: it read rounds/<n>/cleared/ every 10 ms for up to 3 s (O(N) bytes each time)."""
     from rendezvous.clock import SystemClock
     from rendezvous.memory_store import MemoryStore
-    from rendezvous.rounds import PlannedStop
+    from rendezvous.protocol.rounds import PlannedStop
     from rendezvous.settings import Settings
 
     store, settings = MemoryStore(), Settings(job_id="j", min_nodes=1, max_nodes=3)

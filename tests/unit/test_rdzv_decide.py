@@ -1,11 +1,23 @@
-"""rendezvous.decide: the pure decisions, as tables (no store, no clock, no threads)."""
+"""rendezvous.protocol.decide: the pure decisions, as tables (no store, no clock, no threads)."""
 
 from __future__ import annotations
 
 import pytest
 
-from rendezvous import decide
-from rendezvous.decide import Close, Coordinate, Hold, Join, Joiner, Reopen, RoundView, Serve, Snapshot, Standby, Wait
+from rendezvous.protocol import decide
+from rendezvous.protocol.decide import (
+    Close,
+    Coordinate,
+    Hold,
+    Join,
+    Joiner,
+    Reopen,
+    RoundView,
+    Serve,
+    Snapshot,
+    Standby,
+    Wait,
+)
 from rendezvous.reasons import reason_kind
 from rendezvous.settings import Settings
 from rendezvous.state import Assignment, JoinRecord, Member, RoundPhase, RoundState
@@ -356,7 +368,7 @@ def test_settings_key_layout() -> None:
     assert not Settings(job_id="llama-ft2", min_nodes=1, max_nodes=1).root.startswith(s.root)
 
 
-# --- a member cut off from its peers (rendezvous.reachability) is left out of the next round -----
+# --- a member cut off from its peers (rendezvous.protocol.reachability) is left out of the next round -----
 def test_a_left_out_member_is_neither_waited_for_nor_admitted():
     rnd = decide.next_round(closed(4, "a", "b", "c"), "unreachable: c", left_out=("c",))
     assert rnd.left_out == ("c",) and rnd.previous == ("a", "b", "c")

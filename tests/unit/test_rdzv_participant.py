@@ -20,12 +20,12 @@ from hypothesis import HealthCheck, event, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from rendezvous import participant as participant_module
 from rendezvous.clock import FakeClock
 from rendezvous.errors import CorruptStateError, JobFinishedError, LeaseLostError, RendezvousTimeoutError
 from rendezvous.memory_store import MemoryStore
-from rendezvous import participant as participant_module
-from rendezvous import round_members
 from rendezvous.participant import Notice, Participant
+from rendezvous.protocol import round_members
 from rendezvous.reasons import reason_kind
 from rendezvous.settings import Settings
 from rendezvous.state import Assignment, JobStatus, NodeRecord, Outcome, RestartCount, RoundPhase, RoundState

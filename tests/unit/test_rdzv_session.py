@@ -1,4 +1,4 @@
-"""rendezvous.session: the keep-alive arithmetic, driven by ``tick(now)`` on a fake clock.
+"""rendezvous.protocol.session: the keep-alive arithmetic, driven by ``tick(now)`` on a fake clock.
 
 The store is a recording fake whose keep-alive answers are scripted; nothing here sleeps,
 except the last test, which checks that the background thread only runs ``tick``.
@@ -13,7 +13,7 @@ import pytest
 
 from rendezvous.clock import FakeClock, SystemClock
 from rendezvous.errors import LeaseLostError, StoreUnavailableError
-from rendezvous.session import Session
+from rendezvous.protocol.session import Session
 from tests.waiting import wait_until
 
 T0 = 1000.0  # FakeClock's start
@@ -186,7 +186,7 @@ def test_a_failed_revoke_is_logged_not_raised(caplog: pytest.LogCaptureFixture) 
     store = FakeStore(clock)
     store.revoke_error = StoreUnavailableError("etcd unreachable")
     s, _ = session(store)
-    with caplog.at_level(logging.WARNING, logger="rendezvous.session"):
+    with caplog.at_level(logging.WARNING, logger="rendezvous.protocol.session"):
         s.revoke()
     assert store.revokes == [LEASE]
     assert "could not revoke lease 7 (etcd unreachable); it expires within 9.0s" in caplog.text

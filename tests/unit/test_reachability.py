@@ -1,4 +1,4 @@
-"""Who is cut off, from the peers' reports (rendezvous.reachability): the node nobody reaches
+"""Who is cut off, from the peers' reports (rendezvous.protocol.reachability): the node nobody reaches
 is removed, never the nodes it cannot reach, never on one reporter's word, never with two
 nodes, never a majority."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from rendezvous.reachability import Report, cut_off, decide, prospective_peers, ring_peers
+from rendezvous.protocol.reachability import Report, cut_off, decide, prospective_peers, ring_peers
 
 FIVE = ("a", "b", "c", "d", "e")
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from agent.daemon.local import Layout, LocalWorkers
+from agent.daemon.workers.local import Layout, LocalWorkers
 from rendezvous.clock import FakeClock
 from rendezvous.state import Assignment, Member
 
@@ -45,7 +45,7 @@ def test_control_and_progress_files_are_private_node_local_and_removed_at_exit(t
 def test_a_new_agent_removes_the_directories_of_agents_that_were_killed(tmp_path: Path) -> None:
     """An agent killed with SIGKILL cannot remove its directory; on tmpfs each restart would
     leave one more behind. The next agent on the node removes those whose owner is gone."""
-    from agent.daemon import runtime_dir
+    from agent.daemon.workers import runtime_dir
 
     runtime = tmp_path / "run-user"
     runtime.mkdir(mode=0o700)

@@ -13,7 +13,7 @@ import textwrap
 _CHILD = textwrap.dedent("""
     import os, signal, threading
     from agent.daemon.signals import Signals
-    from rendezvous.inbox import Inbox, ItemKind
+    from rendezvous.protocol.inbox import Inbox, ItemKind
     from rendezvous.memory_store import MemoryStore
 
     inbox = Inbox(MemoryStore())

@@ -114,7 +114,7 @@ def test_corrupt_round_is_named() -> None:
 
 
 def test_status_shows_who_cannot_reach_whom_and_who_is_kept_out() -> None:
-    from rendezvous.reachability import Report  # noqa: PLC0415
+    from rendezvous.protocol.reachability import Report  # noqa: PLC0415
 
     store = MemoryStore(reap_interval=None)
     job(store)

@@ -9,6 +9,7 @@ Exit codes: 0 job succeeded; 1 job failed; 2 bad usage or configuration; 3 left 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -34,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "start":
             return _start(rest)
         if command == "status":
-            from agent.observe.status import run_status  # noqa: PLC0415
-
-            return run_status(rest)
+            return _status(rest)
         if command in ("--version", "version"):
             from agent import __version__  # noqa: PLC0415
 
@@ -180,6 +179,43 @@ def _setup_logging(level: str, node_id: str) -> None:
         format=f"%(asctime)s [elastic-agent {node_id}] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+
+
+
+def _status(argv: list[str]) -> int:
+    from agent.daemon.config.options import RaisingParser  # noqa: PLC0415
+    from agent.daemon.connection import connect  # noqa: PLC0415
+    from agent.observe.status import render, snapshot  # noqa: PLC0415
+    from rendezvous.errors import RendezvousError, StoreConfigError, StoreUnavailableError  # noqa: PLC0415
+    from rendezvous.net import parse_endpoints  # noqa: PLC0415
+
+    parser = RaisingParser(prog="elastic-agent status", description="Show a job as etcd sees it.")
+    parser.add_argument("--etcd-endpoints", required=True, help="host:port[,host:port...]; https:// for TLS")
+    parser.add_argument("--job-id", required=True, help="the job's id, as given to elastic-agent start")
+    parser.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    parser.add_argument("--timeout", type=float, default=3.0,
+                        help="seconds to keep trying an unreachable etcd (default 3)")
+    connect.add_flags(parser)
+    args = parser.parse_args(argv)
+    try:
+        parse_endpoints(args.etcd_endpoints)
+    except ValueError as exc:
+        raise ConfigError(f"--etcd-endpoints ({args.etcd_endpoints!r}): {exc}") from exc
+    store = connect.status_store(args, os.environ, retry_for=max(0.1, args.timeout),
+                                 request_timeout=min(2.0, max(0.1, args.timeout)))
+    try:
+        snap = snapshot(store, args.job_id)
+    except StoreConfigError as exc:
+        raise connect.usage_error(exc) from exc
+    except StoreUnavailableError as exc:
+        raise ConfigError(f"--etcd-endpoints ({args.etcd_endpoints}): {exc}") from exc
+    except RendezvousError as exc:
+        print(f"elastic-agent: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(json.dumps(snap, indent=2) if args.json else render(snap))
+    return 0
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ from typing import Callable, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from agent import __version__
+from agent.common.progress import Progress
 from agent.common.states import FINAL, State
-from agent.daemon.policy import Progress
 from agent.observe.collectors import ETCD_REQUESTS, GoodputCollector, minus
 from agent.observe.goodput import GoodputAccount, NodeReport, Totals
 from rendezvous.errors import StoreFullError

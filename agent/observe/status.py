@@ -9,13 +9,10 @@ budget from the agents' records (``max_restarts``), the only place it is stored.
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from dataclasses import replace
 from typing import Any
 
-from agent.daemon.config.options import RaisingParser
 from agent.errors import ConfigError
 
 
@@ -172,39 +169,3 @@ def render(snap: dict[str, Any]) -> str:
         lines.append(f"goodput: {snap['goodput_ratio']:.1%} of {snap['elapsed_node_seconds']:.0f} node-seconds"
                      + (f" (badput: {bad})" if bad else ""))
     return "\n".join(lines).translate(_CONTROL)
-
-
-def run_status(argv: list[str]) -> int:
-    import os  # noqa: PLC0415
-
-    from agent.daemon.connection import connect  # noqa: PLC0415
-    from rendezvous.errors import RendezvousError, StoreConfigError, StoreUnavailableError  # noqa: PLC0415
-    from rendezvous.net import parse_endpoints  # noqa: PLC0415
-
-    parser = RaisingParser(prog="elastic-agent status", description="Show a job as etcd sees it.")
-    parser.add_argument("--etcd-endpoints", required=True, help="host:port[,host:port...]; https:// for TLS")
-    parser.add_argument("--job-id", required=True, help="the job's id, as given to elastic-agent start")
-    parser.add_argument("--json", action="store_true", help="one JSON object, for scripts")
-    parser.add_argument("--timeout", type=float, default=3.0,
-                        help="seconds to keep trying an unreachable etcd (default 3)")
-    connect.add_flags(parser)
-    args = parser.parse_args(argv)
-    try:
-        parse_endpoints(args.etcd_endpoints)
-    except ValueError as exc:
-        raise ConfigError(f"--etcd-endpoints ({args.etcd_endpoints!r}): {exc}") from exc
-    store = connect.status_store(args, os.environ, retry_for=max(0.1, args.timeout),
-                                 request_timeout=min(2.0, max(0.1, args.timeout)))
-    try:
-        snap = snapshot(store, args.job_id)
-    except StoreConfigError as exc:
-        raise connect.usage_error(exc) from exc
-    except StoreUnavailableError as exc:
-        raise ConfigError(f"--etcd-endpoints ({args.etcd_endpoints}): {exc}") from exc
-    except RendezvousError as exc:
-        print(f"elastic-agent: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        store.close()
-    print(json.dumps(snap, indent=2) if args.json else render(snap))
-    return 0

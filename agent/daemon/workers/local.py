@@ -26,10 +26,10 @@ from typing import Protocol
 
 from agent.daemon import policy
 from agent.daemon.config.console import ConsoleSettings, Route
-from agent.daemon.workers import keeper, runtime_dir
+from agent.daemon.workers import runtime_dir
 from agent.daemon.workers.env import worker_env
 from agent.daemon.workers.group import WorkerGroup, error_file_path
-from agent.daemon.workers.prewarm import WarmWorker
+from agent.daemon.workers.prewarm import WarmPool, WarmWorker
 from agent.daemon.workers.spawn import with_local_rank_arg
 from agent.errors import AgentError
 from agent.worker import control as worker_control
@@ -189,13 +189,12 @@ class LocalWorkers:
         self.environ = dict(environ)
         self.clock = clock
         self.factory = factory
-        self.prewarm = prewarm
         self.running: Running | None = None
         self.attempt = 0
         # Once a round's workers reported through the helper, later rounds run the same script:
         # a leave right after a restart, before any report, still drains rather than loses steps.
         self.helper_seen = False
-        self.warm: list[WarmWorker] = []
+        self.pool = WarmPool(layout.command[0], self.environ, layout.nproc, enabled=prewarm)
         self.local_files = runtime_dir.NodeLocal(layout.job_id, layout.node_id, self.environ)  # control, progress
 
     def start(self, assignment: Assignment) -> Running:
@@ -226,7 +225,7 @@ class LocalWorkers:
         routes = [lay.console.route(local_rank=r, rank=offset + r, node_id=node, role_name=envs[r]["ROLE_NAME"])
                   for r in range(lay.nproc)]
         command = with_local_rank_arg(lay.command) if lay.local_rank_arg else lay.command
-        warm, self.warm = self.warm[: lay.nproc], self.warm[lay.nproc:]
+        warm = self.pool.take(lay.nproc)
         worker_control.write(control, worker_control.Control(clear_to=-1))  # see Running.cleared
         group = self.factory(command, envs, attempt_dir, routes, warm)
         group.start()
@@ -269,38 +268,18 @@ class LocalWorkers:
             return path
         raise AgentError(f"cannot create a new attempt directory under {node_dir}")
 
+    # The pre-started pool is the loop's to steer (agent.daemon.workers.prewarm.WarmPool).
     def fill_warm(self) -> None:
-        """Keep one pre-started worker per local rank ready for the next round."""
-        if not self.prewarm:
-            return
-        self.warm = [w for w in self.warm if w.alive()]
-        env = {**self.environ, "OMP_NUM_THREADS": self.environ.get("OMP_NUM_THREADS", "1")}
-        while len(self.warm) < self.layout.nproc:
-            try:
-                self.warm.append(WarmWorker(self.layout.command[0], env))
-            except AgentError as exc:
-                log.warning("cannot pre-start workers (%s); starting them cold", exc)
-                self.prewarm = False
-                return
+        self.pool.fill()
 
     def warm_ready(self) -> bool:
-        """Whether the next workers could start at once: none are pre-started (they start
-        cold whenever asked), or the zygote has imported what they need."""
-        return not (self.prewarm and self.warm) or keeper.zygote_ready()
+        return self.pool.ready()
 
     def retire_warm(self) -> None:
-        """The workers recover in process: they are not restarted when the job changes, so
-        no pre-started interpreter is kept beside them (:meth:`fill_warm` brings it back the
-        moment new workers may be needed)."""
-        if self.warm or keeper.zygote_running():
-            log.info("workers recover in process: the pre-started interpreter is given up")
-        self.discard_warm()
-        keeper.retire_zygote()
+        self.pool.retire()
 
     def discard_warm(self) -> None:
-        for warm in self.warm:
-            warm.discard()
-        self.warm.clear()
+        self.pool.discard()
 
     # --- stopping ------------------------------------------------------------------------
     def begin_stop(self, why: str, *, drain: bool, budget: float, planned: bool = True) -> None:

@@ -60,7 +60,8 @@ def _kv(kv: Any) -> KV:
 
 class EtcdStore:
     """A :class:`~rendezvous.store.Store` backed by an etcd v3 cluster. ``https://`` endpoints
-    or TLS ``credentials`` make every connection TLS (never a fallback to plaintext)."""
+    or TLS ``credentials`` make every connection TLS (never a fallback to plaintext).
+    Each method is one request through :class:`_Requests` (retries, fail-over, errors)."""
 
     def __init__(self, endpoints: tuple[Endpoint, ...] | str, *, credentials: Credentials | None = None,
                  request_timeout: float = 2.0, retry_for: float = 5.0, counter: RequestCounter | None = None,
@@ -71,10 +72,10 @@ class EtcdStore:
         self.request_timeout = request_timeout
         self.retry_for = retry_for
         self.requests = counter or RequestCounter()
-        self.observer = observer  # (request kind, seconds, error or None) after every attempt
         self._connector = Connector(credentials or Credentials(), request_timeout, https)  # checks TLS files now
         self._channel = EtcdChannel(self.endpoints, self._connector.open)
-        self._last_ok = 0.0  # when a request last succeeded: is a slow reply load or a dead member?
+        self._rpc = _Requests(self.endpoints, self._channel, self._connector, self.requests, observer,
+                              request_timeout, retry_for)
         # Under load (a thousand watches opened at once) confirmations queue up: wait as long
         # as a retried request would.
         self._watches = Watches(lambda: WatchStream(lambda: self._channel.stubs().watch, self._channel.fail_over,
@@ -87,48 +88,7 @@ class EtcdStore:
         return self._channel.endpoint
 
     def _call(self, kind: str, fn: Callable[[Any, Any, Any], T], retry_for: float | None = None) -> T:
-        """Run one request with bounded retries on unavailability, translating errors."""
-        retry_for = self.retry_for if retry_for is None else retry_for
-
-        def attempt() -> T:
-            self.requests.add(kind)
-            began = time.monotonic()
-            try:
-                result = fn(*self._channel.stubs())
-            except grpc.RpcError as exc:
-                full = _out_of_space(kind, exc)
-                self._observe(kind, began, full or exc)
-                if full is not None:  # not retried here: the caller says so, loudly, and tries later
-                    raise full from exc
-                refused = self._connector.refusal(kind, exc, self.endpoint)
-                if refused is not None:  # TLS, login or permission: retrying cannot help
-                    raise refused from exc
-                if exc.code() in _RETRYABLE or _replaced(exc):
-                    if _dead(exc, time.monotonic() - self._last_ok, self.request_timeout):
-                        self._channel.fail_over()
-                    raise _Retry(f"{kind} on {self.endpoint}: {exc.code().name}: {exc.details()}") from exc
-                raise _translate(kind, exc) from exc
-            except ValueError as exc:  # another thread failed over and closed the channel under us
-                if "closed" not in str(exc).lower():
-                    raise
-                self._observe(kind, began, exc)
-                raise _Retry(f"{kind} on {self.endpoint}: channel replaced while in flight") from exc
-            self._observe(kind, began, None)
-            self._last_ok = time.monotonic()
-            return result
-
-        try:
-            return tenacity.Retrying(
-                retry=tenacity.retry_if_exception_type(_Retry),
-                stop=tenacity.stop_after_delay(retry_for),
-                wait=tenacity.wait_exponential(multiplier=0.05, max=0.5),
-                reraise=True,
-            )(attempt)
-        except _Retry as exc:
-            raise StoreUnavailableError(
-                f"etcd unreachable at {endpoints_text(self.endpoints)} "
-                f"for {retry_for}s ({exc})"
-            ) from exc
+        return self._rpc.call(kind, fn, retry_for)
 
     # --- KV ------------------------------------------------------------------------------
     def get(self, key: str) -> tuple[KV | None, int]:
@@ -224,17 +184,10 @@ class EtcdStore:
             if ttl <= 0:
                 raise LeaseLostError(f"lease {lease:x} expired or was revoked")
         except RendezvousError as exc:
-            self._observe("lease_keepalive", began, exc)
+            self._rpc.observe("lease_keepalive", began, exc)
             raise
-        self._observe("lease_keepalive", began, None)
+        self._rpc.observe("lease_keepalive", began, None)
         return float(ttl)
-
-    def _observe(self, kind: str, began: float, error: BaseException | None) -> None:
-        if self.observer is not None:
-            try:
-                self.observer(kind, time.monotonic() - began, error)
-            except Exception:  # noqa: BLE001 - metrics never break a request
-                log.debug("request observer failed", exc_info=True)
 
     def revoke(self, lease: int) -> None:
         req = etcdrpc.LeaseRevokeRequest(ID=lease)
@@ -257,6 +210,73 @@ class EtcdStore:
         self._watches.close()
         self._keepalives.close()
         self._channel.close()
+
+
+class _Requests:
+    """One etcd request as the store's methods make it: retried (bounded by ``retry_for``) while
+    the cluster is unavailable, failed over off a member that stopped answering, refused at once
+    for TLS, login or permission, out as one typed error; every attempt counted and observed.
+    The policy lives apart from the store's methods, which only say what to ask."""
+
+    def __init__(self, endpoints: tuple[Endpoint, ...], channel: EtcdChannel, connector: Connector,
+                 counter: RequestCounter, observer: Callable[[str, float, BaseException | None], None] | None,
+                 request_timeout: float, retry_for: float) -> None:
+        self.endpoints, self._channel, self._connector = endpoints, channel, connector
+        self.requests = counter
+        self.observer = observer  # (request kind, seconds, error or None) after every attempt
+        self.request_timeout, self.retry_for = request_timeout, retry_for
+        self._last_ok = 0.0  # when a request last succeeded: is a slow reply load or a dead member?
+
+    def call(self, kind: str, fn: Callable[[Any, Any, Any], T], retry_for: float | None = None) -> T:
+        """Run one request with bounded retries on unavailability, translating errors."""
+        retry_for = self.retry_for if retry_for is None else retry_for
+
+        def attempt() -> T:
+            self.requests.add(kind)
+            began = time.monotonic()
+            try:
+                result = fn(*self._channel.stubs())
+            except grpc.RpcError as exc:
+                full = _out_of_space(kind, exc)
+                self.observe(kind, began, full or exc)
+                if full is not None:  # not retried here: the caller says so, loudly, and tries later
+                    raise full from exc
+                refused = self._connector.refusal(kind, exc, self._channel.endpoint)
+                if refused is not None:  # TLS, login or permission: retrying cannot help
+                    raise refused from exc
+                if exc.code() in _RETRYABLE or _replaced(exc):
+                    if _dead(exc, time.monotonic() - self._last_ok, self.request_timeout):
+                        self._channel.fail_over()
+                    raise _Retry(f"{kind} on {self._channel.endpoint}: {exc.code().name}: {exc.details()}") from exc
+                raise _translate(kind, exc) from exc
+            except ValueError as exc:  # another thread failed over and closed the channel under us
+                if "closed" not in str(exc).lower():
+                    raise
+                self.observe(kind, began, exc)
+                raise _Retry(f"{kind} on {self._channel.endpoint}: channel replaced while in flight") from exc
+            self.observe(kind, began, None)
+            self._last_ok = time.monotonic()
+            return result
+
+        try:
+            return tenacity.Retrying(
+                retry=tenacity.retry_if_exception_type(_Retry),
+                stop=tenacity.stop_after_delay(retry_for),
+                wait=tenacity.wait_exponential(multiplier=0.05, max=0.5),
+                reraise=True,
+            )(attempt)
+        except _Retry as exc:
+            raise StoreUnavailableError(
+                f"etcd unreachable at {endpoints_text(self.endpoints)} "
+                f"for {retry_for}s ({exc})"
+            ) from exc
+
+    def observe(self, kind: str, began: float, error: BaseException | None) -> None:
+        if self.observer is not None:
+            try:
+                self.observer(kind, time.monotonic() - began, error)
+            except Exception:  # noqa: BLE001 - metrics never break a request
+                log.debug("request observer failed", exc_info=True)
 
 
 class _Retry(Exception):

@@ -53,7 +53,8 @@ def stderr_path(log_dir: Path, local_rank: int) -> Path:
 
 
 class _Worker:
-    """One worker process, its log files and output readers."""
+    """One worker process, its log files and output readers, and how it ended: what a failure
+    report reads (its error file, else the traceback at the end of its stderr)."""
 
     def __init__(self, local_rank: int, process: KeptProcess, route: Route) -> None:
         self.local_rank = local_rank
@@ -62,6 +63,30 @@ class _Worker:
         self.readers: list[threading.Thread] = []
         self.sinks: list[Sink] = []
         self.stderr_start = 0  # where this run's output starts in an appended stderr.log
+
+    def stderr_lines(self, log_dir: Path) -> list[str]:
+        """What this run wrote to the worker's stderr (its last ``_TAIL_BYTES``)."""
+        for reader in self.readers:
+            reader.join(_READER_JOIN_S)  # let a dead worker's last words reach the file
+        try:
+            with stderr_path(log_dir, self.local_rank).open("rb") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                handle.seek(max(self.stderr_start, size - _TAIL_BYTES))
+                data = handle.read()
+        except OSError:
+            return []
+        return data.decode("utf-8", errors="replace").splitlines()
+
+    def failure_summary(self, log_dir: Path) -> str:
+        code = self.process.poll()
+        who = f"local rank {self.local_rank} (pid {self.process.pid})"
+        if code is None:
+            return f"{who} is still running"
+        how = describe_exit(code)
+        reason = error_file_message(error_file_path(log_dir, self.local_rank))
+        if reason is None:
+            reason = exception_line(self.stderr_lines(log_dir))
+        return f"{who} {how}: {reason}" if reason else f"{who} {how}"
 
 
 class WorkerGroup:
@@ -233,33 +258,10 @@ class WorkerGroup:
 
     def stderr_tail(self, local_rank: int, lines: int = 10) -> list[str]:
         """The last ``lines`` non-empty lines this run wrote to the worker's stderr."""
-        return [line for line in self._stderr_lines(local_rank) if line.strip()][-lines:]
-
-    def _stderr_lines(self, local_rank: int) -> list[str]:
-        worker = self._workers[local_rank]
-        for reader in worker.readers:
-            reader.join(_READER_JOIN_S)  # let a dead worker's last words reach the file
-        path = stderr_path(self.log_dir, local_rank)
-        try:
-            with path.open("rb") as handle:
-                size = handle.seek(0, os.SEEK_END)
-                handle.seek(max(worker.stderr_start, size - _TAIL_BYTES))
-                data = handle.read()
-        except OSError:
-            return []
-        return data.decode("utf-8", errors="replace").splitlines()
+        return [line for line in self._workers[local_rank].stderr_lines(self.log_dir) if line.strip()][-lines:]
 
     def failure_summary(self, local_rank: int) -> str:
         """One line: which worker, how it ended, and the exception it raised when known."""
-        worker = self._workers[local_rank]
-        code = worker.process.poll()
-        who = f"local rank {local_rank} (pid {worker.process.pid})"
-        if code is None:
-            return f"{who} is still running"
-        how = describe_exit(code)
-        reason = error_file_message(error_file_path(self.log_dir, local_rank))
-        if reason is None:
-            reason = exception_line(self._stderr_lines(local_rank))
-        return f"{who} {how}: {reason}" if reason else f"{who} {how}"
+        return self._workers[local_rank].failure_summary(self.log_dir)
 
 

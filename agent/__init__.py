@@ -1,11 +1,13 @@
 """elastic-agent: keeps long PyTorch training jobs alive on preemptible machines.
 
-Three rooms, one per audience:
+Three rooms, one per audience, over the vocabulary two of them share:
 
-- ``agent.daemon``: the per-node daemon (``elastic-agent start``): configuration, the loop,
-  worker processes, preemption notices. Never imports torch.
+- ``agent.daemon``: the per-node daemon (``elastic-agent start``): the loop and its decisions,
+  with its configuration (``config``), worker processes (``workers``) and connection
+  (``connection``) in folders of their own. Never imports torch.
 - ``agent.observe``: what operators read: Prometheus metrics, goodput, health endpoints,
-  ``elastic-agent status``. Never imports torch.
+  ``elastic-agent status``. Never imports torch, nor the daemon.
+- ``agent.common``: the states and progress records both of them use.
 - ``agent.worker``: what training scripts import (``from agent.worker import Elastic``):
   the helper, atomic checkpoints, and the agent-worker protocol. Only its helper imports torch.
 """

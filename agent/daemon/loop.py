@@ -1,8 +1,8 @@
 """The agent's one loop: rendezvous, run the local workers, watch, restart, finish.
 
-Signal handlers and watch callbacks only record; this loop acts. After each look at the
-workers and the job, :func:`agent.daemon.supervise.next_action` (pure) says what to do and
-the loop does it. The clock and the worker-group factory are parameters, so the loop runs
+Signal handlers and watch callbacks only record; this loop acts. Inside a round
+(agent.daemon.watch), after each look at the workers and the job,
+:func:`agent.daemon.supervise.next_action` (pure) says what to do and the watch does it. The clock and the worker-group factory are parameters, so the loop runs
 in-process in tests over the in-memory store with a recording fake group.
 """
 
@@ -15,7 +15,6 @@ from collections.abc import Mapping
 
 from agent import __version__
 from agent.common.states import State
-from agent.daemon import policy, steering, supervise
 from agent.daemon.bookkeeping import Bookkeeping
 from agent.daemon.config.console import ConsoleSettings
 from agent.daemon.config.layers import AgentConfig
@@ -26,8 +25,9 @@ from agent.daemon.endings import Endings
 from agent.daemon.planning import Plans
 from agent.daemon.signals import Signals
 from agent.daemon.straggler_watch import StragglerWatch
+from agent.daemon.watch import RoundWatch
 from agent.daemon.workers.env import resolve_nproc
-from agent.daemon.workers.local import GroupFactory, Layout, LocalWorkers, Running, process_group
+from agent.daemon.workers.local import GroupFactory, Layout, LocalWorkers, process_group
 from agent.daemon.workers.prewarm import prewarmable
 from agent.errors import EXIT_PREEMPTED
 from agent.observe.collectors import CheckpointCollector
@@ -35,15 +35,12 @@ from agent.observe.metrics import AgentMetrics
 from rendezvous.clock import Clock, SystemClock
 from rendezvous.errors import CorruptStateError, JobFinishedError, LeaseLostError, StoreUnavailableError
 from rendezvous.participant import Participant
-from rendezvous.reasons import PLANNED, Reason, reason_text
 from rendezvous.settings import Settings
-from rendezvous.state import Assignment, NodeRecord, Outcome
+from rendezvous.state import Assignment, NodeRecord
 from rendezvous.store import Store
 
 log = logging.getLogger("elastic_agent")
 
-PREWARM_DELAY = 2.0  # workers run this long before the next ones are pre-started (spare the CPU)
-REASON_LIMIT = 400  # a round's reason is stored in etcd: keep it short
 
 
 class SnapshotKey:
@@ -191,75 +188,11 @@ class Agent:
             raise _Leave()
 
     def _supervise(self) -> int | None:
-        """Watch the workers and the job until the round ends. Returns an exit code when the
-        agent should exit, None when it should re-enter the rendezvous."""
+        """Watch the workers and the job until the round ends (agent.daemon.watch). Returns an
+        exit code when the agent should exit, None when it should re-enter the rendezvous."""
         run = self.local.running
         assert run is not None
-        barrier = _ExitBarrier(self.participant, self.store, self.settings, self.config.exit_barrier_timeout, self.clock)
-        while True:
-            self.heartbeat = self.clock.monotonic()
-            barrier.tick()
-            self.books.tick()
-            session = self.participant.session
-            lost = session.lost_reason if session is not None and session.lost.is_set() else None
-            notice = None
-            if lost is None and not self.signals.count:
-                notice = self.participant.poll(self.config.monitor_interval)
-            codes = tuple(run.group.poll())
-            progress = tuple(policy.read_progress(run.progress_files))
-            self.metrics.progress(progress)
-            self.stragglers.tick(progress, run)
-            self.peers.tick(self.participant.assignment)
-            seen = self.plans.look(run, list(codes))
-            self.plans.advance(run, seen, list(codes))
-            if seen.inprocess:  # not restarted when the job changes: nothing to pre-start
-                self.local.retire_warm()
-            elif self.clock.monotonic() - run.started_at >= PREWARM_DELAY:
-                self.local.fill_warm()
-            look = supervise.Look(codes, progress, notice, self.signals.leave_requested, lost,
-                                  now=self.clock.monotonic(), started=run.started_at,
-                                  hang_timeout=self.config.hang_timeout, done_reported=barrier.reported,
-                                  broken=seen.broken, stopping_at=self.plans.stopping_at)
-            action = supervise.next_action(look)
-            if isinstance(action, supervise.ReportDone):
-                barrier.report(len(codes))
-            elif isinstance(action, supervise.Announce):
-                self.plans.announce(run, action.stop_at)
-            elif isinstance(action, supervise.Freeze):
-                self.plans.freeze(run, seen)
-            elif isinstance(action, supervise.Grow):
-                self.plans.grow(run, seen, action.who)
-            elif not isinstance(action, supervise.Keep):
-                return self._act(action, run, seen.inprocess)
-
-    def _act(self, action: supervise.Action, run: Running, inprocess: bool) -> int | None:
-        if isinstance(action, supervise.Leave):
-            return self.end.leave(action.why)
-        if isinstance(action, supervise.Fence):
-            return self.end.fenced(action.why)
-        if isinstance(action, supervise.Finish):
-            return self.end.finished(action.outcome, action.reason)
-        if isinstance(action, supervise.FollowRound):
-            self.metrics.restart(action.kind)
-            self._set_state(State.RESTARTING)
-            if inprocess:  # they stay: abort a group a vanished member broke, then re-form
-                log.info("round %d opened (%s): the local workers re-form in process", action.round.number,
-                         action.round.reason)
-                if action.drain is False:
-                    steering.abort_group(run)
-                return None
-            log.info("round %d opened (%s): restarting the local workers", action.round.number, action.round.reason)
-            self.local.begin_stop(action.round.reason, drain=action.drain, budget=self.config.drain_timeout,
-                                  planned=action.kind in PLANNED)
-            return None
-        assert isinstance(action, supervise.Fail)
-        reason = _failure_reason(action, run, self.config.node_id, self.config.hang_timeout)
-        self.metrics.restart(action.kind)
-        self._set_state(State.RESTARTING)
-        self.participant.request_new_round(reason)  # first, so the other nodes react at once
-        if not action.keep_workers:
-            self.local.begin_stop(reason, drain=False, budget=0.0, planned=False)
-        return None
+        return RoundWatch(self, run).until_round_ends()
 
     def _beat(self) -> None:
         self.heartbeat = self.clock.monotonic()
@@ -281,84 +214,3 @@ def _check_nproc(assignment: Assignment, node: str, nproc: int, round_key: str) 
     if mine.nproc != nproc:
         raise CorruptStateError(round_key, f"{mine.node_id} with nproc {nproc}",
                                 f"nproc {mine.nproc} in round {assignment.round}")
-
-
-def _failure_reason(action: supervise.Fail, run: Running, node: str, hang_timeout: float) -> str:
-    """The round's reason for a local failure (stored in etcd, so kept short), with the root
-    cause logged for the person reading this node's log."""
-    if action.keep_workers:
-        ranks = ", ".join(str(r) for r in action.ranks)
-        log.warning("the process group of local ranks %s broke (a peer failed); they re-form in process", ranks)
-        reason = reason_text(Reason.WORKER_FAILURE, f"{node} local ranks {ranks}: a collective failed")
-    elif action.kind == Reason.WORKER_FAILURE:
-        rank = action.ranks[0]
-        summary = run.group.failure_summary(rank)
-        log.error("worker failed: %s", summary)
-        for line in run.group.stderr_tail(rank, lines=5):
-            log.error("  [%s/%d] %s", node, rank, line)
-        reason = reason_text(Reason.WORKER_FAILURE, f"{node} {summary}")
-    else:
-        ranks = ", ".join(str(r) for r in action.ranks)
-        log.error("hang: local ranks %s reported no progress for %.0fs", ranks, hang_timeout)
-        reason = reason_text(Reason.HANG, f"{node} local ranks {ranks} silent for {hang_timeout:.0f}s")
-    return reason if len(reason) <= REASON_LIMIT else reason[: REASON_LIMIT - 3] + "..."
-
-
-class _ExitBarrier:
-    """This node's end of the job: report that its workers all exited 0, then (once a second)
-    bound the wait for a last node whose workers linger."""
-
-    def __init__(self, participant: Participant, store: Store, settings: Settings, bound: float,
-                 clock: Clock) -> None:
-        self.participant, self.store, self.settings = participant, store, settings
-        self.bound, self.clock = bound, clock
-        self.reported = False
-        self.done_at = self.next_check = 0.0
-
-    def report(self, workers: int) -> None:
-        log.info("all %d local workers exited 0; waiting for the other nodes", workers)
-        self.reported = _report_done(self.participant)
-        self.done_at = self.next_check = self.clock.monotonic()
-
-    def tick(self) -> None:
-        now = self.clock.monotonic()
-        if self.reported and now >= self.next_check:
-            self.next_check = now + 1.0
-            self.end_a_lingering_node(now - self.done_at)
-
-    def end_a_lingering_node(self, waited: float) -> None:
-        """Bound the wait for the last node: its workers may have finished their work and hang
-        in teardown (a deadlock in torch's gloo teardown did, docs/migrating.md). Once every
-        other node is done and it still is not after --exit-barrier-timeout, the job ends as
-        succeeded (as torch's exit barrier gives up after its timeout); that node's agent then
-        stops its workers and exits like the others."""
-        if waited < self.bound:
-            return
-        try:
-            lingering = self.not_done()
-            if len(lingering) != 1:
-                return
-            log.warning("node %s's workers still run %.0fs after every other node's exited 0 "
-                        "(--exit-barrier-timeout %gs): the job ends as succeeded without them", lingering[0],
-                        waited, self.bound)
-            self.participant.finish(Outcome.SUCCEEDED, f"every node's workers exited 0 but {lingering[0]}'s, "
-                                    f"which still ran {waited:.0f}s later (--exit-barrier-timeout) and were stopped")
-        except StoreUnavailableError as exc:
-            log.warning("could not check on the last node yet (%s); retrying", exc)
-
-    def not_done(self) -> list[str]:
-        """The members of this round whose workers have not all exited 0 (yet)."""
-        assignment = self.participant.assignment
-        assert assignment is not None
-        prefix = self.settings.done_prefix(assignment.round)
-        done = {kv.key[len(prefix):] for kv in self.store.get_prefix(prefix)[0]}
-        return [node for node in assignment.node_ids if node not in done]
-
-
-def _report_done(participant: Participant) -> bool:
-    try:
-        participant.report_done()
-    except StoreUnavailableError as exc:
-        log.warning("could not report completion yet (%s); retrying", exc)
-        return False
-    return True

@@ -4,7 +4,8 @@ The participant drives primitives that live in their own modules: the lease
 (:mod:`~rendezvous.protocol.session`), the inbox of watch events (:mod:`~rendezvous.protocol.inbox`), the job's
 round and status (:mod:`~rendezvous.protocol.job_view`), the steps towards an assignment
 (:mod:`~rendezvous.protocol.executor`, deciding by :mod:`~rendezvous.protocol.decide`), closing a round
-(:mod:`~rendezvous.protocol.coordination`) and opening the next one (:mod:`~rendezvous.protocol.rounds`).
+(:mod:`~rendezvous.protocol.coordination`) and opening the next one (:mod:`~rendezvous.protocol.rounds`);
+once in a closed round, what it watches and must act on (:mod:`~rendezvous.protocol.running`).
 Store callbacks only enqueue; all processing happens on the caller's thread, so there is
 one place where state changes.
 
@@ -35,6 +36,7 @@ from rendezvous.protocol.job_view import JobView
 from rendezvous.protocol.leases import NodeLeases, Ticker
 from rendezvous.protocol.notices import Notice, NoticeKind, PlannedNotices
 from rendezvous.protocol.rounds import MemberWatch, PlannedStop, open_next_round
+from rendezvous.protocol.running import RunningPhase
 from rendezvous.protocol.session import Session
 from rendezvous.reasons import Reason, reason_text
 from rendezvous.settings import Settings
@@ -70,6 +72,8 @@ class Participant:
         self.leases = NodeLeases(store, settings, node.node_id, self.clock, self._inbox.lease_lost, ticker)
         self._job = JobView(store, settings, self._inbox, self.clock)
         self._member = MemberWatch(store, settings, self._inbox)
+        self._running = RunningPhase(store, settings, node.node_id, self.clock, self._inbox, self._job, self._member,
+                                     self._planned, self._apply)
         self._steps = StepExecutor(store, settings, node, self._inbox, self._member, self.clock, port_reserver)
         self._steps.workers_ready, self._steps.admission = workers_ready, admission
 
@@ -186,32 +190,7 @@ class Participant:
     def poll(self, timeout: float) -> Notice | None:
         """While running with ``self.assignment``: wait up to ``timeout`` for something to act on."""
         assert self.assignment is not None and self.session is not None, "next_assignment() first"
-        deadline = self.clock.monotonic() + timeout
-        while True:
-            try:
-                if self._job.broken:
-                    self._job.resync(self.session)
-                if not self._member.armed:  # each member watches the one before it in rank order
-                    self._member.watch(decide.ring_predecessor(self.assignment, self.node_id), self.assignment.round)
-                notice, grow_now = self._planned.running(self._job.current, self.assignment, self.node_id)
-                if grow_now:
-                    self.open_next_round(reason_text(Reason.SCALE_UP, f"{grow_now} is waiting"), self.assignment.round)
-                if notice is not None:
-                    return notice
-                item = self._inbox.get(deadline - self.clock.monotonic())
-                if item is None or item.kind is ItemKind.WAKE:
-                    return None
-                self._apply(item)
-            except JobFinishedError as exc:
-                return Notice(NoticeKind.FINISHED, str(exc), status=JobStatus(exc.outcome, exc.reason))
-            except LeaseLostError as exc:
-                return Notice(NoticeKind.LEASE_LOST, str(exc))
-            except StoreUnavailableError as exc:
-                # A short outage restarts nothing: re-sync until etcd answers or the lease is lost.
-                log.warning("etcd unavailable while running (%s); re-syncing", exc)
-                self._job.broken = True
-                if self.clock.monotonic() >= deadline:
-                    return None
+        return self._running.poll(self.assignment, self.session, timeout)
 
     def planned_stop(self) -> PlannedStop:
         """Our part in a planned stop of our round (rounds.PlannedStop)."""

@@ -110,10 +110,8 @@ class Elastic:
         self.mode = "plain"  # "inprocess" under run(): the agent keeps these workers across rounds
         self._env_rank = _env_int(env, "RANK", 0)
         self._env_world_size = _env_int(env, "WORLD_SIZE", 1)
-        self._clock = clock
-        self._monotonic = monotonic
-        self._group: Any = None  # the group of the per-step agreement, made on first use
-        self._device: torch.device | None = None
+        self._progress = _Progress(self.progress_file, clock, monotonic)
+        self.agreement = Agreement()  # the group of the per-step agreement, made on first use
         self.last_saved_step: int | None = None
         self._last_step: int | None = None  # the last step reported, for finish()
         self._sharded: sharded.ShardedSaver | None = None  # made on the first sharded load or save
@@ -260,40 +258,11 @@ class Elastic:
 
     def _report(self, step: int, phase: str, busy: float | None = None) -> None:
         self._last_step = step
-        if self.progress_file is None:
-            return
-        record = {"v": PROGRESS_VERSION, "step": step, "time": self._clock(), "mono": self._monotonic(),
-                  "pid": os.getpid(), "phase": phase, "mode": self.mode, "round": self.round_number}
-        record.update({} if busy is None else {"busy": float(busy)})
-        temp = self.progress_file.with_name(f".{self.progress_file.name}.{os.getpid()}.tmp")
-        try:
-            temp.write_text(json.dumps(record))
-            os.replace(temp, self.progress_file)
-        except OSError as exc:
-            # Progress is advisory (hang detection, metrics): never let it stop training.
-            log.warning("cannot write progress file %s: %s", self.progress_file, exc)
+        self._progress.write(step, phase, self.mode, self.round_number, busy)
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on any rank (all_reduce MAX)."""
-        if not self.distributed or dist.get_world_size() == 1:
-            return flag
-        group, device = _agreement_group(self)
-        value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-        return bool(value.item())
-
-
-def _agreement_group(el: Elastic) -> tuple[Any, torch.device]:
-    if el._device is None:
-        if dist.get_backend() == "gloo":
-            el._group, el._device = None, torch.device("cpu")
-        elif dist.is_gloo_available():
-            # A CPU side group keeps this tiny collective off the GPU stream. new_group is
-            # itself collective; every rank reaches its first step() together.
-            el._group, el._device = dist.new_group(backend="gloo"), torch.device("cpu")
-        else:
-            el._group, el._device = None, torch.device("cuda", torch.cuda.current_device())
-    return el._group, el._device
+        return self.agreement.agree(flag) if self.distributed and dist.get_world_size() > 1 else flag
 
 
 def _sharded_saver(el: Elastic) -> sharded.ShardedSaver:
@@ -301,7 +270,7 @@ def _sharded_saver(el: Elastic) -> sharded.ShardedSaver:
     if el._sharded is None:
         if el.checkpoint_dir is None:
             raise WorkerConfigError(f"no checkpoint directory ({CHECKPOINT_DIR_ENV} unset, none passed)")
-        collective = _TorchCollective(el) if el.distributed and el.world_size > 1 else None
+        collective = el.agreement if el.distributed and el.world_size > 1 else None
         el._sharded = sharded.ShardedSaver(
             el.checkpoint_dir, el.round_number, el.keep_last, rank=el.rank, agree=el._agree,
             broadcast=collective.broadcast if collective is not None else (lambda obj: obj))
@@ -312,7 +281,7 @@ def _load(el: Elastic, template: Any, map_location: Any, torch_load_kwargs: Mapp
     """``load``'s (checkpoint, state) or None. Sharded state (FSDP2, DTensor) is loaded by DCP in
     place into ``template``, re-sharded onto this job's world size and mesh; replicated state
     is ``state.pt``, read once and ``torch.load``ed."""
-    collective = _TorchCollective(el) if el.distributed and el.world_size > 1 else None
+    collective = el.agreement if el.distributed and el.world_size > 1 else None
     if sharded.is_sharded(template) and el.checkpoint_dir is not None:
         return _sharded_saver(el).load(template, collective)
 
@@ -323,18 +292,60 @@ def _load(el: Elastic, template: Any, map_location: Any, torch_load_kwargs: Mapp
                               deserialize=deserialize, collective=collective)
 
 
-class _TorchCollective:
-    """What ``agent.worker.choice`` needs from torch.distributed, on the helper's agreement group
-    (the default group under gloo, a gloo side group under NCCL when there is one)."""
+class _Progress:
+    """The worker's side of the progress file (agent.worker.protocol): one JSON record, replaced
+    atomically after each step. Advisory (hang detection, metrics): a failed write is logged,
+    never raised into training."""
 
-    def __init__(self, elastic: Elastic) -> None:
-        self._elastic = elastic
+    def __init__(self, path: Path | None, clock: Callable[[], float], monotonic: Callable[[], float]) -> None:
+        self.path, self._clock, self._monotonic = path, clock, monotonic
+
+    def write(self, step: int, phase: str, mode: str, round_number: int | None, busy: float | None) -> None:
+        if self.path is None:
+            return
+        record = {"v": PROGRESS_VERSION, "step": step, "time": self._clock(), "mono": self._monotonic(),
+                  "pid": os.getpid(), "phase": phase, "mode": mode, "round": round_number}
+        record.update({} if busy is None else {"busy": float(busy)})
+        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            temp.write_text(json.dumps(record))
+            os.replace(temp, self.path)
+        except OSError as exc:
+            log.warning("cannot write progress file %s: %s", self.path, exc)
+
+
+class Agreement:
+    """The helper's agreement group and what ``agent.worker.choice`` needs of it: the default
+    group under gloo, a gloo side group under NCCL when there is one (keeping this tiny
+    collective off the GPU stream). Made on first use; dropped when the group re-forms."""
+
+    def __init__(self) -> None:
+        self._group: Any = None
+        self._device: torch.device | None = None
+
+    def drop(self) -> None:
+        self._group, self._device = None, None
+
+    def _made(self) -> tuple[Any, torch.device]:
+        if self._device is None:
+            if dist.get_backend() == "gloo":
+                self._group, self._device = None, torch.device("cpu")
+            elif dist.is_gloo_available():
+                # new_group is itself collective; every rank reaches its first step() together.
+                self._group, self._device = dist.new_group(backend="gloo"), torch.device("cpu")
+            else:
+                self._group, self._device = None, torch.device("cuda", torch.cuda.current_device())
+        return self._group, self._device
 
     def broadcast(self, obj: Any) -> Any:
-        group, device = _agreement_group(self._elastic)
+        group, device = self._made()
         objects = [obj]
         dist.broadcast_object_list(objects, src=0, group=group, device=device)
         return objects[0]
 
     def agree(self, flag: bool) -> bool:
-        return self._elastic._agree(flag)
+        """True on every rank when ``flag`` is True on any rank (all_reduce MAX)."""
+        group, device = self._made()
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+        return bool(value.item())

@@ -148,7 +148,7 @@ class _Reforming:
     def _renew_side_groups(self) -> None:
         """The helper's gloo side group (NCCL jobs) belonged to the old group: formed anew on
         first use in this one (a stale one would wait on the old members)."""
-        self.el._group, self.el._device = None, None
+        self.el.agreement.drop()
 
     def _wait_for_reform(self) -> control.Control:
         while True:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from agent.worker import groups
+from agent.worker.helper import Agreement
 from agent.worker.inprocess import InProcess
 
 
@@ -59,7 +60,8 @@ def test_the_step_is_refused_when_its_all_reduce_was_cut_while_it_ran_on_the_gpu
 
 
 def test_each_reform_drops_the_helpers_side_group_of_the_old_members():
-    el = SimpleNamespace(_group=object(), _device=torch.device("cpu"))
-    InProcess._renew_side_groups(SimpleNamespace(el=el))
-    assert (el._group, el._device) == (None, None)  # formed anew on first use, in the new group
+    agreement = Agreement()
+    agreement._group, agreement._device = object(), torch.device("cpu")
+    InProcess._renew_side_groups(SimpleNamespace(el=SimpleNamespace(agreement=agreement)))
+    assert (agreement._group, agreement._device) == (None, None)  # formed anew on first use, in the new group
 

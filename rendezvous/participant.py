@@ -22,7 +22,6 @@ from typing import Callable
 
 from rendezvous.clock import Clock, SystemClock
 from rendezvous.errors import (
-    JobFinishedError,
     LeaseLostError,
     RendezvousError,
     RendezvousTimeoutError,
@@ -34,7 +33,7 @@ from rendezvous.protocol.executor import StepExecutor
 from rendezvous.protocol.inbox import Inbox, InboxItem, ItemKind
 from rendezvous.protocol.job_view import JobView
 from rendezvous.protocol.leases import NodeLeases, Ticker
-from rendezvous.protocol.notices import Notice, NoticeKind, PlannedNotices
+from rendezvous.protocol.notices import Notice, PlannedNotices
 from rendezvous.protocol.rounds import MemberWatch, PlannedStop, open_next_round
 from rendezvous.protocol.running import RunningPhase
 from rendezvous.protocol.session import Session

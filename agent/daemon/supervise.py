@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from agent.daemon import policy
 from agent.daemon.policy import Progress
-from rendezvous.participant import Notice, NoticeKind
+from rendezvous.protocol.notices import Notice, NoticeKind
 from rendezvous.reasons import PLANNED, Reason, reason_kind
 from rendezvous.state import RoundState
 

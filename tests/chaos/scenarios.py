@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tests.chaos.evidence import downtime, lost_steps
-from tests.chaos.world import FENCE_SLACK_S, LEASE_TTL_S, SHUTDOWN_TIMEOUT_S, World, train
+from tests.chaos.world import FENCE_SLACK_S, LEASE_TTL_S, SHUTDOWN_TIMEOUT_S, World
 from tests.e2e.harness import AgentProc
 from tests.waiting import wait_until
 

@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tests.deploy_check.procs import CheckFailed, Procs, free_port, http_json, log, wait_for

@@ -14,8 +14,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tests.waiting import wait_until
-
 WORKER = textwrap.dedent("""
     import os, socket, sys, threading
     from types import SimpleNamespace

@@ -6,7 +6,7 @@ import pytest
 
 from agent.daemon import supervise as s
 from agent.daemon.policy import Progress
-from rendezvous.participant import Notice, NoticeKind
+from rendezvous.protocol.notices import Notice, NoticeKind
 from rendezvous.reasons import Reason
 from rendezvous.state import JobStatus, Outcome, RoundState
 

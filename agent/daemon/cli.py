@@ -13,9 +13,13 @@ import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from agent.common.states import State
 from agent.errors import EXIT_FAILED, EXIT_USAGE, AgentError, ConfigError
+
+if TYPE_CHECKING:  # imported at run time only once the command line is read (torch-free, fast --help)
+    from agent.daemon.loop import Agent
 
 EMBEDDED_ETCD_ARGS = ("--auto-compaction-mode", "periodic", "--auto-compaction-retention", "10m")
 
@@ -165,9 +169,9 @@ def _watch_preemption(kind: str, signals: object) -> object:
     ).start()
 
 
-def _ready(agent: object) -> tuple[bool, str]:
-    state = getattr(agent, "state", "?")
-    running = getattr(agent, "running", None)
+def _ready(agent: Agent) -> tuple[bool, str]:
+    state = agent.state
+    running = agent.local.running  # not getattr: a renamed attribute must fail loudly, never read as "not ready"
     if state == State.RUNNING and running is not None:
         return True, f"ready: running round {running.assignment.round}"
     return False, f"not ready: {state}"

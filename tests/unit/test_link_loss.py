@@ -53,3 +53,19 @@ def test_too_few_probes_say_nothing(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="elastic_agent"):
         loss.tick()
     assert gauge.value == 0.0 and not caplog.records
+
+
+def test_a_node_whose_link_was_lossy_is_marked_until_a_clean_window() -> None:
+    """The mark ``admit`` reads: a node removed over a lossy link rejoins only over a steady one."""
+    now = [0.0]
+    totals = {"n1": (0, 0)}
+    loss = LinkLoss(lambda: dict(totals), _Gauge(), lambda: now[0])
+    assert not loss.lossy
+    totals["n1"] = (100, 20)  # 80 % lost
+    now[0] += LOSS_WINDOW
+    loss.tick()
+    assert loss.lossy
+    totals["n1"] = (200, 119)  # 99 % answered
+    now[0] += LOSS_WINDOW
+    loss.tick()
+    assert not loss.lossy

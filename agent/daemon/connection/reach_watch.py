@@ -67,11 +67,15 @@ class LinkLoss:
     link losing 30 % of its frames almost never gives (0.3^8), while it slows a collective 20x.
     Every ``LOSS_WINDOW`` the share of each neighbour's probes left unanswered is measured
     from the prober's totals; the worst goes to a gauge, and one at or above ``LOSS_WARN``
-    is logged, naming the peer. It removes nobody: a lossy link is not a cut one."""
+    is logged, naming the peer. It removes nobody: a lossy link is not a cut one. But a node
+    whose link was lossy when it left the job (its neighbours removed it once their probes went
+    unanswered 8 times in a row) is ``lossy`` and rejoins only over a steady link: at 80 %
+    loss an occasional answer kept its own verdict clear, and it was let in again at once."""
 
     def __init__(self, totals: Callable[[], dict[str, tuple[int, int]]], gauge: Any, now: Callable[[], float]) -> None:
         self._totals, self._gauge, self._now = totals, gauge, now
         self._start: tuple[float, dict[str, tuple[int, int]]] = (now(), totals())
+        self.lossy = False  # the last whole window had a neighbour at LOSS_WARN or more
 
     def tick(self) -> None:
         now = self._now()
@@ -93,6 +97,7 @@ class LinkLoss:
                             "the last %.0f s (%.0f %%); collectives with it will be slow", peer, asked - answered,
                             asked, now - began, lost * 100)
         self._gauge.set(worst)
+        self.lossy = worst >= LOSS_WARN
 
 
 def _resolve(addr: str) -> str | None:
@@ -296,7 +301,8 @@ class PeerWatch:
         self._lost_since = (self._lost_since or now) if lost else None
         # A member that just died is silent too, until its presence lease runs out: only a
         # verdict that outlives that lease keeps a newcomer out (and says so).
-        if self.me in rnd.left_out or (lost and now - (self._lost_since or now) >= self.settings.presence_ttl):
+        if self.me in rnd.left_out or self.loss.lossy or (
+                lost and now - (self._lost_since or now) >= self.settings.presence_ttl):
             self._keep_out(rnd.number, lost or frozenset(peers))
         if not self.kept_out:
             return None if self.prober.answered_all(self._since) else now + ADMIT_POLL
@@ -307,7 +313,7 @@ class PeerWatch:
             return now + ADMIT_POLL
         if not lost and self.me not in rnd.left_out and steady(before, self.prober.totals(), READMIT_RATIO):
             log.info("peers %s answered steadily for %.0fs: joining again", ", ".join(peers), READMIT_WINDOW)
-            self.kept_out, self._window = False, None
+            self.kept_out, self._window, self.loss.lossy = False, None, False
             self._publish(reachability.Report(rnd.number, ()))
             return None
         self._window = (now, self.prober.totals())  # not yet: judge the next window

@@ -87,6 +87,16 @@ class EtcdStore:
     def endpoint(self) -> str:
         return self._channel.endpoint
 
+    @property
+    def observer(self) -> Callable[[str, float, BaseException | None], None] | None:
+        """Told (request kind, seconds, error or None) after every attempt: the agent's metrics,
+        set once the store is open (the metrics need the node id the store helps find)."""
+        return self._rpc.observer
+
+    @observer.setter
+    def observer(self, observer: Callable[[str, float, BaseException | None], None] | None) -> None:
+        self._rpc.observer = observer
+
     def _call(self, kind: str, fn: Callable[[Any, Any, Any], T], retry_for: float | None = None) -> T:
         return self._rpc.call(kind, fn, retry_for)
 

@@ -47,6 +47,16 @@ def fsdp_model() -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, opt
 
 
+def batchnorm_fsdp_model() -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Big enough that copying it takes a while, with a buffer a forward updates in place."""
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.BatchNorm1d(1024), nn.Linear(1024, 1024))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model, torch.optim.Adam(model.parameters(), lr=0.1)
+
+
 def state_of(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
     model_state, opt_state = get_state_dict(model, opt)
     return {"model": model_state, "opt": opt_state}
@@ -121,12 +131,7 @@ def test_the_checkpoint_holds_the_saved_step_while_training_goes_on_during_the_c
 
     monkeypatch.setattr(DefaultStager, "_stage", slow_copy)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(1024, 1024), nn.BatchNorm1d(1024), nn.Linear(1024, 1024))
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model, opt = batchnorm_fsdp_model()
 
     def train_step() -> None:
         model(torch.randn(8, 1024)).pow(2).mean().backward()  # updates BatchNorm's running stats
@@ -142,12 +147,7 @@ def test_the_checkpoint_holds_the_saved_step_while_training_goes_on_during_the_c
     train_step()
     el.finish()
 
-    fresh = nn.Sequential(nn.Linear(1024, 1024), nn.BatchNorm1d(1024), nn.Linear(1024, 1024))
-    for layer in fresh:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(fresh)
-    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    fresh, fresh_opt = batchnorm_fsdp_model()
     fresh(torch.randn(8, 1024)).sum().backward()
     fresh_opt.step()
     assert el.load(state_of(fresh, fresh_opt)) is not None

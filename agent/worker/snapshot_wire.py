@@ -201,6 +201,8 @@ class PeerServer:
                  serve: Serve | None = None) -> None:
         self.store, self.job, self.key, self.max_bytes, self.serve = store, job, key, max_bytes, serve
         self.stored = 0  # snapshots stored, for tests
+        self.ended = 0  # connections over (served, turned away or refused), for tests
+        self._ending = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._sock = socket.create_server((host, 0))
         self.address = f"{host}:{self._sock.getsockname()[1]}"
@@ -214,17 +216,13 @@ class PeerServer:
                 return
             if not self._slots.acquire(blocking=False):
                 conn.close()  # enough being served: a flood costs nothing here
+                self._ended()
                 continue
             threading.Thread(target=self._receive, args=(conn,), daemon=True, name="snapshot-receive").start()
 
-    def idle(self) -> bool:
-        """No connection is being served now (what a test waits for before it sends)."""
-        taken = 0
-        while taken < MAX_CONNECTIONS and self._slots.acquire(blocking=False):
-            taken += 1
-        for _ in range(taken):
-            self._slots.release()
-        return taken == MAX_CONNECTIONS
+    def _ended(self) -> None:
+        with self._ending:
+            self.ended += 1
 
     def _receive(self, conn: socket.socket) -> None:
         try:
@@ -237,6 +235,7 @@ class PeerServer:
             log.warning("a peer snapshot was not received", exc_info=True)
         finally:
             self._slots.release()
+            self._ended()
 
     def receive(self, conn: socket.socket) -> bool:
         """Serve one message; True when a pushed snapshot was stored (a fetch is answered here)."""

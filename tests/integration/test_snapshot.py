@@ -193,9 +193,10 @@ def test_a_stray_sender_is_ignored_quietly_and_the_peer_still_gets_through(tmp_p
     for junk in (b"[]\n", b"{\"size\": 1e400}\n", b"[" * 50_000 + b"\n"):
         with socket.create_connection((host, int(port)), timeout=DEADLINE_S) as conn:
             conn.sendall(junk)
-    # The junk is still being turned away on a loaded host; a push meanwhile may find both of
-    # the server's slots taken and be refused (by design: a flood costs nothing): wait for them.
-    wait_until(there.server.idle, timeout=DEADLINE_S, what="the stray connections turned away")
+    # The junk is still being turned away on a loaded host (some of it may not even be accepted
+    # yet); a push meanwhile may find both of the server's slots taken and be refused (by design:
+    # a flood costs nothing): wait until all three connections are over.
+    wait_until(lambda: there.server.ended >= 3, timeout=DEADLINE_S, what="the stray connections turned away")
     here.peer = there.address
     assert here.after_step(0, 1, state_with(3.0, 0)) and here.wait_idle(DEADLINE_S)
     assert here.pushed == 0 and there.offer(max_round=1) == (1, 0)

@@ -159,7 +159,8 @@ class Plans:
         return not run.stopping and self.look(run, run.group.poll()).inprocess
 
     def reform(self, run: Running, assignment: Assignment) -> None:
-        steering.reform(run, assignment, self.node_id, self.nproc, restart_count=self.local.attempt)
+        steering.reform(run, assignment, self.node_id, self.nproc, restart_count=self.local.attempt,
+                        planned_stop=self.stopping_at)
         self.local.reformed(assignment)
 
     def _choose_stop(self, run: Running) -> tuple[int, bool]:

@@ -105,12 +105,15 @@ def abort_group(run: Running) -> None:
     tell(run, abort=run.assignment.round)
 
 
-def reform(run: Running, assignment: Assignment, node_id: str, nproc: int, restart_count: int) -> None:
-    """Give in-process workers their place in ``assignment``'s round; they form its group."""
+def reform(run: Running, assignment: Assignment, node_id: str, nproc: int, restart_count: int,
+           planned_stop: int | None = None) -> None:
+    """Give in-process workers their place in ``assignment``'s round; they form its group.
+    ``planned_stop``: the stop step announced to them, when a planned change led here."""
     group_rank = assignment.group_rank(node_id)
     assert group_rank is not None
     place = control.Reform(round=assignment.round, rank_offset=assignment.rank_offset(node_id),
                            world_size=assignment.world_size, local_world_size=nproc, group_rank=group_rank,
                            group_world_size=len(assignment.members), master_addr=assignment.master_addr,
-                           master_port=assignment.master_port, restart_count=restart_count)
+                           master_port=assignment.master_port, restart_count=restart_count,
+                           planned_stop=planned_stop)
     tell(run, reform=place, stop_at=None, leave=False)

@@ -49,6 +49,9 @@ class Reform:
     master_addr: str
     master_port: int
     restart_count: int
+    # The stop step of the planned change this round follows (None: a failure). A worker
+    # that passed it may read this re-form before it read the stop: its reason is the same.
+    planned_stop: int | None = None
 
     def rank(self, local_rank: int) -> int:
         return self.rank_offset + local_rank

@@ -79,6 +79,12 @@ class _Reforming:
         # abort 0 is "none": under plain torchrun (no agent, round 0) nothing is ever gone
         return 0 < ask.abort >= self.round or (ask.reform is not None and ask.reform.round > self.round)
 
+    def _why_gone(self, ask: control.Control) -> str:
+        planned = ask.reform.planned_stop if ask.reform is not None else None
+        if isinstance(planned, int) and self.held.completed >= planned:
+            return f"a planned change after step {planned}"  # the re-form came before we read the stop
+        return "the agent says the group is gone"
+
     # --- re-forming ------------------------------------------------------------------------
     def _reform(self, why: str) -> int:
         """Wait for our place in the next round, form its process group, agree on the state.
@@ -247,7 +253,7 @@ class InProcess(_Reforming):
                     step = self._planned_stop(ask) + 1
                     continue
                 if self._group_gone(ask):
-                    step = self._reform("the agent says the group is gone") + 1
+                    step = self._reform(self._why_gone(ask)) + 1
                     continue
                 try:
                     self._one_step(train_step, step)

@@ -214,3 +214,20 @@ def test_the_initiator_waits_for_a_late_answer_on_a_watch_not_by_reading_cleared
         late.cancel()
     assert plans.stopping_at == 41 and time.monotonic() - began < ANSWER_WAIT  # the late answer counted
     assert store.requests.snapshot().get("get_prefix", 0) <= 2
+
+
+def test_a_re_form_after_a_planned_change_names_its_stop_step_and_one_after_a_failure_none(tmp_path):
+    """A worker that passed the stop step may first read the re-form that follows it (its
+    agent moved on before it read the stop): the re-form says which stop it follows, so the
+    worker names the planned change, not a lost group."""
+    stop = FakeStop({"node-1": 30, "node-2": 27})
+    plans, run = plans_for(stop), running(tmp_path, 20)
+    plans.grow(run, view(20), "node-3")
+    nxt = Assignment(3, tuple(Member(n, "127.0.0.1", 1) for n in NODES), "127.0.0.1", 29501)
+    plans.local.reformed = lambda assignment: None
+    plans.local.attempt = 0
+    plans.reform(run, nxt)  # type: ignore[arg-type]
+    assert (told(run).stop_at, told(run).reform.round, told(run).reform.planned_stop) == (None, 3, 30)
+    plans.begin_round()
+    plans.reform(run, Assignment(4, nxt.members, "127.0.0.1", 29502))  # type: ignore[arg-type]
+    assert told(run).reform.planned_stop is None  # a failure: no stop step led here

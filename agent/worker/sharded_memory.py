@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,11 @@ def load_state(held: Any, state: Mapping[str, Any]) -> None:
         held.load_extra(state["extra"])
 
 
-def stage(state: Mapping[str, Any]) -> dict[str, Any]:
-    """This rank's part of ``state`` in host memory: each tensor as (piece, global shape, offsets)."""
+def stage(state: Mapping[str, Any], buffers: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """This rank's part of ``state`` in host memory: each tensor as (piece, global shape, offsets).
+    ``buffers`` (name -> host tensor) are copied into where their shape and dtype still fit, and
+    take the new ones: a copy into memory touched before is several times faster than into
+    fresh pages (each first touch is a page fault), and it is the step's stall."""
     flat, _ = flatten_state_dict(dict(state))
     out: dict[str, Any] = {}
     for name, value in flat.items():
@@ -73,12 +77,25 @@ def stage(state: Mapping[str, Any]) -> dict[str, Any]:
             chunks = value.__create_chunk_list__()
             if len(chunks) != 1:
                 raise ShardError(f"{name}: a DTensor whose local part is {len(chunks)} pieces; el.run keeps one")
-            out[name] = (value.to_local().detach().to("cpu", copy=True), tuple(value.shape), tuple(chunks[0].offsets))
+            out[name] = (_host_copy(name, value.to_local(), buffers), tuple(value.shape), tuple(chunks[0].offsets))
         elif isinstance(value, torch.Tensor):
-            out[name] = (value.detach().to("cpu", copy=True), tuple(value.shape), (0,) * value.dim())
+            out[name] = (_host_copy(name, value, buffers), tuple(value.shape), (0,) * value.dim())
         else:
             out[name] = value
+    if buffers is not None:
+        for gone in buffers.keys() - out.keys():
+            del buffers[gone]
     return out
+
+
+def _host_copy(name: str, tensor: torch.Tensor, buffers: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    tensor = tensor.detach()
+    if buffers is None:
+        return tensor.to("cpu", copy=True)
+    kept = buffers.get(name)
+    if kept is None or kept.shape != tensor.shape or kept.dtype != tensor.dtype:
+        kept = buffers[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+    return kept.copy_(tensor)
 
 
 class ShardedMemory:
@@ -96,13 +113,14 @@ class ShardedMemory:
         self.peer: str | None = None
         self.taken = -1
         self._thread: threading.Thread | None = None
+        self._buffers: dict[str, torch.Tensor] = {}  # host copies, reused: the one in flight is done first
 
     # --- taking snapshots ------------------------------------------------------------------
     def after_step(self, step: int, round_number: int, state: Mapping[str, Any]) -> bool:
         if self.every <= 0 or (step + 1) % self.every != 0:
             return False
         self.before_update()
-        pieces = stage(state)
+        pieces = stage(state, self._buffers)
         key = (round_number, step, dist.get_rank(), dist.get_world_size())
         self._thread = threading.Thread(target=self._keep, args=(key, pieces, self.peer), daemon=True,
                                         name="shard-snapshot-writer")
@@ -126,11 +144,16 @@ class ShardedMemory:
     def _keep(self, key: FileKey, pieces: dict[str, Any], peer: str | None) -> None:
         try:
             head, parts = store.pack(self.job, key, pieces)
-            self.files.write(key, head, *parts)
-            if peer is not None and self.key is not None:
-                wire_head = {"node": self.node, "local_rank": self.local_rank, "round": key[0], "step": key[1],
-                             "kind": "shard", "rank": key[2], "world": key[3]}
-                wire.push(peer, wire_head, [memoryview(head), *parts], job=self.job, key=self.key)
+            # The peer's copy first: it is what a loss of this node needs, and until it lands a
+            # kill here costs the job this step; this node's own copy is waited for anyway
+            # (before_update) before any recovery reads it.
+            try:
+                if peer is not None and self.key is not None:
+                    wire_head = {"node": self.node, "local_rank": self.local_rank, "round": key[0],
+                                 "step": key[1], "kind": "shard", "rank": key[2], "world": key[3]}
+                    wire.push(peer, wire_head, [memoryview(head), *parts], job=self.job, key=self.key)
+            finally:
+                self.files.write(key, head, *parts)
         except ShardError as exc:
             log.error("sharded snapshot of step %d failed: %s", key[1], exc)
         except Exception as exc:  # noqa: BLE001 - a failed snapshot never breaks training
@@ -172,9 +195,11 @@ class ShardedMemory:
         """Collective: every rank of the new group ends up with the same state (see the module
         docstring); returns its step (-1: none, start from the beginning)."""
         self.before_update()
+        took = {"start": time.perf_counter()}
         if self.built_round != round_number and self.build_model is not None:
             self._rebuild(held)
         self.built_round = round_number
+        took["rebuild"] = time.perf_counter()
         held.endpoints = set(endpoints)
         mine = {"completed": held.completed, "address": self.address, "endpoints": sorted(held.endpoints),
                 "files": [[*k, self.files.size(k)] for k in self.files.held() if k[0] < round_number]}
@@ -188,9 +213,11 @@ class ShardedMemory:
             for *k, size in e["files"]:
                 holders.setdefault(tuple(k), []).append((e["address"], size))  # type: ignore[arg-type]
         choice = self._decide(elastic, holders)
+        took["agree"] = time.perf_counter()
         state, failure = None, None
         if choice is not None:
             state, failure = self._load(held, choice, holders)
+            took["fill"] = time.perf_counter()
             if _any(failure is not None):
                 failure = failure or "another rank's could not be loaded"
                 log.warning("the in-memory shards of step %d cannot be loaded (%s); every rank resumes from disk",
@@ -198,9 +225,13 @@ class ShardedMemory:
                 state = None
         if state is not None:
             load_state(held, state)
+            took["load"] = time.perf_counter()
             held.completed = int(state["step"])
             self.files.drop_older(choice[:2])  # type: ignore[index]
-            log.info("resumed from the in-memory shards of round %d step %d", choice[0], choice[1])  # type: ignore[index]
+            marks = list(took.items())
+            log.info("resumed from the in-memory shards of round %d step %d in %.2fs (%s)", choice[0], choice[1],  # type: ignore[index]
+                     marks[-1][1] - marks[0][1],
+                     ", ".join(f"{name} {t - marks[i][1]:.2f}s" for i, (name, t) in enumerate(marks[1:])))
         else:
             start, loaded = elastic.load(default=lambda: state_of(held))
             if start == 0 and any(e["completed"] >= 0 for e in everyone):

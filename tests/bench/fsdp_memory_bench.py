@@ -23,6 +23,7 @@ Each rank measures; the table shows the slower rank's value, as medians over ``-
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import statistics
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="timed steps of each kind per repetition (default 4)")
     parser.add_argument("--repeat", type=int, default=2, help="losses and joins (default 2)")
     parser.add_argument("--every", type=int, default=10, help="a sparser snapshot cadence to compare (default 10)")
+    parser.add_argument("--verbose", action="store_true", help="the helper's INFO log (where a recovery's time goes)")
     return parser.parse_args(argv)
 
 
@@ -68,6 +70,8 @@ def form(workdir: str, name: str, rank: int, world: int) -> None:
 
 def worker(rank: int, args: argparse.Namespace, workdir: str, out: str, key: bytes, shm: str) -> None:
     torch.set_num_threads(1)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format=f"rank {rank} %(name)s: %(message)s")
     node = Path(shm) / f"node-{rank // LOCAL}"
     wire.write_key(node, key)
     form(workdir, "store-1", rank, WORLD)
@@ -91,6 +95,7 @@ def worker(rank: int, args: argparse.Namespace, workdir: str, out: str, key: byt
     params = sum(p.full_tensor().numel() for p in held.model.parameters())
     rows: dict[str, list[float]] = {k: [] for k in (
         "step, snapshots off", "step, snapshot every step", f"step, snapshot every {args.every} (mean)",
+        "snapshot stall: state_dict + copy", "snapshot stall: wait for the last",
         "lose a node: state back", "a node joins: state back", "torchrun+DCP: sync save",
         "torchrun+DCP: load on 2 ranks")}
     step, round_number = 0, 1
@@ -101,12 +106,18 @@ def worker(rank: int, args: argparse.Namespace, workdir: str, out: str, key: byt
         t = time.perf_counter()
         x = torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(step * WORLD + rank))
         held.model(x).pow(2).mean().backward()
+        w = time.perf_counter()
         memory.before_update()
+        waited = time.perf_counter() - w
         held.optimizer.step()
         held.optimizer.zero_grad()
         held.completed = step
         if snapshot is True or (snapshot and (step + 1) % snapshot == 0):
+            c = time.perf_counter()
             memory.after_step(step, round_number, held.state_dict())
+            if snapshot is True:
+                rows["snapshot stall: state_dict + copy"].append(time.perf_counter() - c)
+                rows["snapshot stall: wait for the last"].append(waited)
         step += 1
         return time.perf_counter() - t
 
@@ -185,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     sparse = med[f"step, snapshot every {args.every} (mean)"]
     print(f"snapshot overhead: every step {(on - off) / off * 100:.1f} %, every {args.every} steps "
           f"{(sparse - off) / off * 100:.1f} % of the step (target <= 3 % at the default cadence, every step)")
+    stall = med["snapshot stall: state_dict + copy"] + med["snapshot stall: wait for the last"]
+    print(f"snapshot stall on the training thread (state_dict, copy to host, wait for the last write and push): "
+          f"{stall:.3f} s, {stall / off * 100:.1f} % of the step; the rest of the overhead is the write and "
+          f"push taking CPU from training ({os.cpu_count()} cores here for {WORLD} ranks)")
     print(f"lose a node -> state back (new group of 2, re-shard from memory): "
           f"{med['lose a node: state back']:.2f} s (target <= 2 s); completed steps lost: 0 (loss between steps)")
     print(f"host memory of rank files per node: {result['memory'] / 2**20:.0f} MiB "

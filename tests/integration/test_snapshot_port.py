@@ -127,6 +127,24 @@ def test_an_authentic_snapshot_gets_through(port):
     (directory / "peer-a-0").unlink()
 
 
+def test_snapshots_of_one_size_reuse_the_receive_buffer_and_a_forged_one_spoils_nothing(port):
+    """The port keeps the last snapshot's buffer for the next of that size: a forged message
+    received into it is refused and leaves the stored file as it was; the next authentic one
+    is stored byte for byte."""
+    snaps, directory = port
+    first, forged, second = (bytes([b]) * 4096 for b in (1, 2, 3))
+    head = {"node": "a", "local_rank": 0, "round": 1}
+    wire.push(snaps.address, {**head, "step": 5}, first, job="j", key=KEY)
+    held = (directory / "peer-a-0").read_bytes()
+    assert held.endswith(first)
+    bad = message(valid_head(len(forged), step=6), forged)[:-32] + b"\0" * 32  # payload tag wrong
+    assert send(snaps.address, bad) != b"ok\n"
+    assert (directory / "peer-a-0").read_bytes() == held
+    wire.push(snaps.address, {**head, "step": 7}, second, job="j", key=KEY)
+    assert (directory / "peer-a-0").read_bytes().endswith(second) and snaps.offer(max_round=9) == (1, 7)
+    (directory / "peer-a-0").unlink()
+
+
 def test_connections_over_the_limit_are_closed_and_the_port_still_serves(port):
     snaps, directory = port
     host, _, p = snaps.address.rpartition(":")

@@ -22,11 +22,13 @@ import os
 import re
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.tensor import DTensor
 
 from agent.worker.snapshot_wire import MAX_FETCH
 
@@ -46,6 +48,48 @@ class ShardError(ValueError):
 
 # (round, step, rank, world): a rank file's identity
 FileKey = tuple[int, int, int, int]
+
+
+def split(state: Mapping[str, Any], buffers: dict[str, torch.Tensor] | None = None
+          ) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]]]:
+    """``state`` flattened in two (the snapshot's host copy, ``buffers`` reused where shape and
+    dtype still fit: into memory touched before a copy is several times faster than into fresh
+    pages, each first touch a page fault): what must be copied now (values, and the small unsharded
+    tensors a forward pass may change, such as BatchNorm's running statistics), copied here;
+    and this rank's shards of the DTensors (parameters, optimizer moments: only an optimizer
+    step changes them), as (local view, global shape, offsets) to copy later."""
+    flat, _ = flatten_state_dict(dict(state))
+    now: dict[str, Any] = {}
+    later: dict[str, tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]] = {}
+    for name, value in flat.items():
+        if isinstance(value, DTensor):
+            chunks = value.__create_chunk_list__()
+            if len(chunks) != 1:
+                raise ShardError(f"{name}: a DTensor whose local part is {len(chunks)} pieces; el.run keeps one")
+            later[name] = (value.to_local().detach(), tuple(value.shape), tuple(chunks[0].offsets))
+        elif isinstance(value, torch.Tensor):
+            now[name] = (host_copy(name, value, buffers), tuple(value.shape), (0,) * value.dim())
+        else:
+            now[name] = value
+    if buffers is not None:
+        for gone in buffers.keys() - now.keys() - later.keys():
+            del buffers[gone]
+    return now, later
+
+
+def copy_shards(later: Mapping[str, tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]],
+                buffers: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    return {name: (host_copy(name, piece, buffers), shape, offsets) for name, (piece, shape, offsets) in later.items()}
+
+
+def host_copy(name: str, tensor: torch.Tensor, buffers: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    tensor = tensor.detach()
+    if buffers is None:
+        return tensor.to("cpu", copy=True)
+    kept = buffers.get(name)
+    if kept is None or kept.shape != tensor.shape or kept.dtype != tensor.dtype:
+        kept = buffers[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+    return kept.copy_(tensor)
 
 
 def file_name(key: FileKey) -> str:

@@ -4,13 +4,15 @@ Each rank holds only its shards, so the replicated design (agent.worker.snapshot
 0's state; the most advanced rank broadcasts its whole state) does not apply. Instead (see
 docs/architecture.md, "Sharded state in memory"):
 
-- After every ``every``-th step each rank copies its own shards (and the small replicated
-  entries) to host memory: the only stall of the step. A background thread writes them as one
-  rank file (agent.worker.shard_store: raw bytes and a JSON index, never a pickle) into its
-  node's snapshot directory in shared memory, and pushes a copy to the rank of the same local
-  rank on the next node (agent.worker.snapshot_wire, authenticated). The next optimizer step
-  waits for that, so a snapshot is never of a later state than the weights it copies, and at
-  most one is in flight.
+- After every ``every``-th step each rank copies the small unsharded entries (a forward pass
+  may change them) to host memory: the step's only stall. A background thread copies its own
+  shards (only an optimizer step changes them), writes all as one rank file
+  (agent.worker.shard_store: raw bytes and a JSON index, never a pickle) into its node's
+  snapshot directory in shared memory, and pushes a copy to the rank of the same local rank
+  on the next node (agent.worker.snapshot_wire, authenticated). The next optimizer step waits
+  for that, so a snapshot is never of a later state than the step it was taken after, and at
+  most one is in flight. (A script that changes the weights other than by an optimizer step,
+  between steps, must do it after the optimizer step, as it would with DCP's async save.)
 - When a group forms, every rank says which rank files its node holds (JSON). Rank 0 picks
   the newest (round, step) whose files of every rank are held by some live node, unless the
   newest disk checkpoint is newer. Every rank rebuilds the model on the new mesh
@@ -65,39 +67,6 @@ def load_state(held: Any, state: Mapping[str, Any]) -> None:
         held.load_extra(state["extra"])
 
 
-def stage(state: Mapping[str, Any], buffers: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """This rank's part of ``state`` in host memory: each tensor as (piece, global shape, offsets).
-    ``buffers`` (name -> host tensor) are copied into where their shape and dtype still fit, and
-    take the new ones: a copy into memory touched before is several times faster than into
-    fresh pages (each first touch is a page fault), and it is the step's stall."""
-    flat, _ = flatten_state_dict(dict(state))
-    out: dict[str, Any] = {}
-    for name, value in flat.items():
-        if isinstance(value, DTensor):
-            chunks = value.__create_chunk_list__()
-            if len(chunks) != 1:
-                raise ShardError(f"{name}: a DTensor whose local part is {len(chunks)} pieces; el.run keeps one")
-            out[name] = (_host_copy(name, value.to_local(), buffers), tuple(value.shape), tuple(chunks[0].offsets))
-        elif isinstance(value, torch.Tensor):
-            out[name] = (_host_copy(name, value, buffers), tuple(value.shape), (0,) * value.dim())
-        else:
-            out[name] = value
-    if buffers is not None:
-        for gone in buffers.keys() - out.keys():
-            del buffers[gone]
-    return out
-
-
-def _host_copy(name: str, tensor: torch.Tensor, buffers: dict[str, torch.Tensor] | None) -> torch.Tensor:
-    tensor = tensor.detach()
-    if buffers is None:
-        return tensor.to("cpu", copy=True)
-    kept = buffers.get(name)
-    if kept is None or kept.shape != tensor.shape or kept.dtype != tensor.dtype:
-        kept = buffers[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
-    return kept.copy_(tensor)
-
-
 class ShardedMemory:
     """This rank's sharded snapshots, its snapshot port, and the recovery of a new group."""
 
@@ -120,9 +89,11 @@ class ShardedMemory:
         if self.every <= 0 or (step + 1) % self.every != 0:
             return False
         self.before_update()
-        pieces = stage(state, self._buffers)
+        # The shards are copied by the thread, behind the next forward and backward passes:
+        # only an optimizer step changes them, and the next one waits for the thread first.
+        now, later = store.split(state, self._buffers)
         key = (round_number, step, dist.get_rank(), dist.get_world_size())
-        self._thread = threading.Thread(target=self._keep, args=(key, pieces, self.peer), daemon=True,
+        self._thread = threading.Thread(target=self._keep, args=(key, now, later, self.peer), daemon=True,
                                         name="shard-snapshot-writer")
         self._thread.start()
         self.taken = step
@@ -141,9 +112,10 @@ class ShardedMemory:
             thread.join(timeout)
         return thread is None or not thread.is_alive()
 
-    def _keep(self, key: FileKey, pieces: dict[str, Any], peer: str | None) -> None:
+    def _keep(self, key: FileKey, now: dict[str, Any], later: Mapping[str, Any], peer: str | None) -> None:
         try:
-            head, parts = store.pack(self.job, key, pieces)
+            pieces = {**now, **store.copy_shards(later, self._buffers)}
+            head, parts = store.pack(self.job, key, {name: pieces[name] for name in [*now, *later]})
             # The peer's copy first: it is what a loss of this node needs, and until it lands a
             # kill here costs the job this step; this node's own copy is waited for anyway
             # (before_update) before any recovery reads it.
@@ -228,10 +200,7 @@ class ShardedMemory:
             took["load"] = time.perf_counter()
             held.completed = int(state["step"])
             self.files.drop_older(choice[:2])  # type: ignore[index]
-            marks = list(took.items())
-            log.info("resumed from the in-memory shards of round %d step %d in %.2fs (%s)", choice[0], choice[1],  # type: ignore[index]
-                     marks[-1][1] - marks[0][1],
-                     ", ".join(f"{name} {t - marks[i][1]:.2f}s" for i, (name, t) in enumerate(marks[1:])))
+            _say_resumed(choice, took)  # type: ignore[arg-type]
         else:
             start, loaded = elastic.load(default=lambda: state_of(held))
             if start == 0 and any(e["completed"] >= 0 for e in everyone):
@@ -354,6 +323,14 @@ class _Reader:
         while b"\n" not in data[len(store.MAGIC):] and len(data) < min(size, store.MAX_INDEX):
             data += bytes(self(key, len(data), min(size, store.MAX_INDEX) - len(data)))
         return store.parse_head(data, self.memory.job, key)
+
+
+def _say_resumed(choice: tuple[int, int, int], took: dict[str, float]) -> None:
+    """The resume line, with where its time went (``took``: phase -> when it ended)."""
+    marks = list(took.items())
+    log.info("resumed from the in-memory shards of round %d step %d in %.2fs (%s)", choice[0], choice[1],
+             marks[-1][1] - marks[0][1],
+             ", ".join(f"{name} {t - marks[i][1]:.2f}s" for i, (name, t) in enumerate(marks[1:])))
 
 
 def _any(flag: bool) -> bool:

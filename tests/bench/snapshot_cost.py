@@ -25,7 +25,7 @@ import torch
 
 from agent.worker import shard_store as store
 from agent.worker import snapshot_wire as wire
-from agent.worker.sharded_memory import _host_copy
+from agent.worker.shard_store import host_copy
 
 PARTS = ("copy to host", "index + crc32", "push (both ends)", "write to /dev/shm")
 
@@ -46,7 +46,7 @@ def measure(mib: int, repeat: int, keep_buffers: bool) -> dict[str, list[float]]
             if not keep_buffers:
                 buffers, server._spare = {}, None
             marks = [time.process_time()]
-            pieces = {n: (_host_copy(n, t, buffers), tuple(t.shape), (0,)) for n, t in shards.items()}
+            pieces = {n: (host_copy(n, t, buffers), tuple(t.shape), (0,)) for n, t in shards.items()}
             marks.append(time.process_time())
             file_key = (1, step, 0, 1)
             head, parts = store.pack("j", file_key, pieces)

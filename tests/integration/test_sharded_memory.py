@@ -8,12 +8,17 @@ step, then:
 2. every copy of one rank's file is corrupted: the load fails on that rank, and BOTH ranks
    resume from the same disk checkpoint (an older step), never a mix;
 3. one rank's file is gone everywhere and no checkpoint exists: both ranks stop with the
-   same clear error, never start over silently."""
+   same clear error, never start over silently.
+
+And apart: a snapshot whose shards are copied slowly, while the next step's forward and
+backward passes run (they change BatchNorm's running statistics) and its optimizer step
+waits, still holds exactly the state of the step it was taken after."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import time
 import traceback
 from pathlib import Path
 
@@ -23,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from agent.worker import Elastic
+from agent.worker import Elastic, shard_store
 from agent.worker import snapshot_wire as wire
 from agent.worker.held import HeldState
 from agent.worker.shard_store import SUBDIR
@@ -134,11 +139,59 @@ def _same(a: dict, b: dict) -> bool:
     return all(_same(a[k], b[k]) if isinstance(a[k], dict) else torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.fixture(scope="module")
-def outcome(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("shards")
+def slow_copy_worker(rank: int, tmp: Path) -> None:
+    out: dict = {"rank": rank}
+    try:
+        copy_shards = shard_store.copy_shards
+
+        def slowly(later, buffers):  # the copy overlaps the next step's forward and backward
+            time.sleep(0.5)
+            return copy_shards(later, buffers)
+
+        shard_store.copy_shards = slowly
+        wire.write_key(node_dir(tmp, rank), KEY)
+        form(tmp, 1, rank)
+
+        def with_norm() -> nn.Module:
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(4, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3))
+            for layer in (model[0], model[3]):
+                fully_shard(layer)
+            fully_shard(model)
+            return model
+
+        model = with_norm()
+        held = HeldState(model, torch.optim.Adam(model.parameters(), lr=0.1))
+        held.sharded = state_of
+        memory = ShardedMemory(node_dir(tmp, rank), "job", 1, with_norm, node=f"n{rank}", local_rank=0,
+                               local_world=1, round_number=1)
+        memory.serve("127.0.0.1")
+        memory.agree(held, Elastic(None, checkpoint_every=0), 1, [])
+        saved = None
+        for step in range(3):
+            # One batch for both ranks: BatchNorm's statistics, unsharded, are then the same on
+            # both, as a snapshot (and DCP) takes them: rank 0's copy for every rank.
+            x = torch.randn(6, 4, generator=torch.Generator().manual_seed(step))
+            held.model(x).pow(2).mean().backward()
+            memory.before_update()  # what el.run's optimizer pre-step hook does
+            held.optimizer.step()
+            held.optimizer.zero_grad()
+            held.completed = step
+            if step < 2:
+                memory.after_step(step, 1, held.state_dict())
+                saved = full(held.state_dict())
+        form(tmp, 2, rank)
+        out["resumed"] = memory.agree(held, Elastic(None, checkpoint_every=0), 2, [])
+        out["exact"] = _same(saved, full(held.state_dict()))
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - reported to the test
+        out["traceback"] = traceback.format_exc()
+    (tmp / f"out-{rank}.json").write_text(json.dumps(out))
+
+
+def run_two(tmp: Path, target) -> list[dict]:
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=worker, args=(rank, tmp)) for rank in range(2)]
+    procs = [ctx.Process(target=target, args=(rank, tmp)) for rank in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -151,6 +204,17 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     for out in outs:
         assert "traceback" not in out, out["traceback"]
     return outs
+
+
+@pytest.fixture(scope="module")
+def outcome(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return run_two(tmp_path_factory.mktemp("shards"), worker)
+
+
+def test_a_snapshot_copied_behind_the_next_step_holds_the_step_it_was_taken_after(tmp_path: Path) -> None:
+    outs = run_two(tmp_path, slow_copy_worker)
+    assert [o["resumed"] for o in outs] == [1, 1]
+    assert all(o["exact"] for o in outs), outs
 
 
 def test_a_reformed_group_gets_the_last_steps_shards_back_exactly(outcome: list[dict]) -> None:

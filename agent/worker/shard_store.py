@@ -66,7 +66,10 @@ def split(state: Mapping[str, Any], buffers: dict[str, torch.Tensor] | None = No
             chunks = value.__create_chunk_list__()
             if len(chunks) != 1:
                 raise ShardError(f"{name}: a DTensor whose local part is {len(chunks)} pieces; el.run keeps one")
-            later[name] = (value.to_local().detach(), tuple(value.shape), tuple(chunks[0].offsets))
+            piece = value.to_local().detach()
+            if buffers is not None:
+                _buffer(name, piece, buffers)  # allocated here: a thread's allocations bloat its own arena
+            later[name] = (piece, tuple(value.shape), tuple(chunks[0].offsets))
         elif isinstance(value, torch.Tensor):
             now[name] = (host_copy(name, value, buffers), tuple(value.shape), (0,) * value.dim())
         else:
@@ -86,10 +89,14 @@ def host_copy(name: str, tensor: torch.Tensor, buffers: dict[str, torch.Tensor] 
     tensor = tensor.detach()
     if buffers is None:
         return tensor.to("cpu", copy=True)
+    return _buffer(name, tensor, buffers).copy_(tensor)
+
+
+def _buffer(name: str, tensor: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
     kept = buffers.get(name)
     if kept is None or kept.shape != tensor.shape or kept.dtype != tensor.dtype:
         kept = buffers[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
-    return kept.copy_(tensor)
+    return kept
 
 
 def file_name(key: FileKey) -> str:

@@ -72,8 +72,10 @@ bench-goodput: $(STAMP)
 bench-agent: $(STAMP)
 	$(PY) -m tests.bench.agent_bench --repeat 3
 
-# FSDP2 disk checkpoints: async stall against a synchronous DCP save, step time (~100M
-# parameters + Adam, 2 ranks, gloo; a few minutes). Results: docs/benchmarks.md.
+# FSDP2: disk checkpoints (async stall against a synchronous DCP save, ~100M parameters +
+# Adam, 2 ranks), in-memory snapshots and recovery (101M, 2 nodes x 2 ranks, no agents), one
+# snapshot's CPU cost, and kill -9 / a join under real agents (49M). Gloo on CPU; ~15 minutes.
+# Results: docs/benchmarks.md.
 bench-fsdp: $(STAMP)
 	$(PY) -m tests.bench.fsdp_bench --repeat 5
 	$(PY) -m tests.bench.fsdp_memory_bench

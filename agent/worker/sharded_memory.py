@@ -114,8 +114,7 @@ class ShardedMemory:
 
     def _keep(self, key: FileKey, now: dict[str, Any], later: Mapping[str, Any], peer: str | None) -> None:
         try:
-            pieces = {**now, **store.copy_shards(later, self._buffers)}
-            head, parts = store.pack(self.job, key, {name: pieces[name] for name in [*now, *later]})
+            head, parts = store.pack(self.job, key, {**now, **store.copy_shards(later, self._buffers)})
             # The peer's copy first: it is what a loss of this node needs, and until it lands a
             # kill here costs the job this step; this node's own copy is waited for anyway
             # (before_update) before any recovery reads it.

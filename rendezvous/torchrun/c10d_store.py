@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import queue
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -87,44 +87,41 @@ class RoundKeys:
         window = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * (2 ** min(lost - 1, 16)))
         self.clock.sleep(random.uniform(0.0, window))
 
-    def add(self, key: str, amount: int) -> int:
+    def _swap(self, key: str, change: Callable[[Any], tuple[bytes | None, Any]]) -> Any:
+        """Read-modify-write ``key`` until nobody wrote it in between (a compare-and-swap on its
+        revision, backing off after each lost one). ``change(kv)`` gives (the bytes to write,
+        the result), or (None, the result) to return without writing."""
         full = self.full(key)
         lost = 0
         while True:
             kv, _ = self.store.get(full)
-            current = _counter(full, kv.value) if kv is not None else 0
-            if self.store.replace(full, str(current + amount).encode(), kv.mod_revision if kv else 0) is not None:
-                self.added.add(key)
-                return current + amount
+            new, result = change(kv)
+            if new is None or self.store.replace(full, new, kv.mod_revision if kv else 0) is not None:
+                return result
             lost += 1
             self._backoff(lost)
 
+    def add(self, key: str, amount: int) -> int:
+        def change(kv: Any) -> tuple[bytes, int]:
+            total = (_counter(self.full(key), kv.value) if kv is not None else 0) + amount
+            return str(total).encode(), total
+
+        total = self._swap(key, change)
+        self.added.add(key)
+        return total
+
     def compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:
-        full = self.full(key)
-        lost = 0
-        while True:
-            if lost:
-                self._backoff(lost)
-            lost += 1
-            kv, _ = self.store.get(full)
+        def change(kv: Any) -> tuple[bytes | None, bytes]:
             if kv is None and expected:
-                return expected  # absent, and the caller expected a value: torch returns ``expected``
+                return None, expected  # absent, and the caller expected a value: torch returns ``expected``
             if kv is not None and kv.value != expected:
-                return kv.value
-            if self.store.replace(full, desired, kv.mod_revision if kv else 0) is not None:
-                return desired
+                return None, kv.value
+            return desired, desired
+
+        return self._swap(key, change)
 
     def append(self, key: str, value: bytes) -> None:
-        full = self.full(key)
-        lost = 0
-        while True:
-            if lost:
-                self._backoff(lost)
-            lost += 1
-            kv, _ = self.store.get(full)
-            joined = (kv.value if kv is not None else b"") + value
-            if self.store.replace(full, joined, kv.mod_revision if kv else 0) is not None:
-                return
+        self._swap(key, lambda kv: ((kv.value if kv is not None else b"") + value, None))
 
     def check(self, keys: Sequence[str]) -> bool:
         return all(self.store.get(self.full(k))[0] is not None for k in keys)

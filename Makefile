@@ -81,6 +81,7 @@ bench-fsdp: $(STAMP)
 	$(PY) -m tests.bench.fsdp_memory_bench
 	$(PY) -m tests.bench.snapshot_cost
 	$(PY) -m tests.bench.fsdp_agent_bench --repeat 3
+	$(PY) -m tests.bench.fsdp_agent_bench --repeat 3 --hsdp
 
 # The rendezvous at scale: N real participants over 16 processes (each its own gRPC channel)
 # against one etcd, then a 3-member cluster; four scenarios (first round, a node lost, one

@@ -172,6 +172,13 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (collective)."""
+    mine = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_device())
+    dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+    return bool(mine.item())
+
+
 def _broadcast_bytes(data: bytes | None, src: int) -> bytes | None:
     """``src``'s bytes (None stays None) on every rank, as tensors: no pickle between ranks."""
     device = _device()

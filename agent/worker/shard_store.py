@@ -17,7 +17,9 @@ costs what reading costs; a failed check fails the whole recovery on every rank
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -40,6 +42,9 @@ KEEP = 2  # files kept per rank: the newest and the one before (the newest may b
 _NAME = re.compile(r"shard-r(\d{1,18})-s(\d{1,18})-k(\d{1,5})-of(\d{1,5})")
 DTYPES = {str(t): t for t in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
                               torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+
+log = logging.getLogger(__name__)
 
 
 class ShardError(ValueError):
@@ -103,10 +108,41 @@ def file_name(key: FileKey) -> str:
     return "shard-r{}-s{}-k{}-of{}".format(*key)
 
 
-def pack(job: str, key: FileKey, entries: dict[str, Any]) -> tuple[bytes, list[memoryview]]:
+def layout(state: Mapping[str, Any], rank: int) -> str:
+    """Which piece of each sharded tensor this rank holds. Ranks of one layout (the replicas of
+    an HSDP mesh) hold the same bytes, so one's file stands for the others' (its "twins"). A
+    partial DTensor (its pieces not yet summed) makes a rank a class of its own."""
+    flat, _ = flatten_state_dict(dict(state))
+    pieces: list[Any] = []
+    for name, value in sorted(flat.items()):
+        if isinstance(value, DTensor):
+            if any(p.is_partial() for p in value.placements):
+                return f"rank {rank}"
+            pieces.append([name, [list(c.offsets) + list(c.sizes) for c in value.__create_chunk_list__()]])
+    return hashlib.sha256(json.dumps(pieces).encode()).hexdigest()
+
+
+def classes(layouts: list[str]) -> list[int]:
+    """Each rank's class: the ranks of one layout share one, numbered from 0 in rank order."""
+    first: dict[str, int] = {}
+    return [first.setdefault(one, len(first)) for one in layouts]
+
+
+def every_class(held: set[tuple[int, int]]) -> bool:
+    """Whether files of these (class, number of classes) are one of each class."""
+    return len({n for _c, n in held}) == 1 and {c for c, _n in held} == set(range(next(iter(held))[1]))
+
+
+def twins_of(head: Mapping[str, Any]) -> tuple[int, int]:
+    """A file's (class, number of classes); a file without them is a class of its own."""
+    return tuple(head["twins"]) if head.get("twins") else (head["rank"], head["world"])  # type: ignore[return-value]
+
+
+def pack(job: str, key: FileKey, entries: dict[str, Any], twins: tuple[int, int] | None = None
+         ) -> tuple[bytes, list[memoryview]]:
     """One rank's file as its header and its body's parts (views of the tensors: no copy):
     ``entries`` maps each flattened key to a host tensor piece ``(tensor, global_shape,
-    offsets)`` or a JSON value."""
+    offsets)`` or a JSON value; ``twins`` its rank's (class, number of classes)."""
     index: dict[str, Any] = {}
     parts: list[memoryview] = []
     start = 0
@@ -122,7 +158,7 @@ def pack(job: str, key: FileKey, entries: dict[str, Any]) -> tuple[bytes, list[m
         else:
             index[name] = {"t": "value", "value": value}
     head = {"job": job, "round": key[0], "step": key[1], "rank": key[2], "world": key[3], "size": start,
-            "block": BLOCK, "crc32": _block_crcs(parts), "entries": index}
+            "block": BLOCK, "crc32": _block_crcs(parts), "entries": index, "twins": list(twins or key[2:])}
     try:
         line = json.dumps(head, allow_nan=True).encode()
     except TypeError as exc:
@@ -166,7 +202,8 @@ def parse_head(data: bytes, job: str, key: FileKey) -> tuple[dict[str, Any], int
               and [head.get(f) for f in ("round", "step", "rank", "world")] == list(key)
               and type(head.get("size")) is int and head.get("block") == BLOCK
               and isinstance(head.get("crc32"), list) and all(type(c) is int for c in head["crc32"])
-              and len(head["crc32"]) == -(-head["size"] // BLOCK) and isinstance(head.get("entries"), dict))
+              and len(head["crc32"]) == -(-head["size"] // BLOCK) and isinstance(head.get("entries"), dict)
+              and (head.get("twins") is None or _twins_fit(head["twins"], key)))
     except (ValueError, RecursionError) as exc:
         raise ShardError(f"{file_name(key)}: its header is not JSON ({exc})") from exc
     if not ok:
@@ -174,6 +211,11 @@ def parse_head(data: bytes, job: str, key: FileKey) -> tuple[dict[str, Any], int
     for name, entry in head["entries"].items():
         _check_entry(key, name, entry, head["size"])
     return head, end + 1
+
+
+def _twins_fit(twins: Any, key: FileKey) -> bool:
+    return (isinstance(twins, list) and len(twins) == 2 and all(type(v) is int for v in twins)
+            and 0 <= twins[0] < twins[1] <= key[3])
 
 
 def _check_entry(key: FileKey, name: str, entry: Any, size: int) -> None:
@@ -245,8 +287,36 @@ class ShardDir:
                     found.append(key)
         return found  # type: ignore[return-value]
 
+    def listing(self, round_number: int) -> list[list[int]]:
+        """The files of rounds before ``round_number``: key, size and twins (an unreadable one left out)."""
+        files = []
+        for k in self.held():
+            try:
+                if k[0] < round_number:
+                    files.append([*k, self.size(k), *self.twins(k)])
+            except (OSError, ShardError) as exc:
+                log.warning("rank file %s left out of the recovery: %s", file_name(k), exc)
+        return files
+
     def size(self, key: FileKey) -> int:
         return (self.path / file_name(key)).stat().st_size
+
+    def twins(self, key: FileKey) -> tuple[int, int]:
+        """(its class, the number of classes): ranks of one class hold the same pieces (see ``layout``)."""
+        with open(self.path / file_name(key), "rb") as f:
+            return twins_of(self._known(f, key, os.fstat(f.fileno()))[0])
+
+    def _known(self, f: Any, key: FileKey, st: os.stat_result) -> tuple[dict[str, Any], int, set[int]]:
+        """The file's checked header, where its body starts, its body blocks checked: cached per version."""
+        version = (file_name(key), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            known = self._heads.get(version)
+        if known is None:
+            known = (*parse_head(f.read(min(st.st_size, MAX_INDEX)), self.job, key), set())
+            with self._lock:
+                self._heads = {v: h for v, h in self._heads.items() if v[0] != version[0]}
+                self._heads[version] = known
+        return known
 
     def read(self, key: FileKey, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` of a file, every body block they touch checked against
@@ -254,15 +324,7 @@ class ShardDir:
         path = self.path / file_name(key)
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            version = (file_name(key), st.st_size, st.st_mtime_ns)
-            with self._lock:
-                known = self._heads.get(version)
-            if known is None:
-                known = (*parse_head(f.read(min(st.st_size, MAX_INDEX)), self.job, key), set())
-                with self._lock:
-                    self._heads = {v: h for v, h in self._heads.items() if v[0] != version[0]}
-                    self._heads[version] = known
-            head, body, checked = known
+            head, body, checked = self._known(f, key, st)
             if offset + length > st.st_size or body + head["size"] != st.st_size:
                 raise ShardError(f"{path}: {length} bytes at {offset} lie beyond its end, or it is cut short")
             first, last = max(0, offset - body) // BLOCK, max(0, offset + length - body - 1) // BLOCK

@@ -9,12 +9,13 @@ docs/architecture.md, "Sharded state in memory"):
   shards (only an optimizer step changes them), writes all as one rank file
   (agent.worker.shard_store: raw bytes and a JSON index, never a pickle) into its node's
   snapshot directory in shared memory, and pushes a copy to the rank of the same local rank
-  on the next node (agent.worker.snapshot_wire, authenticated). The next optimizer step waits
+  on the next node (agent.worker.snapshot_wire, authenticated), unless that rank is a twin
+  (an HSDP replica: the same pieces, so its own file stands for ours). The next optimizer step waits
   for that, so a snapshot is never of a later state than the step it was taken after, and at
   most one is in flight. (A script that changes the weights other than by an optimizer step,
   between steps, must do it after the optimizer step, as it would with DCP's async save.)
 - When a group forms, every rank says which rank files its node holds (JSON). Rank 0 picks
-  the newest (round, step) whose files of every rank are held by some live node, unless the
+  the newest (round, step) with a file of every class of twins held by some live node, unless the
   newest disk checkpoint is newer. Every rank rebuilds the model on the new mesh
   (``build_model``; the optimizer keeps its object, its parameters re-pointed) and fills its
   new shards from the byte ranges of the old rank files that overlap them: read locally, or
@@ -42,7 +43,7 @@ from torch.distributed.tensor import DTensor
 
 from agent.worker import shard_store as store
 from agent.worker import snapshot_wire as wire
-from agent.worker.held import _all_gather_bytes, _broadcast_bytes, _device, _newest_on_disk
+from agent.worker.held import _all_gather_bytes, _any_rank, _broadcast_bytes, _newest_on_disk
 from agent.worker.manifest import CheckpointError
 from agent.worker.protocol import NODE_ID_ENV, SNAPSHOT_DIR_ENV
 from agent.worker.shard_store import FileKey, ShardError
@@ -81,6 +82,7 @@ class ShardedMemory:
         self.address: str | None = None
         self.peer: str | None = None
         self.taken = -1
+        self.twins: tuple[int, int] | None = None  # this rank's (class, classes) in the current round
         self._thread: threading.Thread | None = None
         self._buffers: dict[str, torch.Tensor] = {}  # host copies, reused: the one in flight is done first
 
@@ -114,7 +116,7 @@ class ShardedMemory:
 
     def _keep(self, key: FileKey, now: dict[str, Any], later: Mapping[str, Any], peer: str | None) -> None:
         try:
-            head, parts = store.pack(self.job, key, {**now, **store.copy_shards(later, self._buffers)})
+            head, parts = store.pack(self.job, key, {**now, **store.copy_shards(later, self._buffers)}, self.twins)
             # The peer's copy first: it is what a loss of this node needs, and until it lands a
             # kill here costs the job this step; this node's own copy is waited for anyway
             # (before_update) before any recovery reads it.
@@ -168,28 +170,30 @@ class ShardedMemory:
         self.before_update()
         took = {"start": time.perf_counter()}
         if self.built_round != round_number and self.build_model is not None:
-            self._rebuild(held)
+            _rebuild(held, self.build_model)
         self.built_round = round_number
         took["rebuild"] = time.perf_counter()
         held.endpoints = set(endpoints)
+        world, rank = dist.get_world_size(), dist.get_rank()
         mine = {"completed": held.completed, "address": self.address, "endpoints": sorted(held.endpoints),
-                "files": [[*k, self.files.size(k)] for k in self.files.held() if k[0] < round_number]}
+                "files": self.files.listing(round_number), "layout": store.layout(held.model.state_dict(), rank)}
         everyone = [_message(raw) for raw in _all_gather_bytes(json.dumps(mine).encode())]
         held.endpoints = {e for rank in everyone for e in rank["endpoints"]}
-        addresses = [e["address"] for e in everyone]
-        world, rank = dist.get_world_size(), dist.get_rank()
-        self.peer = addresses[(rank + self.local_world) % world] if world > self.local_world else None
+        self._pick_peer([e["address"] for e in everyone],
+                        store.classes([e["layout"] or f"rank {i}" for i, e in enumerate(everyone)]))
         holders: dict[FileKey, list[tuple[str | None, int]]] = {}
+        twins: dict[FileKey, tuple[int, int]] = {}
         for e in everyone:
-            for *k, size in e["files"]:
+            for *k, size, twin, classes in e["files"]:
                 holders.setdefault(tuple(k), []).append((e["address"], size))  # type: ignore[arg-type]
-        choice = self._decide(elastic, holders)
+                twins.setdefault(tuple(k), (twin, classes))  # type: ignore[arg-type]
+        choice = _decide(elastic, twins)
         took["agree"] = time.perf_counter()
         state, failure = None, None
         if choice is not None:
-            state, failure = self._load(held, choice, holders)
+            state, failure = self._load(held, choice, holders, twins)
             took["fill"] = time.perf_counter()
-            if _any(failure is not None):
+            if _any_rank(failure is not None):
                 failure = failure or "another rank's could not be loaded"
                 log.warning("the in-memory shards of step %d cannot be loaded (%s); every rank resumes from disk",
                             choice[1], failure)
@@ -213,63 +217,80 @@ class ShardedMemory:
         held.round = round_number
         return held.completed
 
-    def _rebuild(self, held: Any) -> None:
-        """The model anew on the current mesh; the optimizer keeps its object (the script's
-        references stay good), its parameters re-pointed in order and its state dropped."""
-        assert self.build_model is not None
-        model = self.build_model()
-        params = list(model.parameters())
-        groups = held.optimizer.param_groups
-        if sum(len(g["params"]) for g in groups) != len(params):
-            raise CheckpointError("build_model() returned a model with another number of parameters than the "
-                                  "optimizer's; it must build the same model")
-        at = 0
-        for group in groups:
-            group["params"] = params[at:at + len(group["params"])]
-            at += len(group["params"])
-        held.optimizer.state.clear()
-        held.model = model
+    def _pick_peer(self, addresses: list[str | None], classes: list[int]) -> None:
+        """The rank on the next node gets a copy of this rank's files, unless it is a twin (an
+        HSDP replica of the same shards): its own file then stands for ours, nothing is sent."""
+        world, rank = len(addresses), dist.get_rank()
+        self.twins = (classes[rank], max(classes) + 1)
+        other = (rank + self.local_world) % world
+        self.peer = addresses[other] if world > self.local_world and classes[other] != classes[rank] else None
+        if world > self.local_world and self.peer is None:
+            log.info("snapshots stay on this node: rank %d on the next node holds the same shards", other)
 
-    def _decide(self, elastic: Any, holders: Mapping[FileKey, Any]) -> tuple[int, int, int] | None:
-        """(round, step, world) of the snapshot every rank loads, None for disk (rank 0's rule)."""
-        decision = None
-        if dist.get_rank() == 0:
-            whole = sorted({k[:2] + (k[3],) for k in holders
-                            if all((k[0], k[1], r, k[3]) in holders for r in range(k[3]))})
-            best = whole[-1] if whole else None
-            try:
-                disk = _newest_on_disk(elastic)
-            except Exception as exc:  # noqa: BLE001 - the others wait on this choice
-                log.warning("cannot list the checkpoints on disk (%s)", exc)
-                disk = None
-            if best is not None and disk is not None and disk >= best[:2]:
-                best = None
-            decision = json.dumps(best).encode()
-        raw = json.loads(_broadcast_bytes(decision, 0) or b"null")
-        return tuple(int(v) for v in raw) if isinstance(raw, list) and len(raw) == 3 else None  # type: ignore[return-value]
-
-    def _load(self, held: Any, choice: tuple[int, int, int], holders: Mapping[FileKey, Any]
-              ) -> tuple[dict[str, Any] | None, str | None]:
+    def _load(self, held: Any, choice: tuple[int, int, int], holders: Mapping[FileKey, Any],
+              twins: Mapping[FileKey, tuple[int, int]]) -> tuple[dict[str, Any] | None, str | None]:
         template = state_of(held)
         try:
-            return _fill(self, template, choice, holders), None
+            return _fill(self, template, choice, holders, twins), None
         except (ShardError, OSError, KeyError) as exc:
             return None, str(exc)
 
 
+def _rebuild(held: Any, build_model: Callable[[], torch.nn.Module]) -> None:
+    """The model anew on the current mesh; the optimizer keeps its object (the script's
+    references stay good), its parameters re-pointed in order and its state dropped."""
+    model = build_model()
+    params = list(model.parameters())
+    groups = held.optimizer.param_groups
+    if sum(len(g["params"]) for g in groups) != len(params):
+        raise CheckpointError("build_model() returned a model with another number of parameters than the "
+                              "optimizer's; it must build the same model")
+    at = 0
+    for group in groups:
+        group["params"] = params[at:at + len(group["params"])]
+        at += len(group["params"])
+    held.optimizer.state.clear()
+    held.model = model
+
+
+def _decide(elastic: Any, twins: Mapping[FileKey, tuple[int, int]]) -> tuple[int, int, int] | None:
+    """(round, step, world) of the snapshot every rank loads, None for disk (rank 0's rule):
+    the newest whose files, one of each class of twins, are all held somewhere."""
+    decision = None
+    if dist.get_rank() == 0:
+        found: dict[tuple[int, int, int], set[tuple[int, int]]] = {}
+        for k, twin in twins.items():
+            found.setdefault(k[:2] + (k[3],), set()).add(twin)
+        best = max((s for s, held in found.items() if store.every_class(held)), default=None)
+        try:
+            disk = _newest_on_disk(elastic)
+        except Exception as exc:  # noqa: BLE001 - the others wait on this choice
+            log.warning("cannot list the checkpoints on disk (%s)", exc)
+            disk = None
+        if best is not None and disk is not None and disk >= best[:2]:
+            best = None
+        decision = json.dumps(best).encode()
+    raw = json.loads(_broadcast_bytes(decision, 0) or b"null")
+    return tuple(int(v) for v in raw) if isinstance(raw, list) and len(raw) == 3 else None  # type: ignore[return-value]
+
+
 def _fill(memory: ShardedMemory, template: dict[str, Any], choice: tuple[int, int, int],
-          holders: Mapping[FileKey, Any]) -> dict[str, Any]:
-    """``template`` (this rank's new pieces) filled from the rank files of ``choice``."""
+          holders: Mapping[FileKey, Any], twins: Mapping[FileKey, tuple[int, int]]) -> dict[str, Any]:
+    """``template`` (this rank's new pieces) filled from the rank files of ``choice``: one file
+    of each class of twins, this node's where it holds one."""
     rnd, step, world = choice
-    keys = [(rnd, step, r, world) for r in range(world)]
     local = set(memory.files.held())
+    one: dict[int, FileKey] = {}
+    for key in sorted((k for k in twins if k[:2] == (rnd, step) and k[3] == world), key=lambda k: k not in local):
+        one.setdefault(twins[key][0], key)
+    keys = [one[c] for c in sorted(one)]
     read = _Reader(memory, holders, local)
     heads = [read.head(k) for k in keys]
     flat, mappings = flatten_state_dict(template)
     if set(flat) != set(heads[0][0]["entries"]):
         raise ShardError(f"the snapshot of step {step} holds other entries than the state "
                          f"(e.g. {sorted(set(flat) ^ set(heads[0][0]['entries']))[:3]})")
-    order = sorted(range(world), key=lambda r: keys[r] not in local)  # local pieces first
+    order = sorted(range(len(keys)), key=lambda r: keys[r] not in local)  # local pieces first
     for name, value in flat.items():
         if isinstance(value, DTensor):
             chunk = value.__create_chunk_list__()[0]
@@ -332,22 +353,17 @@ def _say_resumed(choice: tuple[int, int, int], took: dict[str, float]) -> None:
              ", ".join(f"{name} {t - marks[i][1]:.2f}s" for i, (name, t) in enumerate(marks[1:])))
 
 
-def _any(flag: bool) -> bool:
-    mine = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_device())
-    dist.all_reduce(mine, op=dist.ReduceOp.MAX)
-    return bool(mine.item())
-
-
 def _message(raw: bytes) -> dict[str, Any]:
     """Another rank's part of the agreement (JSON), its fields checked."""
     msg = json.loads(raw)
     address = msg.get("address")
-    files = [f for f in msg.get("files") or [] if isinstance(f, list) and len(f) == 5
-             and all(type(v) is int and v >= 0 for v in f) and f[2] < f[3]]
+    files = [f for f in msg.get("files") or [] if isinstance(f, list) and len(f) == 7
+             and all(type(v) is int and v >= 0 for v in f) and f[2] < f[3] and f[5] < f[6] <= f[3]]
+    layout = msg.get("layout")
     endpoints = [(e[0], e[1]) for e in msg.get("endpoints") or []
                  if isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and type(e[1]) is int]
     return {"completed": int(msg.get("completed", -1)), "address": address if isinstance(address, str) else None,
-            "files": files, "endpoints": endpoints}
+            "files": files, "endpoints": endpoints, "layout": layout if isinstance(layout, str) else None}
 
 
 def from_env(environ: Mapping[str, str], every: int, build_model: Callable[[], torch.nn.Module] | None,

@@ -27,6 +27,9 @@ completed step, ``step 12 world_size 2 loss 0.1234`` (printed once every rank ha
 weights), ``drained at step N`` when the agent drains the job (the step loop; checkpoint
 written, exit 75), and ``fsdp: trained N steps, world size W, loss L`` at the end.
 ``--step-time`` pads each step to that many seconds (the demo paces the job with it).
+``--hsdp`` shards over a 2-D mesh instead (HSDP: each node's ranks hold one replica, sharded
+among them, replicated across nodes): under ``el.run`` a replica's snapshot then never crosses
+to another node (the other replicas hold the same pieces), and a node lost costs no step.
 
 For tests: ``--dump-at STEP`` (repeatable) writes the full (gathered) model and optimizer
 state after STEP to ``--dump-dir``/saved_STEP.pt, and ``--dump-loaded`` (the step loop) writes
@@ -45,6 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from agent.worker import Elastic
@@ -63,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loop", choices=("step", "run"), default="step",
                         help="step: el.load/el.step, a membership change restarts the workers from the last "
                              "checkpoint (default); run: el.run, the workers re-form in process")
+    parser.add_argument("--hsdp", action="store_true",
+                        help="HSDP: shard within a node (LOCAL_WORLD_SIZE ranks), replicate across nodes")
     parser.add_argument("--step-time", type=float, default=0.0,
                         help="pad each step to this many seconds (default 0: no padding)")
     parser.add_argument("--dump-dir", default=None, help="test aid: where --dump-at/--dump-loaded write")
@@ -103,10 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)  # the same initial model on every rank, whatever the world size
         built = nn.Sequential(nn.Linear(16, args.width), nn.ReLU(), nn.Linear(args.width, args.width), nn.ReLU(),
                               nn.Linear(args.width, 4)).to(device)
+        local, world = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), dist.get_world_size()
+        mesh = None
+        if args.hsdp and world > local and world % local == 0:
+            mesh = init_device_mesh(device.type, (world // local, local), mesh_dim_names=("replicate", "shard"))
         for layer in built:
             if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        fully_shard(built)
+                fully_shard(layer, mesh=mesh)
+        fully_shard(built, mesh=mesh)
         return built
 
     model = build()

@@ -48,11 +48,11 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 RESUMED = "resumed from the in-memory shards"
 
 
-def command(cluster: Cluster, width: int) -> list[str]:
+def command(cluster: Cluster, width: int, hsdp: bool) -> list[str]:
     script = cluster.workdir / "train_fsdp_logged.py"
     script.write_text(LOGGED.format(example=str(EXAMPLE)))
     return [PYTHON, str(script), "--loop", "run", "--steps", "1000000", "--width", str(width),
-            "--checkpoint-every", "0"]
+            "--checkpoint-every", "0", *(["--hsdp"] if hsdp else [])]
 
 
 def state_back(cluster: Cluster, since: float, until: float) -> float:
@@ -65,9 +65,9 @@ def params(width: int) -> int:
     return 16 * width + width + width * width + width + width * 4 + 4  # the example's three Linear layers
 
 
-def one_run(width: int, results: dict[str, list[float]], rng: random.Random) -> None:
+def one_run(width: int, hsdp: bool, results: dict[str, list[float]], rng: random.Random) -> None:
     with Cluster(job_id="bench-fsdp") as cluster:
-        agents = [cluster.start_agent(f"node-{i}", nproc=2, min_nodes=1, max_nodes=2, command=command(cluster, width))
+        agents = [cluster.start_agent(f"node-{i}", nproc=2, min_nodes=1, max_nodes=2, command=command(cluster, width, hsdp))
                   for i in range(2)]
         started = time.monotonic()
         wait_until(lambda: len([s for t, s, ws in cluster.steps() if ws == 4]) >= 8, WAIT, "8 steps at world size 4")
@@ -89,7 +89,7 @@ def one_run(width: int, results: dict[str, list[float]], rng: random.Random) -> 
         print(f"kill -9 -> a step at world size 2 in {back[0] - killed:.2f} s; last step before {before}, "
               f"went on at {back[1]}", flush=True)
         joined = time.monotonic()
-        cluster.start_agent("node-2", nproc=2, min_nodes=1, max_nodes=2, command=command(cluster, width))
+        cluster.start_agent("node-2", nproc=2, min_nodes=1, max_nodes=2, command=command(cluster, width, hsdp))
         grown = wait_until(lambda: cluster.first_step_after(joined, 4), WAIT, "training at world size 4 again")
         results["join -> training"].append(grown[0] - joined)
         last = max(t for t, s, ws in cluster.steps() if ws == 2 and t < grown[0])
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=7000, help="the example's hidden width (default 7000: 49M)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--hsdp", action="store_true", help="the example's HSDP mesh (a replica per node)")
     parser.add_argument("--seed", type=int, default=0, help="where in a step each kill lands")
     args = parser.parse_args(argv)
     results: dict[str, list[float]] = {k: [] for k in (
@@ -111,15 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         "join -> training", "join: paused to state back", "join: paused to a step")}
     rng = random.Random(args.seed)
     for _ in range(args.repeat):
-        one_run(args.width, results, rng)
-    print(f"\nFSDP2 under real agents, 2 nodes x 2 workers (gloo, CPU), {params(args.width) / 1e6:.0f}M parameters "
+        one_run(args.width, args.hsdp, results, rng)
+    print(f"\n{'HSDP (2 replicas x 2 shards)' if args.hsdp else 'FSDP2'} under real agents, 2 nodes x 2 workers "
+          f"(gloo, CPU), {params(args.width) / 1e6:.0f}M parameters "
           f"+ Adam, el.run (in-memory snapshots every step), medians of {args.repeat}")
     print(f"{'':27s} {'median':>8s} {'min':>7s} {'max':>7s}")
     for key, values in results.items():
         print(f"{key:27s} {statistics.median(values):8.2f} {min(values):7.2f} {max(values):7.2f}")
     lost = results["completed steps lost"]
-    print(f"kills that lost a completed step: {sum(1 for n in lost if n)} of {len(lost)} (the dead node's last "
-          f"snapshot was still being pushed)")
+    print(f"kills that lost a completed step: {sum(1 for n in lost if n)} of {len(lost)}"
+          + ("" if args.hsdp else " (one lost: the dead node's last snapshot was still being pushed)"))
     return 0
 
 

@@ -39,6 +39,7 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from agent.worker import Elastic
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="timed steps of each kind per repetition (default 4)")
     parser.add_argument("--repeat", type=int, default=2, help="losses and joins (default 2)")
     parser.add_argument("--every", type=int, default=10, help="a sparser snapshot cadence to compare (default 10)")
+    parser.add_argument("--hsdp", action="store_true",
+                        help="HSDP: a replica per node, sharded over its ranks (snapshots then stay on their node)")
     parser.add_argument("--verbose", action="store_true", help="the helper's INFO log (where a recovery's time goes)")
     return parser.parse_args(argv)
 
@@ -79,9 +82,12 @@ def worker(rank: int, args: argparse.Namespace, workdir: str, out: str, key: byt
     def build() -> nn.Module:
         torch.manual_seed(0)
         model = nn.Sequential(*[nn.Linear(args.width, args.width) for _ in range(args.layers)])
+        world = dist.get_world_size()
+        mesh = (init_device_mesh("cpu", (world // LOCAL, LOCAL), mesh_dim_names=("replicate", "shard"))
+                if args.hsdp and world > LOCAL else None)
         for layer in model:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
 
     model = build()
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     restart = statistics.median(restart_seconds() for _ in range(3))
     rows, params = result["rows"], result["params"]
     med = {k: statistics.median(v) for k, v in rows.items()}
-    print(f"\nFSDP2 in memory, 2 nodes x {LOCAL} workers (gloo, CPU), {params / 1e6:.0f}M parameters + Adam, "
+    print(f"\n{'HSDP (a replica per node)' if args.hsdp else 'FSDP2'} in memory, 2 nodes x {LOCAL} workers (gloo, CPU), {params / 1e6:.0f}M parameters + Adam, "
           f"medians (slower rank of each repetition)")
     print(f"{'':34s} {'median s':>9s} {'min s':>7s} {'max s':>7s}   n")
     for key, values in rows.items():

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import torch
 
+from agent.daemon.workers.local import snapshots_of
+from agent.worker.shard_store import SUBDIR
 from tests.e2e.harness import PYTHON, alive, wait_until
 from tests.e2e.inprocess_log import started_lines
 
@@ -87,9 +89,11 @@ def test_fsdp_job_loses_a_node_and_gains_one_in_process_with_the_exact_state(clu
 
 
 def test_hsdp_job_loses_a_replica_and_recovers_it_from_the_other_in_process(cluster, tmp_path):
-    """HSDP: a 2-D mesh, one replica per node, each sharded over its node's 2 workers. A node
-    lost is a replica lost: the survivors re-form a 1 x 2 mesh and their shards of the last
-    step are whole, taken from their own node's files (the lost replica held the same pieces)."""
+    """HSDP: a 2-D mesh, one replica per node, each sharded over its node's 2 workers. The
+    replicas hold the same pieces, so no snapshot crosses to the other node (each node keeps
+    only its own ranks' files: half the memory, no traffic). A node lost is a replica lost:
+    the survivors re-form a 1 x 2 mesh from their own node's files of the last step, so no
+    completed step is lost, whenever the kill lands."""
     dumps = tmp_path / "dumps"
     dumps.mkdir()
     command = [PYTHON, LOOP, "100000", "0.05", str(dumps), "hsdp"]
@@ -97,10 +101,23 @@ def test_hsdp_job_loses_a_replica_and_recovers_it_from_the_other_in_process(clus
     wait_until(lambda: any(s >= 5 and ws == 4 for _, s, ws in cluster.steps()), 120, "training at world size 4")
     survivor = agents[0] if agents[0].group_rank() == 0 else agents[1]
     lost = agents[1] if survivor is agents[0] else agents[0]
+    ranks = {2 * survivor.group_rank() + i for i in range(2)}
+    files = sharded_files(cluster, survivor.node_id)
+    assert files and {int(name.split("-k")[1].split("-")[0]) for name in files} == ranks, files
+
     pids, before = survivor.worker_pids(), {p.name for p in dumps.iterdir()}
     killed = time.monotonic()
     lost.kill_node()
-    wait_until(lambda: cluster.first_step_after(killed, world_size=2), WAIT, "training at world size 2")
+    back = wait_until(lambda: cluster.first_step_after(killed, world_size=2), WAIT, "training at world size 2")
     assert survivor.worker_pids() == pids, survivor.text()[-3000:]
     assert "resumed from the in-memory shards" in survivor.text(), survivor.text()[-3000:]
-    check_resumed(dumps, resumed_at(dumps, 2, before), 4)
+    held = check_resumed(dumps, resumed_at(dumps, 2, before), 4)
+    last_before = max(s for t, s, ws in cluster.steps() if t < killed)
+    assert held >= last_before, (held, last_before)  # nothing in flight to lose: the survivors' files are the step
+    print(f"kill -9 -> a step at world size 2 in {back[0] - killed:.2f} s, {last_before - held} completed steps lost")
+
+
+def sharded_files(cluster: Any, node_id: str) -> list[str]:
+    """The names of the rank files of a world of 4 one node keeps in memory."""
+    where = snapshots_of(cluster.job_id, cluster.workdir / "elastic-agent-logs") / node_id / SUBDIR
+    return sorted(p.name for p in where.glob("shard-*-of4"))

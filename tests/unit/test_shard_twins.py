@@ -1,0 +1,44 @@
+"""Twins: ranks whose rank files hold the same pieces (HSDP replicas) stand for each other in
+the choice of a sharded snapshot (agent.worker.shard_store, pure logic)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agent.worker import shard_store as store
+
+JOB = "j"
+
+
+def test_ranks_of_one_layout_share_a_class_numbered_in_rank_order() -> None:
+    # a 2 x 2 HSDP mesh: ranks 0 and 2 hold shard 0, ranks 1 and 3 shard 1
+    assert store.classes(["a", "b", "a", "b"]) == [0, 1, 0, 1]
+    assert store.classes(["x", "y", "z"]) == [0, 1, 2]  # FSDP: every rank its own
+
+
+@pytest.mark.parametrize("held,whole", [
+    ({(0, 2), (1, 2)}, True),  # one file of each class: the replicas of the lost node are not needed
+    ({(0, 2)}, False),  # a class nobody holds: that shard is in nobody's memory
+    ({(0, 4), (1, 4), (3, 4)}, False),  # FSDP with rank 2's file gone
+    ({(0, 2), (1, 3)}, False),  # files that disagree on the classes: never mixed
+])
+def test_a_snapshot_is_whole_when_every_class_has_a_file(held: set[tuple[int, int]], whole: bool) -> None:
+    assert store.every_class(held) is whole
+
+
+def test_a_file_keeps_its_twins_and_one_without_them_is_its_own_class() -> None:
+    key = (3, 7, 2, 4)
+    entries = {"w": (torch.arange(4.0), (8,), (4,))}
+    head, _ = store.parse_head(store.packed(JOB, key, entries), JOB, key)
+    assert store.twins_of(head) == (2, 4)
+    head, _ = store.parse_head(store.pack(JOB, key, entries, (0, 2))[0], JOB, key)
+    assert store.twins_of(head) == (0, 2)
+
+
+@pytest.mark.parametrize("twins", [(2, 2), (0, 5), (-1, 2)])
+def test_a_file_claiming_impossible_twins_is_refused(twins: tuple[int, int]) -> None:
+    key = (3, 7, 2, 4)
+    head = store.pack(JOB, key, {"w": (torch.arange(4.0), (8,), (4,))}, twins)[0]
+    with pytest.raises(store.ShardError, match="not this job's file"):
+        store.parse_head(head, JOB, key)

@@ -344,6 +344,8 @@ class InProcess(_Reforming):
             if first:
                 log.warning("round %d's process group is gone: releasing step %d from it", self.round,
                             self._current)
+                if self.snapshots is not None:  # an optimizer step may wait on a push to a node gone
+                    self.snapshots.cancel_push()
             if stuck:
                 self._cut()
             if forming is not None:  # a member was lost while the group formed: release the waits

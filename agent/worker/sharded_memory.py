@@ -84,6 +84,7 @@ class ShardedMemory:
         self.taken = -1
         self.twins: tuple[int, int] | None = None  # this rank's (class, classes) in the current round
         self._thread: threading.Thread | None = None
+        self._cancel = threading.Event()  # the push in flight's: set when its peer may be gone
         self._buffers: dict[str, torch.Tensor] = {}  # host copies, reused: the one in flight is done first
 
     # --- taking snapshots ------------------------------------------------------------------
@@ -95,7 +96,9 @@ class ShardedMemory:
         # only an optimizer step changes them, and the next one waits for the thread first.
         now, later = store.split(state, self._buffers)
         key = (round_number, step, dist.get_rank(), dist.get_world_size())
-        self._thread = threading.Thread(target=self._keep, args=(key, now, later, self.peer), daemon=True,
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._keep, args=(key, now, later, self.peer, self._cancel),
+                                        daemon=True,
                                         name="shard-snapshot-writer")
         self._thread.start()
         self.taken = step
@@ -114,7 +117,13 @@ class ShardedMemory:
             thread.join(timeout)
         return thread is None or not thread.is_alive()
 
-    def _keep(self, key: FileKey, now: dict[str, Any], later: Mapping[str, Any], peer: str | None) -> None:
+    def cancel_push(self) -> None:
+        """The group is gone (its peer may be too, without a reset): the push in flight ends
+        now, not at its deadline; this node's own copy is still written."""
+        self._cancel.set()
+
+    def _keep(self, key: FileKey, now: dict[str, Any], later: Mapping[str, Any], peer: str | None,
+              cancel: threading.Event) -> None:
         try:
             head, parts = store.pack(self.job, key, {**now, **store.copy_shards(later, self._buffers)}, self.twins)
             # The peer's copy first: it is what a loss of this node needs, and until it lands a
@@ -124,7 +133,8 @@ class ShardedMemory:
                 if peer is not None and self.key is not None:
                     wire_head = {"node": self.node, "local_rank": self.local_rank, "round": key[0],
                                  "step": key[1], "kind": "shard", "rank": key[2], "world": key[3]}
-                    wire.push(peer, wire_head, [memoryview(head), *parts], job=self.job, key=self.key)
+                    wire.push(peer, wire_head, [memoryview(head), *parts], job=self.job, key=self.key,
+                              cancel=cancel)
             finally:
                 self.files.write(key, head, *parts)
         except ShardError as exc:
@@ -167,6 +177,7 @@ class ShardedMemory:
     def agree(self, held: Any, elastic: Any, round_number: int, endpoints: list[tuple[str, int]]) -> int:
         """Collective: every rank of the new group ends up with the same state (see the module
         docstring); returns its step (-1: none, start from the beginning)."""
+        self.cancel_push()  # the survivors' files are their own; a push may wait on a node gone
         self.before_update()
         took = {"start": time.perf_counter()}
         if self.built_round != round_number and self.build_model is not None:

@@ -276,6 +276,9 @@ class Snapshots:
             torch.cuda.current_stream().wait_event(self._copied)
             self._copied = None
 
+    def cancel_push(self) -> None:
+        """Nothing: training never waits on this class's pushes (their deadline bounds them)."""
+
     def _keep(self, host: Any, copied: Any, header: dict[str, Any], peer: str | None) -> None:
         try:
             if copied is not None:

@@ -51,6 +51,8 @@ KEY_FILE = ".key"  # in the node's snapshot directory, written by the agent (mod
 KEY_BYTES = 32
 MAX_HEADER = 4096
 MAX_CONNECTIONS = 2
+SLICE = 0.1  # seconds a push's send or read blocks before it checks its deadline and cancel
+CONNECT_SLICE = 0.5  # seconds one connect of a push may take before it is tried again
 HEADER_TIMEOUT = 5.0
 PUSH_TIMEOUT = 10.0  # seconds to send one snapshot to the peer, plus MIN_RATE below
 MIN_RATE = 50 * 2**20  # bytes per second a transfer must at least reach
@@ -286,24 +288,71 @@ class PeerServer:
         self._sock.close()
 
 
-def push(address: str, header: dict[str, Any], payload: bytes | list[memoryview], *, job: str, key: bytes) -> None:
+def push(address: str, header: dict[str, Any], payload: bytes | list[memoryview], *, job: str, key: bytes,
+         cancel: threading.Event | None = None) -> None:
     """Send one snapshot (its bytes, or its parts in order: never joined into one copy) to a
-    peer's :class:`PeerServer`; raises OSError when it did not land."""
+    peer's :class:`PeerServer`; raises OSError when it did not land. Every wait (to connect, to
+    send, for the answer) is sliced (``SLICE``), so ``cancel`` ends the push within a slice: a
+    peer that vanished without a reset (a machine gone) holds nobody to the deadline."""
     host, _, port = address.rpartition(":")
     parts = [memoryview(payload)] if isinstance(payload, bytes) else payload
     size = sum(p.nbytes for p in parts)
     line = json.dumps({**header, "v": WIRE_VERSION, "job": job, "size": size}).encode() + b"\n"
     mac = hmac.new(key, line, hashlib.sha256)
-    with socket.create_connection((host, int(port)), timeout=_transfer_time(size)) as conn:
-        conn.sendall(line + _tag(key, line))
+    wait = _Wait(address, time.monotonic() + _transfer_time(size), cancel)
+    with wait.connect(host, int(port)) as conn:
+        wait.send(conn, memoryview(line + _tag(key, line)))
         for part in parts:
             view = part.cast("B")
-            for start in range(0, len(view), _CHUNK):
-                conn.sendall(view[start:start + _CHUNK])
+            wait.send(conn, view)
             mac.update(view)
-        conn.sendall(mac.digest())
-        if conn.makefile("rb").readline(8) != b"ok\n":
+        wait.send(conn, memoryview(mac.digest()))
+        answer = b""
+        while b"\n" not in answer and len(answer) < 8:
+            more = wait.call(conn.recv, 8 - len(answer))
+            if not more:
+                break
+            answer += more
+        if answer != b"ok\n":
             raise OSError(f"peer {address} did not confirm the snapshot")
+
+
+class _Wait:
+    """A push's waits, each at most ``SLICE`` long, between which its deadline and its cancel are checked."""
+
+    def __init__(self, address: str, deadline: float, cancel: threading.Event | None) -> None:
+        self.address, self.deadline, self.cancel = address, deadline, cancel
+
+    def _check(self) -> float:
+        if self.cancel is not None and self.cancel.is_set():
+            raise OSError(f"push to {self.address} cancelled")
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise OSError(f"push to {self.address} timed out")
+        return left
+
+    def connect(self, host: str, port: int) -> socket.socket:
+        while True:
+            left = self._check()
+            try:
+                conn = socket.create_connection((host, port), timeout=min(left, CONNECT_SLICE))
+            except (socket.timeout, TimeoutError):
+                continue  # a SYN unanswered (a host gone): try again until cancelled or late
+            conn.settimeout(SLICE)
+            return conn
+
+    def call(self, op: Callable[..., Any], *args: Any) -> Any:
+        while True:
+            self._check()
+            try:
+                return op(*args)
+            except (socket.timeout, TimeoutError):
+                continue
+
+    def send(self, conn: socket.socket, view: memoryview) -> None:
+        at = 0
+        while at < len(view):
+            at += self.call(conn.send, view[at:at + _CHUNK])
 
 
 def fetch(address: str, ask: dict[str, Any], *, job: str, key: bytes) -> bytes:

@@ -11,6 +11,7 @@ import json
 import pickle
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,38 @@ def test_random_fetches_and_shard_pushes_never_crash_nor_leak(shard_port, head, 
         assert signed and all(head.get(k) == ok[k] for k in ("v", "job", "kind", "round", "step", "rank", "world"))
         assert reply[:-32] == data[head["offset"]:head["offset"] + head["length"]]
     assert sorted(memory.files.held()) == before
+
+
+def test_a_push_to_a_peer_that_stopped_reading_ends_when_cancelled_not_at_its_deadline():
+    """A node gone without a reset (a machine preempted): its port accepted the push, then
+    nothing. The sender is cancelled (its group re-forms) and must be free within a slice,
+    not at the deadline of a 64 MiB transfer (wire.PUSH_TIMEOUT and more)."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    accepted: list[socket.socket] = []
+    cancel, outcome = threading.Event(), {}
+
+    def pusher() -> None:
+        began = time.monotonic()
+        try:
+            wire.push(f"127.0.0.1:{silent.getsockname()[1]}", {"kind": "shard"}, bytes(64 << 20), job="j", key=KEY,
+                      cancel=cancel)
+        except OSError as exc:
+            outcome["error"] = str(exc)
+        outcome["took"] = time.monotonic() - began
+
+    thread = threading.Thread(target=pusher, daemon=True)
+    try:
+        thread.start()
+        silent.settimeout(DEADLINE_S)
+        accepted.append(silent.accept()[0])  # connected; it will never read a byte
+        cancelled = time.monotonic()
+        cancel.set()
+        thread.join(DEADLINE_S)
+        assert not thread.is_alive()
+        assert "cancelled" in outcome.get("error", ""), outcome
+        assert time.monotonic() - cancelled < 2.0 < wire.PUSH_TIMEOUT, outcome
+    finally:
+        for conn in accepted:
+            conn.close()
+        silent.close()

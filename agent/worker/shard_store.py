@@ -312,7 +312,11 @@ class ShardDir:
         with self._lock:
             known = self._heads.get(version)
         if known is None:
-            known = (*parse_head(f.read(min(st.st_size, MAX_INDEX)), self.job, key), set())
+            data, more, limit = bytearray(f.read(min(st.st_size, BLOCK))), b".", min(st.st_size, MAX_INDEX)
+            while more and data.find(b"\n", len(MAGIC)) < 0 and len(data) < limit:  # a header past the first MiB
+                more = f.read(min(BLOCK, limit - len(data)))
+                data += more
+            known = (*parse_head(bytes(data), self.job, key), set())
             with self._lock:
                 self._heads = {v: h for v, h in self._heads.items() if v[0] != version[0]}
                 self._heads[version] = known

@@ -1,7 +1,10 @@
-"""Twins: ranks whose rank files hold the same pieces (HSDP replicas) stand for each other in
-the choice of a sharded snapshot (agent.worker.shard_store, pure logic)."""
+"""Rank files of sharded snapshots (agent.worker.shard_store): twins, ranks whose files hold the
+same pieces (HSDP replicas), stand for each other in the choice of a snapshot; a file's header
+is read however long its index."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,3 +45,15 @@ def test_a_file_claiming_impossible_twins_is_refused(twins: tuple[int, int]) -> 
     head = store.pack(JOB, key, {"w": (torch.arange(4.0), (8,), (4,))}, twins)[0]
     with pytest.raises(store.ShardError, match="not this job's file"):
         store.parse_head(head, JOB, key)
+
+
+def test_a_header_longer_than_the_first_mib_is_read_and_its_pieces_served(tmp_path: Path) -> None:
+    key = (1, 4, 0, 2)
+    entries = {f"optimizer.param_groups.{i}.a_long_name_for_a_value": i for i in range(40_000)}
+    entries["w"] = (torch.arange(6.0), (12,), (0,))
+    head, parts = store.pack(JOB, key, entries)
+    assert len(head) > store.BLOCK
+    files = store.ShardDir(tmp_path, JOB)
+    files.write(key, head, *parts)
+    assert files.listing(round_number=2) == [[*key, len(head) + 24, 0, 2]]
+    assert bytes(files.read(key, len(head) + 8, 8)) == torch.tensor([2.0, 3.0]).numpy().tobytes()

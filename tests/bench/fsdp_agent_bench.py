@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key:27s} {statistics.median(values):8.2f} {min(values):7.2f} {max(values):7.2f}")
     lost = results["completed steps lost"]
     print(f"kills that lost a completed step: {sum(1 for n in lost if n)} of {len(lost)}"
-          + ("" if args.hsdp else " (one lost: the dead node's last snapshot was still being pushed)"))
+          + (" (a kill in the push window: the dead node's snapshot of that step not yet on its peer)"
+             if any(lost) and not args.hsdp else ""))
     return 0
 
 

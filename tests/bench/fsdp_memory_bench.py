@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{stall:.3f} s, {stall / off * 100:.1f} % of the step; the rest of the overhead is the write and "
           f"push taking CPU from training ({os.cpu_count()} cores here for {WORLD} ranks)")
     print(f"lose a node -> state back (new group of 2, re-shard from memory): "
-          f"{med['lose a node: state back']:.2f} s (target <= 2 s); completed steps lost: 0 (loss between steps)")
+          f"{med['lose a node: state back']:.2f} s (target <= 2 s); steps lost are not measured here (the loss "
+          f"lands between steps): fsdp_agent_bench kills at random points")
     print(f"host memory of rank files per node: {result['memory'] / 2**20:.0f} MiB "
           f"({result['memory'] / (params * 12):.2f} x the whole model + Adam state)")
     print(f"torchrun + DCP after a loss: restart {restart:.2f} s (fresh interpreter) + load "

@@ -21,7 +21,7 @@ lint: $(STAMP)
 
 # The whole default suite (unit, contract, integration, end-to-end); under ~15 minutes on 2 cores.
 test: $(STAMP)
-	$(PY) -m pytest -m 'not slow' tests
+	$(PY) -m pytest -m 'not slow' --durations=25 tests
 
 # Pure-logic tests only: seconds, no etcd, no processes.
 test-fast: $(STAMP)

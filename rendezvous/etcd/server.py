@@ -57,6 +57,9 @@ class ServerTls:
         ]
 
 
+PORT_TRIES = 3
+
+
 class EtcdServer:
     """One etcd member on 127.0.0.1 with free ports and a temporary data dir."""
 
@@ -66,12 +69,14 @@ class EtcdServer:
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="elastic-agent-etcd-")
         os.makedirs(self.data_dir, exist_ok=True)
+        self._own_client_port = client_port is None
         self.client_port = client_port or free_port()
         self.peer_port = free_port()
         self.log_path = log_path or os.path.join(self.data_dir, "etcd.log")
         self.extra_args = extra_args
         self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_from = 0
 
     @property
     def endpoint(self) -> str:
@@ -88,7 +93,35 @@ class EtcdServer:
 
     def start(self, timeout: float = 20.0, check_health: bool = True) -> EtcdServer:
         """Start and wait until it answers ``/health`` (or, with ``check_health=False``, until its
-        client port accepts connections: for a test's etcd whose certificate is broken on purpose)."""
+        client port accepts connections: for a test's etcd whose certificate is broken on purpose).
+        A free port is free only when chosen: another socket (an outgoing connection's ephemeral
+        port) may take it before etcd binds it. Then the ports this server chose are chosen anew,
+        up to ``PORT_TRIES`` times."""
+        for attempt in range(1, PORT_TRIES + 1):
+            self._launch()
+            try:
+                self._wait_ready(timeout, check_health)
+                return self
+            except RendezvousError:
+                if attempt == PORT_TRIES or not self._lost_a_port():
+                    raise
+            self.peer_port = free_port()
+            if self._own_client_port:
+                self.client_port = free_port()
+        raise AssertionError("unreachable")
+
+    def _lost_a_port(self) -> bool:
+        """Whether etcd exited because a port it was given was taken meanwhile."""
+        if self.proc is None or self.proc.poll() is None:
+            return False
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_from)  # this launch's lines only
+                return b"address already in use" in f.read(1 << 20)
+        except OSError:
+            return False
+
+    def _launch(self) -> None:
         client = self.url
         peer = f"{self._scheme}://127.0.0.1:{self.peer_port}"
         args = [
@@ -100,10 +133,9 @@ class EtcdServer:
             "--log-level", "warn", *(self.tls.args() if self.tls else []), *self.extra_args,
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self._log_from = log.tell()
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
-        self._wait_ready(timeout, check_health)
-        return self
 
     def _wait_ready(self, timeout: float, check_health: bool) -> None:
         deadline = time.monotonic() + timeout

@@ -68,6 +68,9 @@ def _status_from(wrap: tuple[str, ...], url: str) -> dict | None:
         return None
 
 
+PORT_TRIES = 3
+
+
 class EtcdCluster:
     def __init__(self, size: int = 3, extra_args: tuple[str, ...] = (),
                  hosts: list[tuple[str, tuple[str, ...]]] | None = None) -> None:
@@ -87,13 +90,33 @@ class EtcdCluster:
 
     def __enter__(self) -> EtcdCluster:
         try:
-            for member in self.members:
-                self._launch(member, "new")
-            wait_until(self.leader, 30, "an etcd leader")
+            for attempt in range(1, PORT_TRIES + 1):
+                for member in self.members:
+                    self._launch(member, "new")
+                wait_until(lambda: self._lost_a_port() or self.leader(), 30, "an etcd leader")
+                if not self._lost_a_port():
+                    return self
+                if attempt == PORT_TRIES:
+                    raise AssertionError(f"etcd members could not bind their ports in {PORT_TRIES} tries")
+                self._anew()
         except BaseException:
             self.close()
             raise
         return self
+
+    def _lost_a_port(self) -> bool:
+        """A member exited because a free port it was given was taken before it bound it (by an
+        outgoing connection's ephemeral port, say): the whole cluster then starts on new ports."""
+        return any(not m.wrap and not m.running and m.proc is not None
+                   and b"address already in use" in (m.data_dir / "etcd.log").read_bytes() for m in self.members)
+
+    def _anew(self) -> None:
+        self.close()
+        self.root.mkdir(parents=True)
+        for member in self.members:
+            member.proc = None
+            member.client_port, member.peer_port = free_port(), free_port()
+        self.initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
 
     def __exit__(self, *exc: object) -> None:
         self.close()

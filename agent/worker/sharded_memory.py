@@ -98,8 +98,7 @@ class ShardedMemory:
         key = (round_number, step, dist.get_rank(), dist.get_world_size())
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._keep, args=(key, now, later, self.peer, self._cancel),
-                                        daemon=True,
-                                        name="shard-snapshot-writer")
+                                        daemon=True, name="shard-snapshot-writer")
         self._thread.start()
         self.taken = step
         return True
@@ -185,9 +184,9 @@ class ShardedMemory:
         self.built_round = round_number
         took["rebuild"] = time.perf_counter()
         held.endpoints = set(endpoints)
-        world, rank = dist.get_world_size(), dist.get_rank()
         mine = {"completed": held.completed, "address": self.address, "endpoints": sorted(held.endpoints),
-                "files": self.files.listing(round_number), "layout": store.layout(held.model.state_dict(), rank)}
+                "files": self.files.listing(round_number),
+                "layout": store.layout(held.model.state_dict(), dist.get_rank())}
         everyone = [_message(raw) for raw in _all_gather_bytes(json.dumps(mine).encode())]
         held.endpoints = {e for rank in everyone for e in rank["endpoints"]}
         self._pick_peer([e["address"] for e in everyone],

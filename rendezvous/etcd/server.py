@@ -60,6 +60,17 @@ class ServerTls:
 PORT_TRIES = 3
 
 
+def lost_a_port(log_path: str | os.PathLike[str], since: int = 0) -> bool:
+    """Whether the etcd log at ``log_path`` (from byte ``since``: one launch's lines) says it
+    could not bind a port it was given: taken between its choice and etcd's bind."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(since)
+            return b"address already in use" in f.read(1 << 20)
+    except OSError:
+        return False
+
+
 class EtcdServer:
     """One etcd member on 127.0.0.1 with free ports and a temporary data dir."""
 
@@ -112,14 +123,7 @@ class EtcdServer:
 
     def _lost_a_port(self) -> bool:
         """Whether etcd exited because a port it was given was taken meanwhile."""
-        if self.proc is None or self.proc.poll() is None:
-            return False
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self._log_from)  # this launch's lines only
-                return b"address already in use" in f.read(1 << 20)
-        except OSError:
-            return False
+        return self.proc is not None and self.proc.poll() is not None and lost_a_port(self.log_path, self._log_from)
 
     def _launch(self) -> None:
         client = self.url

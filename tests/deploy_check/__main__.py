@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from agent.daemon.workers.local import snapshots_of
+from rendezvous.etcd.server import lost_a_port
 from tests.deploy_check import prom, slurm
 from tests.deploy_check.procs import CheckFailed, Procs, free_port, log, wait_for
 
@@ -74,10 +75,8 @@ def start_etcd(work: Path, procs: Procs) -> str:
         if proc.poll() is None:
             log(f"etcd on {endpoint}")
             return endpoint
-        with open(logfile, "rb") as f:
-            f.seek(logged)
-            if b"address already in use" not in f.read() or attempt == 3:
-                raise CheckFailed(f"etcd exited with code {proc.returncode}; see {logfile}")
+        if attempt == 3 or not lost_a_port(logfile, logged):
+            raise CheckFailed(f"etcd exited with code {proc.returncode}; see {logfile}")
         log(f"etcd: a port was taken before it bound it; new ports (try {attempt + 1})")
     raise AssertionError("unreachable")
 

@@ -93,9 +93,14 @@ class EtcdCluster:
             for attempt in range(1, PORT_TRIES + 1):
                 for member in self.members:
                     self._launch(member, "new")
-                wait_until(lambda: self._lost_a_port() or self.leader(), 30, "an etcd leader")
-                if not self._lost_a_port():
+                try:
+                    wait_until(lambda: self._exited() or self.leader(), 30, "an etcd leader")
+                except AssertionError as e:
+                    raise AssertionError(f"{e}\n{self._logs()}") from None
+                if not self._exited():
                     return self
+                if not any(lost_a_port(m.data_dir / "etcd.log") for m in self._exited()):
+                    raise AssertionError(f"an etcd member exited while the cluster started\n{self._logs()}")
                 if attempt == PORT_TRIES:
                     raise AssertionError(f"etcd members could not bind their ports in {PORT_TRIES} tries")
                 self._anew()
@@ -104,17 +109,31 @@ class EtcdCluster:
             raise
         return self
 
-    def _lost_a_port(self) -> bool:
-        """A member exited because a free port it was given was taken before it bound it (by an
-        outgoing connection's ephemeral port, say): the whole cluster then starts on new ports."""
-        return any(not m.wrap and not m.running and m.proc is not None and lost_a_port(m.data_dir / "etcd.log")
-                   for m in self.members)
+    def _exited(self) -> list[Member]:
+        """Members (ours, not in a namespace) that exited while the cluster started: one whose
+        free port was taken before it bound it (by an outgoing connection's ephemeral port, say)
+        makes the whole cluster start again on new ports."""
+        return [m for m in self.members if not m.wrap and m.proc is not None and not m.running]
+
+    def _logs(self) -> str:
+        """Each member's state and the end of its log: what a failed start leaves to read."""
+        lines = []
+        for m in self.members:
+            try:
+                tail = (m.data_dir / "etcd.log").read_bytes()[-600:].decode(errors="replace")
+            except OSError:
+                tail = "(no log)"
+            lines.append(f"{m.name} {m.peer_url} running={m.running}: {tail.strip()}")
+        return "\n".join(lines)
 
     def _anew(self) -> None:
+        """Everything new: ports, root dir and cluster token, so nothing of the failed start
+        (a data dir, a peer that remembers old addresses) takes part in the next."""
         self.close()
-        self.root.mkdir(parents=True)
+        self.root = Path(tempfile.mkdtemp(prefix="elastic-agent-etcd3-"))
         for member in self.members:
             member.proc = None
+            member.data_dir = self.root / member.name
             member.client_port, member.peer_port = free_port(), free_port()
         self.initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
 

@@ -182,13 +182,15 @@ class Elastic:
 
     def run(self, train_step: Callable[[int, Any], Any], *, model: Any, optimizer: Any, steps: int,
             state: Callable[[], dict[str, Any]] | None = None,
-            load_state: Callable[[dict[str, Any]], None] | None = None, snapshot_every: int = 1,
+            load_state: Callable[[dict[str, Any]], None] | None = None, snapshot_every: int | None = None,
             timeout: timedelta | None = None, build_model: Callable[[], Any] | None = None) -> None:
         """Run the training loop with recovery in process (see agent.worker.inprocess):
         ``train_step(step, ddp_model)`` is called for each step until ``steps``; extra state
         beyond the model and optimizer goes through ``state``/``load_state``. Under the agent,
         a snapshot of the state is kept in host memory and on a peer node every
-        ``snapshot_every`` steps (0: never; agent.worker.snapshot). ``timeout``: as
+        ``snapshot_every`` steps (0: never; default: every step, or every 10th for an HSDP
+        model whose replica on another node stands for it; agent.worker.snapshot,
+        agent.worker.sharded_memory). ``timeout``: as
         init_process_group's (default: the script's group's, else torch's), at every re-form.
         A sharded model needs ``build_model`` (agent.worker.sharded_memory)."""
         from agent.worker.inprocess import InProcess  # noqa: PLC0415

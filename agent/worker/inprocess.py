@@ -200,7 +200,7 @@ class _Reforming:
 class InProcess(_Reforming):
     def __init__(self, elastic: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  state: Callable[[], dict[str, Any]] | None, load_state: Callable[[dict[str, Any]], None] | None,
-                 environ: dict[str, str] | None = None, snapshot_every: int = 1,
+                 environ: dict[str, str] | None = None, snapshot_every: int | None = None,
                  timeout: timedelta | None = None, build_model: Callable[[], torch.nn.Module] | None = None) -> None:
         self.el = elastic
         self.timeout = timeout  # the collectives' timeout, the user's (None: torch's default)

@@ -69,6 +69,23 @@ def in_process_builder(model: Any, build_model: Callable[[], Any] | None) -> Cal
     return build_model
 
 
+def rebuild(held: Any, build_model: Callable[[], torch.nn.Module]) -> None:
+    """The model anew on the current mesh; the optimizer keeps its object (the script's
+    references stay good), its parameters re-pointed in order and its state dropped."""
+    model = build_model()
+    params = list(model.parameters())
+    groups = held.optimizer.param_groups
+    if sum(len(g["params"]) for g in groups) != len(params):
+        raise CheckpointError("build_model() returned a model with another number of parameters than the "
+                              "optimizer's; it must build the same model")
+    at = 0
+    for group in groups:
+        group["params"] = params[at:at + len(group["params"])]
+        at += len(group["params"])
+    held.optimizer.state.clear()
+    held.model = model
+
+
 def _sharded_types() -> tuple[type, ...]:
     from torch.distributed.tensor import DTensor  # noqa: PLC0415
 

@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from agent.worker import shard_store as store
+from agent.worker import sharded
 from agent.worker import snapshot_wire as wire
 from agent.worker.held import _all_gather_bytes, _any_rank, _broadcast_bytes, _newest_on_disk
 from agent.worker.manifest import CheckpointError
@@ -51,6 +52,7 @@ from agent.worker.shard_store import FileKey, ShardError
 log = logging.getLogger(__name__)
 
 HEAD_READ = 1 << 20  # bytes first asked for a rank file's header
+TWIN_EVERY = 10  # the default cadence where an HSDP replica on another node holds the same pieces live
 
 
 def state_of(held: Any) -> dict[str, Any]:
@@ -71,17 +73,21 @@ def load_state(held: Any, state: Mapping[str, Any]) -> None:
 class ShardedMemory:
     """This rank's sharded snapshots, its snapshot port, and the recovery of a new group."""
 
-    def __init__(self, directory: Path, job: str, every: int, build_model: Callable[[], torch.nn.Module] | None,
+    def __init__(self, directory: Path, job: str, every: int | None,
+                 build_model: Callable[[], torch.nn.Module] | None,
                  *, node: str, local_rank: int, local_world: int, round_number: int) -> None:
         self.files = store.ShardDir(directory, job)
-        self.job, self.every, self.build_model = job, every, build_model
+        self.job, self.build_model = job, build_model
+        self.asked = every  # None: the default, chosen at each agreement (_pick_peer)
+        self.every = 1 if every is None else every
         self.node, self.local_rank, self.local_world = node, local_rank, local_world
         self.key = wire.read_key(directory)
         self.built_round = round_number  # the round whose mesh the model is sharded on
         self.server: wire.PeerServer | None = None
         self.address: str | None = None
         self.peer: str | None = None
-        self.taken = -1
+        self.taken = -1  # the step of this rank's newest file (or of the state a recovery gave it)
+        self.mesh: tuple[int, int, int] | None = None  # (round, rank, world) the model is sharded on now
         self.twins: tuple[int, int] | None = None  # this rank's (class, classes) in the current round
         self._thread: threading.Thread | None = None
         self._cancel = threading.Event()  # the push in flight's: set when its peer may be gone
@@ -144,16 +150,9 @@ class ShardedMemory:
     # --- the port --------------------------------------------------------------------------
     def serve(self, host: str) -> None:
         if self.server is None and self.key is not None:
-            self.server = wire.PeerServer(self._store, host, job=self.job, key=self.key, max_bytes=self._room,
-                                          serve=self._serve)
+            self.server = wire.PeerServer(self._store, host, job=self.job, key=self.key, serve=self._serve,
+                                          max_bytes=lambda: _room(self.files.path.parent))
             self.address = self.server.address
-
-    def _room(self) -> int:
-        try:
-            st = os.statvfs(self.files.path.parent)
-        except OSError:
-            return 0
-        return st.f_bavail * st.f_frsize
 
     def _store(self, head: dict[str, Any], payload: bytes) -> None:
         if head.get("kind") != "shard":
@@ -178,9 +177,10 @@ class ShardedMemory:
         docstring); returns its step (-1: none, start from the beginning)."""
         self.cancel_push()  # the survivors' files are their own; a push may wait on a node gone
         self.before_update()
+        self._keep_live(held)
         took = {"start": time.perf_counter()}
         if self.built_round != round_number and self.build_model is not None:
-            _rebuild(held, self.build_model)
+            sharded.rebuild(held, self.build_model)
         self.built_round = round_number
         took["rebuild"] = time.perf_counter()
         held.endpoints = set(endpoints)
@@ -201,7 +201,10 @@ class ShardedMemory:
         took["agree"] = time.perf_counter()
         state, failure = None, None
         if choice is not None:
-            state, failure = self._load(held, choice, holders, twins)
+            try:
+                state = _fill(self, state_of(held), choice, holders, twins)
+            except (ShardError, OSError, KeyError) as exc:
+                failure = str(exc)
             took["fill"] = time.perf_counter()
             if _any_rank(failure is not None):
                 failure = failure or "another rank's could not be loaded"
@@ -225,7 +228,21 @@ class ShardedMemory:
                 load_state(held, loaded)
             held.completed = start - 1
         held.round = round_number
+        self.mesh, self.taken = (round_number, dist.get_rank(), dist.get_world_size()), held.completed
         return held.completed
+
+    def _keep_live(self, held: Any) -> None:
+        """This survivor's state as it is, when it is newer than its last file (a cadence of
+        more than one step), kept before the model is rebuilt: an HSDP replica then stands for
+        its lost twin at the very step the job reached, and no rank rolls back to the last
+        cadence step for want of its own pieces. Only an optimizer step changes the shards,
+        and ``held.completed`` counts the ones that ran, so the file is that step's."""
+        if self.every <= 0 or self.mesh is None or held.completed <= self.taken:
+            return
+        rnd, rank, world = self.mesh
+        now, later = store.split(state_of(held), self._buffers)
+        self._keep((rnd, held.completed, rank, world), now, later, None, threading.Event())
+        self.taken = held.completed
 
     def _pick_peer(self, addresses: list[str | None], classes: list[int]) -> None:
         """The rank on the next node gets a copy of this rank's files, unless it is a twin (an
@@ -234,33 +251,20 @@ class ShardedMemory:
         self.twins = (classes[rank], max(classes) + 1)
         other = (rank + self.local_world) % world
         self.peer = addresses[other] if world > self.local_world and classes[other] != classes[rank] else None
-        if world > self.local_world and self.peer is None:
+        twin_elsewhere = world > self.local_world and self.peer is None
+        if twin_elsewhere:
             log.info("snapshots stay on this node: rank %d on the next node holds the same shards", other)
-
-    def _load(self, held: Any, choice: tuple[int, int, int], holders: Mapping[FileKey, Any],
-              twins: Mapping[FileKey, tuple[int, int]]) -> tuple[dict[str, Any] | None, str | None]:
-        template = state_of(held)
-        try:
-            return _fill(self, template, choice, holders, twins), None
-        except (ShardError, OSError, KeyError) as exc:
-            return None, str(exc)
+        if self.asked is None:  # a live twin elsewhere covers a node lost at any step (_keep_live)
+            self.every = TWIN_EVERY if twin_elsewhere else 1
 
 
-def _rebuild(held: Any, build_model: Callable[[], torch.nn.Module]) -> None:
-    """The model anew on the current mesh; the optimizer keeps its object (the script's
-    references stay good), its parameters re-pointed in order and its state dropped."""
-    model = build_model()
-    params = list(model.parameters())
-    groups = held.optimizer.param_groups
-    if sum(len(g["params"]) for g in groups) != len(params):
-        raise CheckpointError("build_model() returned a model with another number of parameters than the "
-                              "optimizer's; it must build the same model")
-    at = 0
-    for group in groups:
-        group["params"] = params[at:at + len(group["params"])]
-        at += len(group["params"])
-    held.optimizer.state.clear()
-    held.model = model
+def _room(path: Path) -> int:
+    """Bytes free where the rank files go: the most a pushed one may be."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
 def _decide(elastic: Any, twins: Mapping[FileKey, tuple[int, int]]) -> tuple[int, int, int] | None:
@@ -376,7 +380,7 @@ def _message(raw: bytes) -> dict[str, Any]:
             "files": files, "endpoints": endpoints, "layout": layout if isinstance(layout, str) else None}
 
 
-def from_env(environ: Mapping[str, str], every: int, build_model: Callable[[], torch.nn.Module] | None,
+def from_env(environ: Mapping[str, str], every: int | None, build_model: Callable[[], torch.nn.Module] | None,
              round_number: int) -> ShardedMemory | None:
     """This rank's sharded snapshots under the agent (``ELASTIC_AGENT_SNAPSHOT_DIR``), else None."""
     directory = environ.get(SNAPSHOT_DIR_ENV)

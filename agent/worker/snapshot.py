@@ -335,9 +335,10 @@ class Snapshots:
         return state
 
 
-def from_env(environ: Mapping[str, str], every: int) -> Snapshots | None:
+def from_env(environ: Mapping[str, str], every: int | None) -> Snapshots | None:
     """The snapshots of this worker under the agent (``ELASTIC_AGENT_SNAPSHOT_DIR``), taken
-    by local rank 0 only; None elsewhere, or when ``every`` is 0."""
+    by local rank 0 only; None elsewhere, or when ``every`` is 0 (None: every step)."""
+    every = 1 if every is None else every
     directory = environ.get(SNAPSHOT_DIR_ENV)
     if not directory or every <= 0 or environ.get("LOCAL_RANK", "0") != "0":
         return None

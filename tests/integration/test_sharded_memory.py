@@ -12,7 +12,8 @@ step, then:
 
 And apart: a snapshot whose shards are copied slowly, while the next step's forward and
 backward passes run (they change BatchNorm's running statistics) and its optimizer step
-waits, still holds exactly the state of the step it was taken after."""
+waits, still holds exactly the state of the step it was taken after. With snapshots every
+few steps, the state the ranks reached when the group re-forms is kept, not rolled back."""
 
 from __future__ import annotations
 
@@ -121,12 +122,42 @@ def worker(rank: int, tmp: Path) -> None:
                     path.unlink()
         dist.barrier()
         form(tmp, 4, rank)
-        held.completed = 2
         try:
             memory.agree(held, Elastic(None, checkpoint_every=0), 4, [])
             out["error"] = None
         except Exception as exc:  # noqa: BLE001 - what the user would read
             out["error"] = str(exc)
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - reported to the test
+        out["traceback"] = traceback.format_exc()
+    (tmp / f"out-{rank}.json").write_text(json.dumps(out))
+
+
+def cadence_worker(rank: int, tmp: Path) -> None:
+    """Snapshots every 3rd step; the group re-forms after step 4 (none taken since step 2)."""
+    out: dict = {"rank": rank}
+    try:
+        wire.write_key(node_dir(tmp, rank), KEY)
+        form(tmp, 1, rank)
+        held = HeldState(build(), None)  # type: ignore[arg-type]
+        held.optimizer = torch.optim.Adam(held.model.parameters(), lr=0.1)
+        held.sharded = state_of
+        memory = ShardedMemory(node_dir(tmp, rank), "job", 3, build, node=f"n{rank}", local_rank=0, local_world=1,
+                               round_number=1)
+        memory.serve("127.0.0.1")
+        memory.agree(held, Elastic(None, checkpoint_every=0), 1, [])
+        for step in range(5):
+            x = torch.randn(6, 4, generator=torch.Generator().manual_seed(step * 10 + rank))
+            held.model(x).pow(2).mean().backward()
+            memory.before_update()
+            held.optimizer.step()
+            held.optimizer.zero_grad()
+            held.completed = step
+            out.setdefault("taken", []).append(memory.after_step(step, 1, held.state_dict()))
+        saved = full(held.state_dict())
+        form(tmp, 2, rank)
+        out["resumed"] = memory.agree(held, Elastic(None, checkpoint_every=0), 2, [])
+        out["exact"] = _same(saved, full(held.state_dict()))
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - reported to the test
         out["traceback"] = traceback.format_exc()
@@ -174,12 +205,13 @@ def slow_copy_worker(rank: int, tmp: Path) -> None:
             x = torch.randn(6, 4, generator=torch.Generator().manual_seed(step))
             held.model(x).pow(2).mean().backward()
             memory.before_update()  # what el.run's optimizer pre-step hook does
+            if step == 2:
+                break  # the group breaks here: step 2's optimizer step never runs
             held.optimizer.step()
             held.optimizer.zero_grad()
             held.completed = step
-            if step < 2:
-                memory.after_step(step, 1, held.state_dict())
-                saved = full(held.state_dict())
+            memory.after_step(step, 1, held.state_dict())
+            saved = full(held.state_dict())
         form(tmp, 2, rank)
         out["resumed"] = memory.agree(held, Elastic(None, checkpoint_every=0), 2, [])
         out["exact"] = _same(saved, full(held.state_dict()))
@@ -214,6 +246,15 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 def test_a_snapshot_copied_behind_the_next_step_holds_the_step_it_was_taken_after(tmp_path: Path) -> None:
     outs = run_two(tmp_path, slow_copy_worker)
     assert [o["resumed"] for o in outs] == [1, 1]
+    assert all(o["exact"] for o in outs), outs
+
+
+def test_with_snapshots_every_few_steps_a_reformed_group_resumes_at_the_step_it_reached(tmp_path: Path) -> None:
+    """The survivors keep their state as it is when the group re-forms: nothing rolls back to
+    the last snapshot's step."""
+    outs = run_two(tmp_path, cadence_worker)
+    assert [o["taken"] for o in outs] == [[False, False, True, False, False]] * 2
+    assert [o["resumed"] for o in outs] == [4, 4]
     assert all(o["exact"] for o in outs), outs
 
 

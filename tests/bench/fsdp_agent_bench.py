@@ -5,8 +5,8 @@ node joining, timed from the outside as a user sees them.
 
 Real etcd, real agents started as the README shows (``elastic-agent start`` with default
 flags, 2 nodes x 2 workers, one working directory), the sharded example
-``docs/examples/train_fsdp.py --loop run`` (``el.run``: in-memory snapshots every step,
-recovery in process), gloo on CPU. ``--width 7000`` makes a 49M-parameter model with Adam.
+``docs/examples/train_fsdp.py --loop run`` (``el.run``: in-memory snapshots at the default
+cadence, every step, or every 10th with ``--hsdp``; recovery in process), gloo on CPU. ``--width 7000`` makes a 49M-parameter model with Adam.
 Each repetition, on a fresh etcd and fresh agents:
 
 - kill -9, at a random point of a step: the process group of the node that is not group rank 0
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         one_run(args.width, args.hsdp, results, rng)
     print(f"\n{'HSDP (2 replicas x 2 shards)' if args.hsdp else 'FSDP2'} under real agents, 2 nodes x 2 workers "
           f"(gloo, CPU), {params(args.width) / 1e6:.0f}M parameters "
-          f"+ Adam, el.run (in-memory snapshots every step), medians of {args.repeat}")
+          f"+ Adam, el.run (in-memory snapshots at the default cadence: every "
+          f"{'10th step, a replica on the other node' if args.hsdp else 'step'}), medians of {args.repeat}")
     print(f"{'':27s} {'median':>8s} {'min':>7s} {'max':>7s}")
     for key, values in results.items():
         print(f"{key:27s} {statistics.median(values):8.2f} {min(values):7.2f} {max(values):7.2f}")

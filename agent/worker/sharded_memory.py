@@ -251,7 +251,7 @@ class ShardedMemory:
         self.twins = (classes[rank], max(classes) + 1)
         other = (rank + self.local_world) % world
         self.peer = addresses[other] if world > self.local_world and classes[other] != classes[rank] else None
-        twin_elsewhere = world > self.local_world and self.peer is None
+        twin_elsewhere = world > self.local_world and classes[other] == classes[rank]
         if twin_elsewhere:
             log.info("snapshots stay on this node: rank %d on the next node holds the same shards", other)
         if self.asked is None:  # a live twin elsewhere covers a node lost at any step (_keep_live)

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from agent.daemon.workers import runtime_dir
 from agent.daemon.workers.local import snapshots_of
 from rendezvous.etcd.server import lost_a_port
 from tests.deploy_check import prom, slurm
@@ -145,8 +146,12 @@ def main() -> int:
             log(f"kept {work}")
         else:
             _remove(work)
-            # the agents it killed on purpose leave their job's snapshot dirs in shared memory
+            # the agents it killed on purpose (and those Slurm ended) leave their job's snapshot
+            # dirs and their runtime dirs in shared memory: swept as the next agent would
             shutil.rmtree(snapshots_of(prom.JOB, work), ignore_errors=True)
+            for where in {runtime_dir.root(os.environ), "/dev/shm"}:
+                for gone in runtime_dir.sweep(where):
+                    log(f"removed {gone}, a runtime dir whose agent is gone")
     log(f"deploy-check: {'FAILED' if failures else 'PASSED'} in {time.monotonic() - started:.0f} s")
     for failure in failures:
         print(f"  FAILED {failure}", flush=True)

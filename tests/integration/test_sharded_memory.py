@@ -86,11 +86,7 @@ def worker(rank: int, tmp: Path) -> None:
         assert memory.agree(held, el, 1, []) == -1
         saved = {}
         for step in range(3):
-            x = torch.randn(6, 4, generator=torch.Generator().manual_seed(step * 10 + rank))
-            held.model(x).pow(2).mean().backward()
-            memory.before_update()
-            held.optimizer.step()
-            held.optimizer.zero_grad()
+            one_step(held, memory, torch.randn(6, 4, generator=torch.Generator().manual_seed(step * 10 + rank)))
             held.completed = step
             memory.after_step(step, 1, held.state_dict())
             saved[step] = full(held.state_dict())
@@ -147,21 +143,30 @@ def cadence_worker(rank: int, tmp: Path) -> None:
         memory.serve("127.0.0.1")
         memory.agree(held, Elastic(None, checkpoint_every=0), 1, [])
         for step in range(5):
-            x = torch.randn(6, 4, generator=torch.Generator().manual_seed(step * 10 + rank))
-            held.model(x).pow(2).mean().backward()
-            memory.before_update()
-            held.optimizer.step()
-            held.optimizer.zero_grad()
+            one_step(held, memory, torch.randn(6, 4, generator=torch.Generator().manual_seed(step * 10 + rank)))
             held.completed = step
             out.setdefault("taken", []).append(memory.after_step(step, 1, held.state_dict()))
-        saved = full(held.state_dict())
-        form(tmp, 2, rank)
-        out["resumed"] = memory.agree(held, Elastic(None, checkpoint_every=0), 2, [])
-        out["exact"] = _same(saved, full(held.state_dict()))
-        dist.destroy_process_group()
+        reform_and_compare(tmp, rank, held, memory, full(held.state_dict()), out)
     except Exception:  # noqa: BLE001 - reported to the test
         out["traceback"] = traceback.format_exc()
     (tmp / f"out-{rank}.json").write_text(json.dumps(out))
+
+
+def one_step(held: HeldState, memory: ShardedMemory, x: torch.Tensor) -> None:
+    """A step as el.run runs it: forward, backward, the optimizer's pre-step hook, the update."""
+    held.model(x).pow(2).mean().backward()
+    memory.before_update()
+    held.optimizer.step()
+    held.optimizer.zero_grad()
+
+
+def reform_and_compare(tmp: Path, rank: int, held: HeldState, memory: ShardedMemory, saved: dict,
+                       out: dict) -> None:
+    """The same two ranks in a new group: the step they resume at, and whether it is ``saved``."""
+    form(tmp, 2, rank)
+    out["resumed"] = memory.agree(held, Elastic(None, checkpoint_every=0), 2, [])
+    out["exact"] = _same(saved, full(held.state_dict()))
+    dist.destroy_process_group()
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -212,10 +217,7 @@ def slow_copy_worker(rank: int, tmp: Path) -> None:
             held.completed = step
             memory.after_step(step, 1, held.state_dict())
             saved = full(held.state_dict())
-        form(tmp, 2, rank)
-        out["resumed"] = memory.agree(held, Elastic(None, checkpoint_every=0), 2, [])
-        out["exact"] = _same(saved, full(held.state_dict()))
-        dist.destroy_process_group()
+        reform_and_compare(tmp, rank, held, memory, saved, out)
     except Exception:  # noqa: BLE001 - reported to the test
         out["traceback"] = traceback.format_exc()
     (tmp / f"out-{rank}.json").write_text(json.dumps(out))

@@ -19,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.e2e.harness import REPO, STEP_RE, AgentProc, Cluster, free_port, wait_until
+from rendezvous.net import free_port
+from tests.e2e.harness import REPO, STEP_RE, AgentProc, Cluster, wait_until
 
 VERSION = "0.2.0"
 VENV = Path(os.environ.get("TORCHFT_VENV", REPO / "build" / "torchft-venv"))

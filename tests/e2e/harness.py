@@ -24,7 +24,6 @@ from agent.daemon.workers import procfs
 from agent.daemon.workers.local import snapshots_of
 from agent.daemon.workers.procfs import cpu_seconds  # noqa: F401 - re-exported for the benches
 from rendezvous.etcd.server import EtcdServer, ServerTls
-from rendezvous.net import free_port
 from tests.conftest import torchrun_env
 from tests.waiting import alive, wait_until  # noqa: F401 - re-exported for tests and benches
 
@@ -36,6 +35,7 @@ ELASTIC_AGENT = [str(_SCRIPT)] if _SCRIPT.exists() else [PYTHON, "-m", "agent"]
 TRAIN = REPO / "docs" / "examples" / "train_ddp.py"
 TORCHRUN = Path(sys.executable).with_name("torchrun")  # the console script torch's wheel installs
 STEP_RE = re.compile(r"\bstep (\d+) world_size (\d+)")
+METRICS_RE = re.compile(r"metrics and health on http://[^\s/]+:(\d+)/metrics")  # the agent's log, at start
 RESUME_RE = re.compile(r"(?:resumed from step|starting from step) (\d+)")
 
 
@@ -49,7 +49,7 @@ class Line:
 class AgentProc:
     node_id: str
     proc: subprocess.Popen[str]
-    metrics_port: int
+    metrics_port: int  # 0: the agent's own choice, read from its log (``scrape``)
     log_dir: Path  # this node's own directory of attempts under the shared default --log-dir
     lines: list[Line] = field(default_factory=list)
     _reader: threading.Thread | None = None
@@ -147,6 +147,10 @@ class AgentProc:
                 pass
 
     def scrape(self, path: str = "/metrics") -> tuple[int, str]:
+        if not self.metrics_port:
+            self.metrics_port = int(wait_until(lambda: next(
+                (m.group(1) for line in list(self.lines) if (m := METRICS_RE.search(line.text))), None),
+                60, f"{self.node_id}'s metrics port in its log"))
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=2) as r:
                 return r.status, r.read().decode()
@@ -226,9 +230,10 @@ class Cluster:
         """An agent started as the README shows, in the cluster's one working directory (so
         every agent shares the default --log-dir) with one shared --checkpoint-dir. Only what
         differs between hosts on a real cluster is given per agent: the node id, the address
-        its peers reach it on, and (all agents share this one host) its metrics port.
-        ``wrap`` runs it elsewhere (``ip netns exec NS``: a host of tests/chaos/netns.py)."""
-        port = free_port()
+        its peers reach it on, and (all agents share this one host) its metrics port: 0, the
+        agent binds a free one and logs it (a port chosen here could be taken before the agent
+        binds it). ``wrap`` runs it elsewhere (``ip netns exec NS``: a host of tests/chaos/netns.py)."""
+        port = 0
         args = [
             *(wrap or []), *ELASTIC_AGENT, "start",
             "--min-nodes", str(min_nodes), "--max-nodes", str(max_nodes),

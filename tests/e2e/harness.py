@@ -233,20 +233,19 @@ class Cluster:
         its peers reach it on, and (all agents share this one host) its metrics port: 0, the
         agent binds a free one and logs it (a port chosen here could be taken before the agent
         binds it). ``wrap`` runs it elsewhere (``ip netns exec NS``: a host of tests/chaos/netns.py)."""
-        port = 0
         args = [
             *(wrap or []), *ELASTIC_AGENT, "start",
             "--min-nodes", str(min_nodes), "--max-nodes", str(max_nodes),
             "--nproc-per-node", str(nproc), "--etcd-endpoints", self.endpoints,
             "--job-id", self.job_id, "--checkpoint-dir", str(self.checkpoint_dir),
-            "--node-id", node_id, "--node-addr", node_addr, "--metrics-port", str(port),
+            "--node-id", node_id, "--node-addr", node_addr, "--metrics-port", "0",
             *(extra or []), "--",
             *(command or [PYTHON, str(TRAIN), "--steps", "100000"]),
         ]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=full_env, cwd=str(self.workdir), start_new_session=True)
-        agent = AgentProc(node_id, proc, port, self.workdir / "elastic-agent-logs" / self.job_id / node_id)
+        agent = AgentProc(node_id, proc, 0, self.workdir / "elastic-agent-logs" / self.job_id / node_id)
         agent.start_reader()
         self.agents[node_id] = agent
         return agent

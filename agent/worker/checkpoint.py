@@ -16,7 +16,7 @@ round's checkpoints, and ``keep_last`` never deletes the running round's work fo
 
 Fencing: a save carries the agent round; it is refused with ``StaleCheckpointError``, before
 anything is written and again just before the commit rename, when the directory's fence file
-(``agent.worker.fence``) or any complete checkpoint names a newer round. A save with
+(``agent.worker.manifest``, its fence) or any complete checkpoint names a newer round. A save with
 ``round_number=None`` (plain torchrun, no agent) is not fenced.
 
 Only one process (global rank 0) commits; any number may read. The payload of a sharded
@@ -34,7 +34,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO, Union
 
-from agent.worker.fence import read_fence
 from agent.worker.manifest import (
     MANIFEST_VERSION,
     Checkpoint,
@@ -48,6 +47,7 @@ from agent.worker.manifest import (
     manifest_document,
     manifest_name,
     order_key,
+    read_fence,
     scan,
     sha256_of,
     step_dir_name,

@@ -8,7 +8,7 @@ reads it twice. Instead (:func:`load_agreed`):
 1. Global rank 0 walks the complete checkpoints newest first by (round, step) and reads each
    payload file once: it checks the size and sha256 of the bytes it read; a checkpoint whose
    manifest or files do not match is skipped with a warning that names the file.
-2. It raises the directory's fence to its round (``agent.worker.fence``), so a late save of an
+2. It raises the directory's fence to its round (``agent.worker.manifest``, its fence), so a late save of an
    older round is refused from now on, and announces its choice: ``{"v": 1, "step", "round",
    "sha256": {file: digest}}``, ``{"v": 1, "step": None}`` (start from scratch) or ``{"v": 1,
    "error": ...}``.
@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from agent.worker.fence import raise_fence
 from agent.worker.manifest import (
     Checkpoint,
     CheckpointError,
@@ -41,6 +40,7 @@ from agent.worker.manifest import (
     file_sha256,
     log,
     manifest_name,
+    raise_fence,
     read_manifest,
 )
 

@@ -26,7 +26,7 @@ import time
 import pytest
 
 from agent.worker.checkpoint import latest_step
-from agent.worker.fence import read_fence
+from agent.worker.manifest import read_fence
 from tests.e2e.harness import PYTHON, STEP_RE, TRAIN, AgentProc, Cluster, alive, wait_until
 from tests.e2e.inprocess_log import LEFT_RE, Reformed, inprocess_job, reformed, started_lines, took_state
 

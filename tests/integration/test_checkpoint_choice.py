@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.worker import checkpoint as ckpt
-from agent.worker.fence import read_fence
+from agent.worker.manifest import read_fence
 from agent.worker.protocol import CHECKPOINT_DIR_ENV, ROUND_ENV
 from tests.integration.test_worker_helper import DEADLINE_S, ROOT, procs, start_ranks, wait_all  # noqa: F401
 from tests.unit.test_checkpoint_order import opened  # noqa: F401 - a fixture

@@ -19,9 +19,8 @@ from torch.distributed.fsdp import fully_shard
 
 from agent.worker import Elastic
 from agent.worker.checkpoint import StaleCheckpointError, complete_checkpoints
-from agent.worker.fence import raise_fence
 from agent.worker.helper import WorkerConfigError
-from agent.worker.manifest import CheckpointError, manifest_name
+from agent.worker.manifest import CheckpointError, manifest_name, raise_fence
 from agent.worker.sharded import is_sharded
 
 

@@ -18,7 +18,7 @@ from agent.worker import checkpoint as ckpt
 from agent.worker import choice
 from agent.worker.checkpoint import CheckpointError, StaleCheckpointError
 from agent.worker.choice import CheckpointNotSharedError
-from agent.worker.fence import FENCE_FILE, raise_fence, read_fence
+from agent.worker.manifest import FENCE_FILE, raise_fence, read_fence
 
 LOGGER = "agent.worker.checkpoint"
 

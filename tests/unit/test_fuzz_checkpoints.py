@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from agent.worker import checkpoint as ckpt
 from agent.worker.choice import choose
-from agent.worker.fence import FENCE_FILE, read_fence
+from agent.worker.manifest import FENCE_FILE, read_fence
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])

@@ -190,7 +190,9 @@ class Elastic:
         a snapshot of the state is kept in host memory and on a peer node every
         ``snapshot_every`` steps (0: never; default: every step, or every 10th for an HSDP
         model whose replica on another node stands for it; agent.worker.snapshot,
-        agent.worker.sharded_memory). ``timeout``: as
+        agent.worker.sharded_memory). A sharded model's snapshot of every step is on the peer
+        before ``optimizer.step()`` returns (no step that ended is lost); a sparser one is
+        pushed behind the next step. ``timeout``: as
         init_process_group's (default: the script's group's, else torch's), at every re-form.
         A sharded model needs ``build_model`` (agent.worker.sharded_memory)."""
         from agent.worker.inprocess import InProcess  # noqa: PLC0415

@@ -325,7 +325,9 @@ class InProcess(_Reforming):
             raise groups.Aborted(f"process group of round {self.round} aborted: this step's gradients are not whole")
 
     def _after_optimizer_step(self, *_args: Any) -> None:
-        self._stepped = self._current
+        if self.snapshots is not None:  # sharded, every step: the copies first (raises if a rank is gone)
+            self.snapshots.after_update(self._current, self.round, self.held)
+        self._stepped = self._current  # only now is the step done: its survivors need not roll back
 
     def _watch(self) -> None:
         """Abort the group under a collective that waits for a peer which will never answer.

@@ -9,6 +9,10 @@ held, where its raw bytes start in the body) or a JSON value (learning rates, fl
 bytes and JSON: nothing in it is ever unpickled, and a rank reading a piece asks for exactly
 the byte range it needs (a whole file is never sent to a rank that needs part of it).
 
+A step whose unsharded entries were kept apart (a snapshot made in the optimizer's post-step
+hook, before the script's scheduler stepped) has them in a small file of the same format per
+node, ``rest-r<round>-s<step>``, written at the step's end.
+
 A file is written to a temporary name and renamed. Every body block a read touches (here, or
 to serve a peer) is checked against its crc32 first (once per file version), so checking
 costs what reading costs; a failed check fails the whole recovery on every rank
@@ -17,14 +21,13 @@ costs what reading costs; a failed check fails the whole recovery on every rank
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 import threading
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +35,13 @@ import torch
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.tensor import DTensor
 
-from agent.worker.snapshot_wire import MAX_FETCH
-
 MAGIC = b"ELASTIC-AGENT-SHARD 1\n"
 SUBDIR = ".sharded"  # a dot name: the replicated snapshots' listing (agent.worker.snapshot) skips it
 MAX_INDEX = 64 << 20  # bytes a header line may take
 BLOCK = 1 << 20  # bytes of body under one crc32
 KEEP = 2  # files kept per rank: the newest and the one before (the newest may be incomplete elsewhere)
 _NAME = re.compile(r"shard-r(\d{1,18})-s(\d{1,18})-k(\d{1,5})-of(\d{1,5})")
+_REST = re.compile(r"rest-r(\d{1,18})-s(\d{1,18})")  # a step's unsharded entries, kept apart (one per node)
 DTYPES = {str(t): t for t in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
                               torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
 
@@ -108,20 +110,6 @@ def file_name(key: FileKey) -> str:
     return "shard-r{}-s{}-k{}-of{}".format(*key)
 
 
-def layout(state: Mapping[str, Any], rank: int) -> str:
-    """Which piece of each sharded tensor this rank holds. Ranks of one layout (the replicas of
-    an HSDP mesh) hold the same bytes, so one's file stands for the others' (its "twins"). A
-    partial DTensor (its pieces not yet summed) makes a rank a class of its own."""
-    flat, _ = flatten_state_dict(dict(state))
-    pieces: list[Any] = []
-    for name, value in sorted(flat.items()):
-        if isinstance(value, DTensor):
-            if any(p.is_partial() for p in value.placements):
-                return f"rank {rank}"
-            pieces.append([name, [list(c.offsets) + list(c.sizes) for c in value.__create_chunk_list__()]])
-    return hashlib.sha256(json.dumps(pieces).encode()).hexdigest()
-
-
 def classes(layouts: list[str]) -> list[int]:
     """Each rank's class: the ranks of one layout share one, numbered from 0 in rank order."""
     first: dict[str, int] = {}
@@ -138,11 +126,12 @@ def twins_of(head: Mapping[str, Any]) -> tuple[int, int]:
     return tuple(head["twins"]) if head.get("twins") else (head["rank"], head["world"])  # type: ignore[return-value]
 
 
-def pack(job: str, key: FileKey, entries: dict[str, Any], twins: tuple[int, int] | None = None
-         ) -> tuple[bytes, list[memoryview]]:
+def pack(job: str, key: FileKey, entries: dict[str, Any], twins: tuple[int, int] | None = None,
+         rest: bool = False) -> tuple[bytes, list[memoryview]]:
     """One rank's file as its header and its body's parts (views of the tensors: no copy):
     ``entries`` maps each flattened key to a host tensor piece ``(tensor, global_shape,
-    offsets)`` or a JSON value; ``twins`` its rank's (class, number of classes)."""
+    offsets)`` or a JSON value; ``twins`` its rank's (class, number of classes); ``rest``: its
+    unsharded entries are not to be loaded from it (kept apart, taken later)."""
     index: dict[str, Any] = {}
     parts: list[memoryview] = []
     start = 0
@@ -158,7 +147,8 @@ def pack(job: str, key: FileKey, entries: dict[str, Any], twins: tuple[int, int]
         else:
             index[name] = {"t": "value", "value": value}
     head = {"job": job, "round": key[0], "step": key[1], "rank": key[2], "world": key[3], "size": start,
-            "block": BLOCK, "crc32": _block_crcs(parts), "entries": index, "twins": list(twins or key[2:])}
+            "block": BLOCK, "crc32": block_crcs(parts), "entries": index, "twins": list(twins or key[2:]),
+            "rest": rest}
     try:
         line = json.dumps(head, allow_nan=True).encode()
     except TypeError as exc:
@@ -167,7 +157,7 @@ def pack(job: str, key: FileKey, entries: dict[str, Any], twins: tuple[int, int]
     return MAGIC + line + b"\n", parts
 
 
-def _block_crcs(parts: list[memoryview]) -> list[int]:
+def block_crcs(parts: list[memoryview]) -> list[int]:
     """The crc32 of each ``BLOCK`` bytes of the body the parts make: a reader checks only the
     blocks it reads, so a check costs what the read costs."""
     crcs: list[int] = []
@@ -186,7 +176,7 @@ def _block_crcs(parts: list[memoryview]) -> list[int]:
 
 
 def packed(job: str, key: FileKey, entries: dict[str, Any]) -> bytes:
-    """The whole file as bytes (tests, small files)."""
+    """The whole file as bytes (small files: a step's unsharded entries)."""
     head, parts = pack(job, key, entries)
     return head + b"".join(bytes(p) for p in parts)
 
@@ -249,17 +239,38 @@ class ShardDir:
         self._lock = threading.Lock()
 
     def write(self, key: FileKey, *parts: Any) -> None:
+        self._put(file_name(key), parts)
+        self._prune(key[2])
+
+    def write_rest(self, at: tuple[int, int], data: bytes) -> None:
+        """The unsharded entries of (round, step) ``at``, as its end left them (``packed``)."""
+        self._put("rest-r{}-s{}".format(*at), [data])
+        for old in sorted(self.rests())[:-KEEP]:
+            (self.path / "rest-r{}-s{}".format(*old)).unlink(missing_ok=True)
+
+    def rests(self) -> list[tuple[int, int]]:
+        try:
+            return [(int(m[1]), int(m[2])) for p in self.path.iterdir() if (m := _REST.fullmatch(p.name))]
+        except OSError:
+            return []
+
+    def read_rest(self, at: tuple[int, int]) -> bytes | None:
+        try:
+            return (self.path / "rest-r{}-s{}".format(*at)).read_bytes()
+        except OSError:
+            return None
+
+    def _put(self, name: str, parts: Any) -> None:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path / f".{file_name(key)}.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp = self.path / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             with open(tmp, "wb") as f:
                 for part in parts:
                     f.write(part)
-            os.replace(tmp, self.path / file_name(key))
+            os.replace(tmp, self.path / name)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        self._prune(key[2])
 
     def _prune(self, rank: int) -> None:
         """Keep the ``KEEP`` newest files of rank index ``rank``."""
@@ -272,6 +283,9 @@ class ShardDir:
         for old in self.held():
             if old[:2] < key:
                 (self.path / file_name(old)).unlink(missing_ok=True)
+        for at in self.rests():
+            if at < key:
+                (self.path / "rest-r{}-s{}".format(*at)).unlink(missing_ok=True)
 
     def held(self) -> list[FileKey]:
         try:
@@ -288,7 +302,8 @@ class ShardDir:
         return found  # type: ignore[return-value]
 
     def listing(self, round_number: int) -> list[list[int]]:
-        """The files of rounds before ``round_number``: key, size and twins (an unreadable one left out)."""
+        """The files of rounds before ``round_number``: key, size, twins and whether its unsharded
+        entries are kept apart (an unreadable one left out)."""
         files = []
         for k in self.held():
             if k[0] >= round_number:
@@ -296,7 +311,8 @@ class ShardDir:
             try:
                 with open(self.path / file_name(k), "rb") as f:
                     st = os.fstat(f.fileno())
-                    files.append([*k, st.st_size, *twins_of(self._known(f, k, st)[0])])
+                    head = self._known(f, k, st)[0]
+                    files.append([*k, st.st_size, *twins_of(head), int(head.get("rest") is True)])
             except (OSError, ShardError) as exc:
                 log.warning("rank file %s left out of the recovery: %s", file_name(k), exc)
         return files
@@ -316,6 +332,25 @@ class ShardDir:
                 self._heads = {v: h for v, h in self._heads.items() if v[0] != version[0]}
                 self._heads[version] = known
         return known
+
+    def keep_pushed(self, head: dict[str, Any], payload: bytes) -> None:
+        """A rank file pushed to this node's port: kept once its header is this job's file's."""
+        if head.get("kind") != "shard":
+            raise OSError("this port keeps sharded rank files only")
+        key = (head["round"], head["step"], head["rank"], head["world"])
+        try:
+            end = payload.find(b"\n", len(MAGIC), MAX_INDEX)  # no copy of the body
+            parse_head(bytes(payload[:end + 1]) if end >= 0 else b"", self.job, key)
+        except ShardError as exc:
+            raise OSError(str(exc)) from exc
+        self.write(key, payload)
+
+    def serve(self, ask: dict[str, Any]) -> bytes:
+        """A byte range of a rank file this node holds, for a fetch."""
+        key = (ask["round"], ask["step"], ask["rank"], ask["world"])
+        if key not in self.held():
+            raise OSError(f"{file_name(key)} is not held here")
+        return self.read(key, ask["offset"], ask["length"])
 
     def read(self, key: FileKey, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` of a file, every body block they touch checked against
@@ -347,49 +382,11 @@ class ShardDir:
             return f.read(body - offset) + blocks[:offset + length - body]
 
 
-def fill_piece(name: str, target: torch.Tensor, offsets: list[int], pieces: list[tuple[FileKey, Any, int]],
-                read: Callable[[FileKey, int, int], bytes]) -> None:
-    """Copy into ``target`` (at ``offsets`` of its tensor) the parts of ``pieces`` that overlap it."""
-    sizes, seen, covered = list(target.shape), set(), 0
-    for key, entry, body in pieces:
-        if entry.get("t") != "tensor" or len(entry["offsets"]) != len(offsets):
-            raise ShardError(f"{name}: {file_name(key)} holds it in another shape")
-        so, ss = entry["offsets"], entry["sizes"]
-        if (tuple(so), tuple(ss)) in seen:
-            continue  # a replica of a piece already taken (HSDP)
-        lo = [max(a, b) for a, b in zip(offsets, so)]
-        hi = [min(a + n, b + m) for a, n, b, m in zip(offsets, sizes, so, ss)]
-        if any(h <= low for low, h in zip(lo, hi)):
-            continue
-        seen.add((tuple(so), tuple(ss)))
-        dtype = DTYPES[entry["dtype"]]
-        if dtype != target.dtype:
-            raise ShardError(f"{name}: {entry['dtype']} in {file_name(key)}, {target.dtype} in the state")
-        start = body + entry["start"]
-        if not sizes:
-            target.copy_(_tensor(read(key, start, entry["nbytes"]), dtype, []))
-            covered += 1
-            continue
-        row = entry["nbytes"] // max(1, ss[0])
-        rows = max(1, MAX_FETCH // max(1, row))
-        for a in range(lo[0] - so[0], hi[0] - so[0], rows):
-            b = min(hi[0] - so[0], a + rows)
-            src = _tensor(read(key, start + a * row, (b - a) * row), dtype, [b - a, *ss[1:]])
-            dst = target.narrow(0, so[0] + a - offsets[0], b - a)
-            for d in range(1, len(sizes)):
-                src = src.narrow(d, lo[d] - so[d], hi[d] - lo[d])
-                dst = dst.narrow(d, lo[d] - offsets[d], hi[d] - lo[d])
-            dst.copy_(src)
-        n = 1
-        for low, h in zip(lo, hi):
-            n *= h - low
-        covered += n
-    if covered != target.numel():
-        raise ShardError(f"{name}: the snapshot covers {covered} of the {target.numel()} elements this rank needs")
+def room(path: Path) -> int:
+    """Bytes free where the rank files go: the most a pushed one may be."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
-
-def _tensor(data: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    if not data:
-        return torch.empty(shape, dtype=dtype)
-    buf = bytearray(data) if isinstance(data, bytes) else data  # a writable buffer: no copy, no warning
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape)

@@ -270,6 +270,9 @@ class Snapshots:
                          name="snapshot-writer").start()
         return True
 
+    def after_update(self, step: int, round_number: int, held: Any) -> None:
+        """Nothing: a survivor holds the whole replicated state, so no step waits on a copy."""
+
     def before_update(self) -> None:
         """Before an optimizer step: the weights may change only once the copy has them."""
         if self._copied is not None:

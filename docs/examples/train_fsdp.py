@@ -18,7 +18,8 @@ Two loops, as docs/examples/train_ddp.py has:
   membership change restarts the workers, which resume from the latest complete checkpoint.
 - ``--loop run``: the helper runs the loop (``el.run``): a membership change re-forms the
   process group inside the running workers. Every rank keeps a snapshot of its own shards in
-  host memory and on a peer node; after a re-form ``build_model`` (``build`` here) shards a new
+  host memory and on a peer node (made before ``optimizer.step()`` returns, so a node lost
+  costs no step that ended); after a re-form ``build_model`` (``build`` here) shards a new
   model on the new group and the helper fills its shards from those snapshots, re-sharded
   onto the new world size, without reading disk. ``train_step`` uses the model it is given.
 

@@ -5,9 +5,13 @@ and in-process recovery from them, against what a torchrun + DCP user does.
 directory and snapshot ports, a stack of ``Linear`` layers each in ``fully_shard`` with Adam.
 Each rank measures; the table shows the slower rank's value, as medians over ``--repeat``:
 
-- step, snapshots off / every step: forward, backward, Adam, plus (on) the copy of this rank's
-  shards to host memory and the wait, in the next optimizer step, for the previous snapshot's
-  write and push to the peer node;
+- step, snapshots off / every step: forward, backward, Adam, plus (on) the snapshot as el.run
+  takes it by default at every step: for plain FSDP2 (a peer on the next node) its write and
+  push in the optimizer's post-step hook, every rank waiting for all (no step that ended can
+  be lost); for HSDP (no push: the twin replica stands for it) a copy behind the next step;
+- every step, behind the next (FSDP2 only): the copy of this rank's shards to host memory, then
+  its write and push behind the next step's forward and backward, the next optimizer step waiting
+  for it (what a script that sets a cadence gets; the step in flight is at risk);
 - lose a node, state back: node 1's ranks are gone; node 0's ranks form a new group of 2
   in process, rebuild the model on it and fill their shards from their node's own files and
   the copies node 1 pushed there; the next step can start. (Failure detection by the agents is not
@@ -100,15 +104,18 @@ def worker(rank: int, args: argparse.Namespace, workdir: str, out: str, key: byt
     memory.agree(held, el, 1, [])
     params = sum(p.full_tensor().numel() for p in held.model.parameters())
     rows: dict[str, list[float]] = {k: [] for k in (
-        "step, snapshots off", "step, snapshot every step", f"step, snapshots off (mean of {args.every})",
-        f"step, snapshot every {args.every} (mean)",
-        "snapshot stall: state_dict + copy", "snapshot stall: wait for the last",
+        "step, snapshots off", "step, snapshot every step", "step, every step, behind the next",
+        f"step, snapshots off (mean of {args.every})", f"step, snapshot every {args.every} (mean)",
+        "stall: made and pushed in the step", "stall behind: state_dict + copy", "stall behind: wait for the last",
         "lose a node: state back", "a node joins: state back", "torchrun+DCP: sync save",
         "torchrun+DCP: load on 2 ranks")}
     step, round_number = 0, 1
 
-    def train(snapshot: bool | int) -> float:
+    def train(snapshot: bool | int | str) -> float:
+        """One step: snapshots off (False), every step as el.run does by default (True), every
+        step behind the next ("behind"), or every ``snapshot``-th step behind the next."""
         nonlocal step
+        memory.sync = snapshot is True and memory.peer is not None
         dist.barrier()
         t = time.perf_counter()
         x = torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(step * WORLD + rank))
@@ -117,14 +124,20 @@ def worker(rank: int, args: argparse.Namespace, workdir: str, out: str, key: byt
         memory.before_update()
         waited = time.perf_counter() - w
         held.optimizer.step()
+        if memory.sync:
+            c = time.perf_counter()
+            memory.after_update(step, round_number, held)  # el.run's optimizer post-step hook
+            made = time.perf_counter() - c
         held.optimizer.zero_grad()
         held.completed = step
-        if snapshot is True or (snapshot and (step + 1) % snapshot == 0):
+        if snapshot in (True, "behind") or (type(snapshot) is int and (step + 1) % snapshot == 0):
             c = time.perf_counter()
             memory.after_step(step, round_number, held.state_dict())
-            if snapshot is True:
-                rows["snapshot stall: state_dict + copy"].append(time.perf_counter() - c)
-                rows["snapshot stall: wait for the last"].append(waited)
+            if memory.sync:
+                rows["stall: made and pushed in the step"].append(made + time.perf_counter() - c)
+            elif snapshot in (True, "behind"):
+                rows["stall behind: state_dict + copy"].append(time.perf_counter() - c)
+                rows["stall behind: wait for the last"].append(waited)
         step += 1
         return time.perf_counter() - t
 
@@ -133,6 +146,8 @@ def worker(rank: int, args: argparse.Namespace, workdir: str, out: str, key: byt
     for i in range(args.repeat):
         rows["step, snapshots off"] += [train(False) for _ in range(args.steps)]
         rows["step, snapshot every step"] += [train(True) for _ in range(args.steps)]
+        if not args.hsdp:
+            rows["step, every step, behind the next"] += [train("behind") for _ in range(args.steps)]
         rows[f"step, snapshots off (mean of {args.every})"].append(
             statistics.mean(train(False) for _ in range(args.every)))
         rows[f"step, snapshot every {args.every} (mean)"].append(
@@ -195,22 +210,32 @@ def main(argv: list[str] | None = None) -> int:
         result = torch.load(out)
     restart = statistics.median(restart_seconds() for _ in range(3))
     rows, params = result["rows"], result["params"]
-    med = {k: statistics.median(v) for k, v in rows.items()}
+    med = {k: statistics.median(v) for k, v in rows.items() if v}  # a row this mesh has none of: left out
     print(f"\n{'HSDP (a replica per node)' if args.hsdp else 'FSDP2'} in memory, 2 nodes x {LOCAL} workers (gloo, CPU), {params / 1e6:.0f}M parameters + Adam, "
           f"medians (slower rank of each repetition)")
     print(f"{'':34s} {'median s':>9s} {'min s':>7s} {'max s':>7s}   n")
     for key, values in rows.items():
+        if not values:
+            continue
         print(f"{key:34s} {med[key]:9.3f} {min(values):7.3f} {max(values):7.3f} {len(values):3d}")
     off, on = med["step, snapshots off"], med["step, snapshot every step"]
     sparse, sparse_off = med[f"step, snapshot every {args.every} (mean)"], med[f"step, snapshots off (mean of {args.every})"]
-    print(f"snapshot overhead: every step {(on - off) / off * 100:.1f} %, every {args.every} steps "
-          f"{(sparse - sparse_off) / sparse_off * 100:.1f} % of the step (means of {args.every} steps against "
-          f"as many without; target <= 3 % at the default cadence: "
-          f"{'every 10th step for HSDP' if args.hsdp else 'every step for FSDP2'})")
-    stall = med["snapshot stall: state_dict + copy"] + med["snapshot stall: wait for the last"]
-    print(f"snapshot stall on the training thread (state_dict, copy to host, wait for the last write and push): "
-          f"{stall:.3f} s, {stall / off * 100:.1f} % of the step; the rest of the overhead is the write and "
-          f"push taking CPU from training ({os.cpu_count()} cores here for {WORLD} ranks)")
+    behind = med.get("step, every step, behind the next")
+    print(f"snapshot overhead: every step {(on - off) / off * 100:.1f} %"
+          + (f" (behind the next step instead: {(behind - off) / off * 100:.1f} %)" if behind else "")
+          + f", every {args.every} steps {(sparse - sparse_off) / sparse_off * 100:.1f} % of the step (means of "
+          f"{args.every} steps against as many without; target <= 3 % at the default cadence: "
+          f"{'every 10th step for HSDP' if args.hsdp else 'every step, made in the step, for FSDP2'})")
+    if "stall: made and pushed in the step" in med:
+        made = med["stall: made and pushed in the step"]
+        print(f"stall of a snapshot made and pushed in the step (copy, crc32, push with its HMAC on both ends, the "
+              f"peer's write, every rank waiting for all; this node's own write goes behind): {made:.3f} s, "
+              f"{made / off * 100:.1f} % of the step")
+    if "stall behind: state_dict + copy" in med:
+        stall = med["stall behind: state_dict + copy"] + med["stall behind: wait for the last"]
+        print(f"stall of a snapshot behind the next step (state_dict, copy to host, wait for the last write and "
+              f"push): {stall:.3f} s, {stall / off * 100:.1f} % of the step; the rest of its overhead is the "
+              f"write and push taking CPU from training ({os.cpu_count()} cores here for {WORLD} ranks)")
     print(f"lose a node -> state back (new group of 2, re-shard from memory): "
           f"{med['lose a node: state back']:.2f} s (target <= 2 s); steps lost are not measured here (the loss "
           f"lands between steps): fsdp_agent_bench kills at random points")

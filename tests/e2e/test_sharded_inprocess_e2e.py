@@ -1,8 +1,10 @@
 """FSDP2 under ``el.run``, end to end: 2 nodes x 2 workers (real agents, real etcd, gloo on CPU,
 tests/bin/fsdp_inprocess_loop.py). A node is killed (kill -9 of its agent's process group):
 the survivors re-form at world size 2 in the same processes and rebuild the lost node's
-shards from the copies their node holds in memory (no disk checkpoint exists); then a node
-joins and the state is re-sharded onto 4 ranks again.
+shards from the copies their node holds in memory (no disk checkpoint exists), and no step
+the job printed is lost, wherever in a step the kill lands (by default a plain FSDP job's
+copies are made before its optimizer step returns); then a node joins and the state is
+re-sharded onto 4 ranks again.
 
 After each, the full (gathered) parameters and Adam moments the job resumed from must equal
 those the uninterrupted job had after that step, exactly: a recovery copies bytes, so there is
@@ -76,7 +78,7 @@ def test_fsdp_job_loses_a_node_and_gains_one_in_process_with_the_exact_state(clu
     held = check_resumed(dumps, first, 4)
     assert back[1] == held + 1
     last_before = max(s for t, s, ws in cluster.steps() if t < killed)
-    assert held >= last_before - 1, (held, last_before)  # at most the step whose snapshot was in flight
+    assert held >= last_before, (held, last_before)  # each rank's copy is on the next node before a step ends
     print(f"kill -9 -> a step at world size 2 in {back[0] - killed:.2f} s, {last_before - held} completed steps lost")
 
     before = {p.name for p in dumps.iterdir()}

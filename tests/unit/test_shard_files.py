@@ -55,7 +55,7 @@ def test_a_header_longer_than_the_first_mib_is_read_and_its_pieces_served(tmp_pa
     assert len(head) > store.BLOCK
     files = store.ShardDir(tmp_path, JOB)
     files.write(key, head, *parts)
-    assert files.listing(round_number=2) == [[*key, len(head) + 24, 0, 2]]
+    assert files.listing(round_number=2) == [[*key, len(head) + 24, 0, 2, 0]]  # 0: its values are its own
     assert bytes(files.read(key, len(head) + 8, 8)) == torch.tensor([2.0, 3.0]).numpy().tobytes()
 
 
@@ -63,21 +63,34 @@ HSDP = (["a:1", "a:2", "b:1", "b:2"], [0, 1, 0, 1])  # 2 nodes x 2 ranks, a repl
 FSDP = (["a:1", "a:2", "b:1", "b:2"], [0, 1, 2, 3])
 
 
-@pytest.mark.parametrize("asked,mesh,every,peer", [
-    (None, HSDP, 10, None),  # its twin on the next node holds the same pieces, live: every 10th step
-    (None, FSDP, 1, "b:1"),  # its pieces exist only here and in the pushed copy: every step
-    (None, ([None] * 4, [0, 1, 2, 3]), 1, None),  # no snapshot key, no addresses: still plain FSDP
-    (None, (["a:1", "a:2"], [0, 0]), 1, None),  # one node: the replicas go down together
-    (3, HSDP, 3, None),  # a cadence the script sets is obeyed
-    (1, HSDP, 1, None),
+@pytest.mark.parametrize("asked,mesh,every,peer,sync", [
+    (None, HSDP, 10, None, False),  # its twin on the next node holds the same pieces, live: every 10th step
+    (None, FSDP, 1, "b:1", True),  # its pieces exist only here and in the pushed copy: every step, waited for
+    (None, ([None] * 4, [0, 1, 2, 3]), 1, None, False),  # no snapshot key, no addresses: nothing to push to
+    (None, (["a:1", "a:2"], [0, 0]), 1, None, False),  # one node: the replicas go down together
+    (3, HSDP, 3, None, False),  # a cadence the script sets is obeyed
+    (1, HSDP, 1, None, False),
+    (3, FSDP, 3, "b:1", False),  # a sparser cadence: pushed behind the next step, the step in flight at risk
+    (1, FSDP, 1, "b:1", True),
 ])
 def test_the_default_cadence_is_every_10th_step_only_where_a_twin_lives_on_the_next_node(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, asked: int | None, mesh: tuple, every: int,
-        peer: str | None) -> None:
+        peer: str | None, sync: bool) -> None:
     from agent.worker import sharded_memory
 
     monkeypatch.setattr(sharded_memory.dist, "get_rank", lambda: 0)
     memory = sharded_memory.ShardedMemory(tmp_path, JOB, asked, None, node="a", local_rank=0, local_world=2,
                                           round_number=1)
     memory._pick_peer(*mesh)
-    assert (memory.every, memory.peer) == (every, peer)
+    assert (memory.every, memory.peer, memory.sync) == (every, peer, sync)
+
+
+def test_a_steps_values_kept_apart_are_kept_for_the_last_two_steps_and_dropped_with_their_files(
+        tmp_path: Path) -> None:
+    files = store.ShardDir(tmp_path, JOB)
+    for step in (3, 4, 5):
+        files.write_rest((2, step), store.packed(JOB, (2, step, 0, 1), {"lr": 0.1 * step}))
+    assert sorted(files.rests()) == [(2, 4), (2, 5)]
+    assert files.read_rest((2, 3)) is None
+    files.drop_older((2, 5))
+    assert files.rests() == [(2, 5)] and files.read_rest((2, 5)).startswith(store.MAGIC)

@@ -43,7 +43,7 @@ def fill(memory: Any, template: dict[str, Any], choice: tuple[int, int, int, int
         raise ShardError(f"the snapshot of step {step} holds other entries than the state "
                          f"(e.g. {sorted(set(flat) ^ set(heads[0][0]['entries']))[:3]})")
     order = sorted(range(len(keys)), key=lambda r: keys[r] not in local)  # local pieces first
-    values = Blob(rest, memory.job, (rnd, step, 0, 1)) if rest is not None else {}
+    values = Blob(rest, memory.job, (rnd, step, 0, 1), store.rest_name((rnd, step))) if rest is not None else {}
     for name, value in flat.items():
         if isinstance(value, DTensor):
             chunk = value.__create_chunk_list__()[0]
@@ -115,10 +115,13 @@ class Reader:
 class Blob(dict):
     """A small file held whole (``packed``), checked: its entries as fill_piece takes them."""
 
-    def __init__(self, data: bytes, job: str, key: FileKey) -> None:
-        head, body = store.parse_head(data, job, key)
-        if len(data) != body + head["size"] or store.block_crcs([memoryview(data)[body:]]) != head["crc32"]:
-            raise ShardError(f"{store.file_name(key)}: cut short or corrupt")
+    def __init__(self, data: bytes, job: str, key: FileKey, name: str) -> None:
+        try:
+            head, body = store.parse_head(data, job, key)
+            if len(data) != body + head["size"] or store.block_crcs([memoryview(data)[body:]]) != head["crc32"]:
+                raise ShardError("cut short or corrupt")
+        except ShardError as exc:
+            raise ShardError(f"{name}: {str(exc).removeprefix(store.file_name(key) + ': ')}") from exc
         super().__init__({name: (key, entry, body) for name, entry in head["entries"].items()})
         self.data = data
 

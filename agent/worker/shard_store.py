@@ -110,6 +110,11 @@ def file_name(key: FileKey) -> str:
     return "shard-r{}-s{}-k{}-of{}".format(*key)
 
 
+def rest_name(at: tuple[int, int]) -> str:
+    """The file of (round, step) ``at``'s unsharded entries, kept apart."""
+    return "rest-r{}-s{}".format(*at)
+
+
 def classes(layouts: list[str]) -> list[int]:
     """Each rank's class: the ranks of one layout share one, numbered from 0 in rank order."""
     first: dict[str, int] = {}
@@ -244,9 +249,9 @@ class ShardDir:
 
     def write_rest(self, at: tuple[int, int], data: bytes) -> None:
         """The unsharded entries of (round, step) ``at``, as its end left them (``packed``)."""
-        self._put("rest-r{}-s{}".format(*at), [data])
+        self._put(rest_name(at), [data])
         for old in sorted(self.rests())[:-KEEP]:
-            (self.path / "rest-r{}-s{}".format(*old)).unlink(missing_ok=True)
+            (self.path / rest_name(old)).unlink(missing_ok=True)
 
     def rests(self) -> list[tuple[int, int]]:
         try:
@@ -256,7 +261,7 @@ class ShardDir:
 
     def read_rest(self, at: tuple[int, int]) -> bytes | None:
         try:
-            return (self.path / "rest-r{}-s{}".format(*at)).read_bytes()
+            return (self.path / rest_name(at)).read_bytes()
         except OSError:
             return None
 
@@ -285,7 +290,7 @@ class ShardDir:
                 (self.path / file_name(old)).unlink(missing_ok=True)
         for at in self.rests():
             if at < key:
-                (self.path / "rest-r{}-s{}".format(*at)).unlink(missing_ok=True)
+                (self.path / rest_name(at)).unlink(missing_ok=True)
 
     def held(self) -> list[FileKey]:
         try:

@@ -273,6 +273,16 @@ def kill_worker(rank: int, tmp: Path) -> None:
         out["resumed"] = memory.agree(held, Elastic(None, checkpoint_every=0), 2, [])
         out["exact"] = _same(saved[out["resumed"]], full(held.state_dict()))
         out["lr"], out["lr_then"] = held.optimizer.param_groups[0]["lr"], lrs[out["resumed"]]
+        rest = node_dir(tmp, 0) / SUBDIR / "rest-r1-s1"  # the values step 1 left, kept apart: corrupt
+        data = bytearray(rest.read_bytes())
+        data[-2] ^= 0xFF
+        rest.write_bytes(bytes(data))
+        form(tmp, 3, 0, world=1)
+        try:
+            memory.agree(held, Elastic(None, checkpoint_every=0), 3, [])
+            out["error"] = None
+        except Exception as exc:  # noqa: BLE001 - what the user would read
+            out["error"] = str(exc)
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - reported to the test
         out["traceback"] = traceback.format_exc()
@@ -342,3 +352,5 @@ def test_a_node_killed_before_its_copy_of_a_step_leaves_costs_no_step_that_ended
     assert out["returned"] == [0, 1], out  # step 2's optimizer step ran here; the step did not end
     assert out["resumed"] == 1 and out["exact"], out
     assert out["lr"] == out["lr_then"] == 0.1 * 0.5 ** 2, out
+    # Those values corrupt, no checkpoint on disk: a clear error, never a model with other values.
+    assert out["error"] and "sharded state is lost" in out["error"] and "rest-r1-s1" in out["error"], out

@@ -1,9 +1,9 @@
-"""A rank's new pieces, filled from the rank files of one (round, step) (agent.worker.sharded_memory),
-and which pieces a rank holds (its layout: ranks of one layout are twins):
-byte ranges of the files that overlap them, read from this node's copy, else fetched point to
-point, in bounded chunks, from a node that holds one (agent.worker.snapshot_wire). No rank
-ever holds more than its own new pieces and one chunk. Every block read is checked (crc32 here,
-HMAC on the wire); a file that fails fails the whole fill, never part of it.
+"""A rank's new pieces, filled from the rank files of one (round, step) (agent.worker.sharded_memory):
+the byte ranges of the files that overlap them, read from this node's copy, else fetched point
+to point, in bounded chunks, from a node that holds one (agent.worker.snapshot_wire). No rank
+ever holds more than its own new pieces and one chunk. Every block read is checked (crc32
+here, HMAC on the wire); a file that fails fails the whole fill, never part of it. Also which
+pieces a rank holds (its layout: ranks of one layout are twins).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def fill(memory: Any, template: dict[str, Any], choice: tuple[int, int, int, int
         if isinstance(value, DTensor):
             chunk = value.__create_chunk_list__()[0]
             fill_piece(name, value.to_local(), list(chunk.offsets),
-                             [(keys[r], heads[r][0]["entries"][name], heads[r][1]) for r in order], read)
+                       [(keys[r], heads[r][0]["entries"][name], heads[r][1]) for r in order], read)
         elif isinstance(value, torch.Tensor):
             r = order[0]
             source = values.get(name) or (keys[r], heads[r][0]["entries"][name], heads[r][1])
@@ -115,13 +115,13 @@ class Reader:
 class Blob(dict):
     """A small file held whole (``packed``), checked: its entries as fill_piece takes them."""
 
-    def __init__(self, data: bytes, job: str, key: FileKey, name: str) -> None:
+    def __init__(self, data: bytes, job: str, key: FileKey, label: str) -> None:
         try:
             head, body = store.parse_head(data, job, key)
             if len(data) != body + head["size"] or store.block_crcs([memoryview(data)[body:]]) != head["crc32"]:
                 raise ShardError("cut short or corrupt")
-        except ShardError as exc:
-            raise ShardError(f"{name}: {str(exc).removeprefix(store.file_name(key) + ': ')}") from exc
+        except ShardError as exc:  # named as the user finds it, not by the key it was packed under
+            raise ShardError(f"{label}: {str(exc).removeprefix(store.file_name(key) + ': ')}") from exc
         super().__init__({name: (key, entry, body) for name, entry in head["entries"].items()})
         self.data = data
 

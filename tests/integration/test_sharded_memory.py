@@ -121,15 +121,20 @@ def worker(rank: int, tmp: Path) -> None:
                     path.unlink()
         dist.barrier()
         form(tmp, 4, rank)
-        try:
-            memory.agree(held, Elastic(None, checkpoint_every=0), 4, [])
-            out["error"] = None
-        except Exception as exc:  # noqa: BLE001 - what the user would read
-            out["error"] = str(exc)
+        out["error"] = agree_error(held, memory, 4)
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - reported to the test
         out["traceback"] = traceback.format_exc()
     (tmp / f"out-{rank}.json").write_text(json.dumps(out))
+
+
+def agree_error(held: HeldState, memory: ShardedMemory, round_number: int) -> str | None:
+    """What a re-form without a checkpoint directory raises, as the user would read it (None: nothing)."""
+    try:
+        memory.agree(held, Elastic(None, checkpoint_every=0), round_number, [])
+    except Exception as exc:  # noqa: BLE001 - what the user would read
+        return str(exc)
+    return None
 
 
 def cadence_worker(rank: int, tmp: Path) -> None:
@@ -278,11 +283,7 @@ def kill_worker(rank: int, tmp: Path) -> None:
         data[-2] ^= 0xFF
         rest.write_bytes(bytes(data))
         form(tmp, 3, 0, world=1)
-        try:
-            memory.agree(held, Elastic(None, checkpoint_every=0), 3, [])
-            out["error"] = None
-        except Exception as exc:  # noqa: BLE001 - what the user would read
-            out["error"] = str(exc)
+        out["error"] = agree_error(held, memory, 3)
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - reported to the test
         out["traceback"] = traceback.format_exc()

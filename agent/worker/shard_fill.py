@@ -43,7 +43,7 @@ def fill(memory: Any, template: dict[str, Any], choice: tuple[int, int, int, int
         raise ShardError(f"the snapshot of step {step} holds other entries than the state "
                          f"(e.g. {sorted(set(flat) ^ set(heads[0][0]['entries']))[:3]})")
     order = sorted(range(len(keys)), key=lambda r: keys[r] not in local)  # local pieces first
-    values = Blob(rest, memory.job, (rnd, step, 0, 1), store.rest_name((rnd, step))) if rest is not None else {}
+    values = Blob(rest, memory.job, store.rest_key((rnd, step)), store.rest_name((rnd, step))) if rest is not None else {}
     for name, value in flat.items():
         if isinstance(value, DTensor):
             chunk = value.__create_chunk_list__()[0]

@@ -110,9 +110,12 @@ def file_name(key: FileKey) -> str:
     return "shard-r{}-s{}-k{}-of{}".format(*key)
 
 
-def rest_name(at: tuple[int, int]) -> str:
-    """The file of (round, step) ``at``'s unsharded entries, kept apart."""
+def rest_name(at: tuple[int, int]) -> str:  # the file of (round, step) ``at``'s unsharded entries, kept apart
     return "rest-r{}-s{}".format(*at)
+
+
+def rest_key(at: tuple[int, int]) -> FileKey:  # the key they are packed under: one file for every rank
+    return (*at, 0, 1)
 
 
 def classes(layouts: list[str]) -> list[int]:

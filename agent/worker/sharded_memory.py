@@ -136,8 +136,8 @@ class ShardedMemory:
     def _keep_rest(self, round_number: int, step: int, state: Mapping[str, Any]) -> None:
         """The unsharded entries of ``state`` (values, small tensors) as the step left them."""
         try:
-            self.files.write_rest((round_number, step), store.packed(self.job, (round_number, step, 0, 1),
-                                                                     store.split(state)[0]))
+            at = (round_number, step)
+            self.files.write_rest(at, store.packed(self.job, store.rest_key(at), store.split(state)[0]))
         except OSError as exc:  # its files are then passed over by a recovery: never loaded without it
             log.warning("the values of step %d not kept on this node: %s", step, exc)
 
@@ -288,8 +288,9 @@ def _sources(everyone: list[dict[str, Any]]) -> tuple[dict[FileKey, list[tuple[s
             if rest:
                 apart.add((k[0], k[1]))
     rests: dict[tuple[int, int], int] = {}
-    for rank, e in reversed(list(enumerate(everyone))):
-        rests.update({(k[0], k[1]): rank for k in e["rests"]})
+    for rank, e in enumerate(everyone):
+        for k in e["rests"]:
+            rests.setdefault((k[0], k[1]), rank)
     return holders, twins, apart, rests
 
 

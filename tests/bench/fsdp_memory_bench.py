@@ -214,10 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'HSDP (a replica per node)' if args.hsdp else 'FSDP2'} in memory, 2 nodes x {LOCAL} workers (gloo, CPU), {params / 1e6:.0f}M parameters + Adam, "
           f"medians (slower rank of each repetition)")
     print(f"{'':34s} {'median s':>9s} {'min s':>7s} {'max s':>7s}   n")
-    for key, values in rows.items():
-        if not values:
-            continue
-        print(f"{key:34s} {med[key]:9.3f} {min(values):7.3f} {max(values):7.3f} {len(values):3d}")
+    for key, median in med.items():
+        print(f"{key:34s} {median:9.3f} {min(rows[key]):7.3f} {max(rows[key]):7.3f} {len(rows[key]):3d}")
     off, on = med["step, snapshots off"], med["step, snapshot every step"]
     sparse, sparse_off = med[f"step, snapshot every {args.every} (mean)"], med[f"step, snapshots off (mean of {args.every})"]
     behind = med.get("step, every step, behind the next")
